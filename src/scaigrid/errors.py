@@ -115,6 +115,12 @@ FileConflict = _make("FileConflict", "FILE_CONFLICT", 409, Conflict)
 FileAccessDenied = _make("FileAccessDenied", "FILE_ACCESS_DENIED", 403, PermissionDenied)
 BunkerDiskFull = _make("BunkerDiskFull", "BUNKER_DISK_FULL", 507, ScaiGridError)
 WorkerNotFound = _make("WorkerNotFound", "WORKER_NOT_FOUND", 404, NotFound)
+NetworkProfileDenied = _make("NetworkProfileDenied", "NETWORK_PROFILE_DENIED", 403, PermissionDenied)
+LifecycleModeDenied = _make("LifecycleModeDenied", "LIFECYCLE_MODE_DENIED", 403, PermissionDenied)
+InterfacesNotAllowed = _make("InterfacesNotAllowed", "INTERFACES_NOT_ALLOWED", 422, ScaiGridError)
+TransitMissingInterfaces = _make(
+    "TransitMissingInterfaces", "TRANSIT_MISSING_INTERFACES", 422, ScaiGridError
+)
 ResourceInUse = _make("ResourceInUse", "RESOURCE_IN_USE", 409, Conflict)
 ObjectNotFound = _make("ObjectNotFound", "OBJECT_NOT_FOUND", 404, NotFound)
 
