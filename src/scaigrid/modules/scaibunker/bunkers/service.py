@@ -1,0 +1,394 @@
+"""Bunker lifecycle: create, read, list, provision on a worker, terminate (SPEC §2)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import structlog
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import selectinload
+
+from scaigrid import errors
+from scaigrid.ids import new_id
+from scaigrid.modules.scaibunker.bunkers.models import Bunker
+from scaigrid.modules.scaibunker.bunkers.schemas import CreateBunkerRequest, iso
+from scaigrid.modules.scaibunker.bunkers.states import TERMINAL, record_creation, transition
+from scaigrid.modules.scaibunker.config import (
+    DEFAULT_CPU_MILLICORES,
+    DEFAULT_DISK_MB,
+    DEFAULT_MEMORY_MB,
+)
+from scaigrid.modules.scaibunker.images.models import Image
+from scaigrid.modules.scaibunker.images.service import resolve_image
+from scaigrid.modules.scaibunker.state import ModuleState
+from scaigrid.modules.scaibunker.workers import scheduler
+from scaigrid.platform.auth import Principal
+from scaigrid.platform.db import utcnow
+from scaigrid.protocol.link import TaskKind
+
+log = structlog.get_logger(__name__)
+
+PROVISIONING_TIMEOUT_S = 120.0
+DESTROY_TIMEOUT_S = 30.0
+MASK = "***"
+
+
+def bunker_to_dict(bunker: Bunker, *, with_history: bool = False) -> dict[str, Any]:
+    """Render a bunker as its API object (SPEC §2.1); env values are masked."""
+    data: dict[str, Any] = {
+        "id": bunker.id,
+        "tenant_id": bunker.tenant_id,
+        "owner_user_id": bunker.owner_user_id,
+        "name": bunker.name,
+        "image": bunker.image_name,
+        "image_id": bunker.image_id,
+        "snapshot_id": bunker.snapshot_id,
+        "lifecycle_mode": bunker.lifecycle_mode,
+        "network_profile": bunker.network_profile,
+        "network_allowlist": bunker.network_allowlist,
+        "cpu_millicores": bunker.cpu_millicores,
+        "memory_mb": bunker.memory_mb,
+        "disk_mb": bunker.disk_mb,
+        "gpu_count": bunker.gpu_count,
+        "gpu_type": bunker.gpu_type,
+        "bandwidth_mbit": bunker.bandwidth_mbit,
+        "max_lifetime_s": bunker.max_lifetime_s,
+        "idle_timeout_s": bunker.idle_timeout_s,
+        "session_type": bunker.session_type,
+        "session_ref": bunker.session_ref,
+        "label_set": bunker.label_set,
+        "env_vars": dict.fromkeys(bunker.env_vars, MASK),
+        "interfaces": bunker.interfaces,
+        "status": bunker.status,
+        "status_reason": bunker.status_reason,
+        "status_message": bunker.status_message,
+        "status_changed_at": iso(bunker.status_changed_at),
+        "worker_id": bunker.worker_id,
+        "driver": bunker.driver,
+        "isolation": bunker.isolation,
+        "created_at": iso(bunker.created_at),
+        "started_at": iso(bunker.started_at),
+        "last_activity_at": iso(bunker.last_activity_at),
+        "expires_at": iso(bunker.expires_at),
+        "ended_at": iso(bunker.ended_at),
+        "final_snapshot_id": bunker.final_snapshot_id,
+    }
+    if with_history:
+        data["status_history"] = [
+            {"from": e.from_status, "to": e.to_status, "reason": e.reason, "at": iso(e.at)}
+            for e in bunker.history
+        ]
+    return data
+
+
+def _is_admin_for(principal: Principal, bunker: Bunker) -> bool:
+    if principal.has("scaibunker:admin") and principal.is_super_admin:
+        return True
+    same_tenant = bunker.tenant_id == principal.tenant_id
+    return same_tenant and (
+        principal.has("scaibunker:admin") or principal.has("scaibunker:admin:tenant")
+    )
+
+
+async def get_visible(
+    session: AsyncSession, principal: Principal, bunker_id: str, *, with_history: bool = False
+) -> Bunker:
+    """Load a bunker the caller owns or administers.
+
+    Raises:
+        errors.BunkerNotFound: unknown, or outside the caller's visibility (never 403).
+    """
+    query = select(Bunker).where(Bunker.id == bunker_id)
+    if with_history:
+        query = query.options(selectinload(Bunker.history))
+    bunker = (await session.scalars(query)).first()
+    if bunker is None or not (
+        (bunker.owner_user_id == principal.user_id and bunker.tenant_id == principal.tenant_id)
+        or _is_admin_for(principal, bunker)
+    ):
+        raise errors.BunkerNotFound(f"bunker {bunker_id} not found")
+    return bunker
+
+
+async def get_owned_running(session: AsyncSession, principal: Principal, bunker_id: str) -> Bunker:
+    """Load a bunker the caller owns, for exec, files and shell (owner-only, SPEC §1.11).
+
+    Raises:
+        errors.BunkerNotFound: unknown or not owned by the caller.
+        errors.BunkerNotRunning: the bunker is not ``running``.
+    """
+    bunker = await session.get(Bunker, bunker_id)
+    if (
+        bunker is None
+        or bunker.owner_user_id != principal.user_id
+        or bunker.tenant_id != principal.tenant_id
+    ):
+        raise errors.BunkerNotFound(f"bunker {bunker_id} not found")
+    if bunker.status != "running":
+        raise errors.BunkerNotRunning(
+            f"bunker {bunker_id} is {bunker.status}", details={"status": bunker.status}
+        )
+    return bunker
+
+
+async def list_bunkers(
+    session: AsyncSession,
+    principal: Principal,
+    *,
+    status: list[str] | None,
+    labels: dict[str, str],
+    limit: int,
+    cursor: str | None,
+) -> tuple[list[Bunker], str | None]:
+    """List visible bunkers newest first; return ``(page, next_cursor)``.
+
+    The cursor is the id of the last bunker of the previous page (ids are time-ordered ULIDs).
+    """
+    query = select(Bunker).order_by(Bunker.id.desc())
+    if not (principal.is_super_admin and principal.has("scaibunker:admin")):
+        query = query.where(Bunker.tenant_id == principal.tenant_id)
+        if not (principal.has("scaibunker:admin") or principal.has("scaibunker:admin:tenant")):
+            query = query.where(Bunker.owner_user_id == principal.user_id)
+    if status:
+        query = query.where(Bunker.status.in_(status))
+    if cursor:
+        query = query.where(Bunker.id < cursor)
+    page: list[Bunker] = []
+    async for bunker in await session.stream_scalars(query):
+        if all(bunker.label_set.get(k) == v for k, v in labels.items()):
+            page.append(bunker)
+            if len(page) > limit:
+                break
+    if len(page) > limit:
+        return page[:limit], page[limit - 1].id
+    return page, None
+
+
+def _timers(state: ModuleState, request: CreateBunkerRequest) -> tuple[int | None, int | None]:
+    defaults = state.config.lifecycle_defaults[request.lifecycle_mode]
+    timers = []
+    for asked, configured, field in (
+        (request.max_lifetime_s, defaults.max_lifetime_s, "max_lifetime_s"),
+        (request.idle_timeout_s, defaults.idle_timeout_s, "idle_timeout_s"),
+    ):
+        if asked is not None and configured is not None and asked > configured:
+            raise errors.ValidationFailed(
+                f"{field} may not exceed {configured} for {request.lifecycle_mode} bunkers",
+                details=[{"field": field, "message": f"must be at most {configured}"}],
+            )
+        timers.append(asked if asked is not None else configured)
+    return timers[0], timers[1]
+
+
+async def create_bunker(
+    state: ModuleState, session: AsyncSession, principal: Principal, request: CreateBunkerRequest
+) -> Bunker:
+    """Admit, place and persist a bunker in ``pending``, then provision it in the background.
+
+    Raises:
+        errors.ImageNotFound, errors.ImageNotReady: the image cannot be used.
+        errors.ValidationFailed: snapshots, GPUs or interfaces (later issues), or timers.
+        errors.AuthzPermissionDenied: lifecycle mode or network profile not allowed.
+        errors.WorkerUnavailable, errors.NoSuitableWorker: no worker can take it.
+    """
+    if request.snapshot_id is not None:
+        raise errors.ValidationFailed(
+            "restoring from snapshots is not available yet",
+            details=[{"field": "snapshot_id", "message": "not supported by this controller"}],
+        )
+    assert request.image is not None
+    image = await resolve_image(session, principal, request.image)
+    if image.status != "ready":
+        raise errors.ImageNotReady(
+            f"image {image.name} is {image.status}",
+            details={"status": image.status, "reason": image.status_reason},
+        )
+    if request.gpu_count:
+        raise errors.WorkerUnavailable("no worker offers GPUs")
+    if request.network_profile != "isolated":
+        raise errors.ValidationFailed(
+            "only the isolated network profile is available on this controller",
+            details=[{"field": "network_profile", "message": "must be isolated"}],
+        )
+    if request.interfaces is not None:
+        raise errors.InterfacesNotAllowed("interfaces need the transit profile")
+    max_lifetime_s, idle_timeout_s = _timers(state, request)
+    if request.lifecycle_mode == "session" and not principal.has("scaibunker:create:session"):
+        raise errors.LifecycleModeDenied("session bunkers need scaibunker:create:session")
+    if request.lifecycle_mode == "persistent" and not principal.has(
+        "scaibunker:create:persistent"
+    ):
+        raise errors.LifecycleModeDenied("persistent bunkers need scaibunker:create:persistent")
+
+    cpu = request.cpu_millicores or image.default_cpu_millicores or DEFAULT_CPU_MILLICORES
+    memory = request.memory_mb or image.default_memory_mb or DEFAULT_MEMORY_MB
+    disk = request.disk_mb or image.default_disk_mb or DEFAULT_DISK_MB
+    now = utcnow()
+    async with state.placement_lock:
+        placement = await scheduler.place(
+            session,
+            state.hub.connected_ids(),
+            scheduler.Request(principal.tenant_id, cpu, memory, disk, request.isolation),
+        )
+        bunker = Bunker(
+            id=new_id("bnk"),
+            tenant_id=principal.tenant_id,
+            owner_user_id=principal.user_id,
+            name=request.name,
+            image_name=image.name,
+            image_id=image.id,
+            lifecycle_mode=request.lifecycle_mode,
+            network_profile=request.network_profile,
+            network_allowlist=request.network_allowlist,
+            cpu_millicores=cpu,
+            memory_mb=memory,
+            disk_mb=disk,
+            gpu_count=0,
+            bandwidth_mbit=request.bandwidth_mbit,
+            max_lifetime_s=max_lifetime_s,
+            idle_timeout_s=idle_timeout_s,
+            session_type=request.session_type,
+            session_ref=request.session_ref,
+            label_set=request.label_set,
+            env_vars=request.env_vars,
+            interfaces=[],
+            status="pending",
+            status_reason="created",
+            status_changed_at=now,
+            worker_id=placement.worker_id,
+            driver=placement.driver,
+            isolation=placement.isolation,
+            created_at=now,
+            expires_at=now + timedelta(seconds=max_lifetime_s) if max_lifetime_s else None,
+        )
+        session.add(bunker)
+        record_creation(session, bunker)
+        await session.commit()
+    log.info("bunker_created", bunker_id=bunker.id, worker_id=bunker.worker_id, image=image.name)
+    state.spawn(provision(state, bunker.id, image), name=f"provision-{bunker.id}")
+    return bunker
+
+
+async def _set_state(
+    state: ModuleState,
+    bunker_id: str,
+    to: str,
+    reason: str,
+    *,
+    only_from: tuple[str, ...],
+    message: str | None = None,
+    fields: dict[str, Any] | None = None,
+) -> bool:
+    """Apply a transition in its own session if the bunker is in one of ``only_from``."""
+    async with state.db.sessionmaker() as session:
+        bunker = await session.get(Bunker, bunker_id)
+        if bunker is None or bunker.status not in only_from:
+            return False
+        for key, value in (fields or {}).items():
+            setattr(bunker, key, value)
+        transition(session, bunker, to, reason, message=message)
+        await session.commit()
+    state.bunker_changed(bunker_id)
+    return True
+
+
+async def provision(state: ModuleState, bunker_id: str, image: Image) -> None:
+    """Send ``bunker.create`` to the bunker's worker and follow it to ``running`` or ``failed``."""
+    async with state.db.sessionmaker() as session:
+        bunker = await session.get(Bunker, bunker_id)
+        if bunker is None:
+            return
+        worker_id = bunker.worker_id
+        params = {
+            "bunker": {
+                "id": bunker.id,
+                "cpu_millicores": bunker.cpu_millicores,
+                "memory_mb": bunker.memory_mb,
+                "disk_mb": bunker.disk_mb,
+                "env_vars": bunker.env_vars,
+                "network_profile": bunker.network_profile,
+            },
+            "image": {"id": image.id, "name": image.name, "source": image.source},
+        }
+    connection = state.hub.get(worker_id)
+    if connection is None:
+        await _set_state(
+            state, bunker_id, "failed", "boot_failed",
+            only_from=("pending",), message="the worker disconnected before the bunker started",
+        )
+        return
+    try:
+        handle = await connection.start_task(TaskKind.BUNKER_CREATE, params, bunker_id=bunker_id)
+        while (progress := await handle.next_progress(PROVISIONING_TIMEOUT_S)) is not None:
+            if progress.get("stage"):
+                await _set_state(
+                    state, bunker_id, "provisioning", "scheduled", only_from=("pending",)
+                )
+        result = await handle.result(PROVISIONING_TIMEOUT_S)
+    except errors.ScaiGridError as exc:
+        log.warning("bunker_boot_failed", bunker_id=bunker_id, code=exc.code, reason=exc.message)
+        if not await _set_state(
+            state, bunker_id, "failed",
+            "provisioning_timeout" if exc.code == "AGENT_UNAVAILABLE" else "boot_failed",
+            only_from=("pending", "provisioning"), message=exc.message,
+        ):
+            await destroy_on_worker(state, worker_id, bunker_id)
+        return
+    await _set_state(state, bunker_id, "provisioning", "scheduled", only_from=("pending",))
+    booted = await _set_state(
+        state, bunker_id, "running", "booted",
+        only_from=("provisioning",),
+        fields={"driver": result.get("driver"), "isolation": result.get("isolation")},
+    )
+    if not booted:
+        await destroy_on_worker(state, worker_id, bunker_id)
+    else:
+        log.info("bunker_running", bunker_id=bunker_id, boot_ms=result.get("boot_ms"))
+
+
+async def destroy_on_worker(state: ModuleState, worker_id: str | None, bunker_id: str) -> bool:
+    """Ask the worker to tear the bunker down; return False if it could not be reached.
+
+    A worker that is unreachable now destroys the bunker when it reconnects (reconciliation).
+    """
+    connection = state.hub.get(worker_id)
+    if connection is None:
+        return False
+    try:
+        await connection.call(
+            TaskKind.BUNKER_DESTROY, {}, bunker_id=bunker_id, timeout_s=DESTROY_TIMEOUT_S
+        )
+    except errors.ScaiGridError as exc:
+        log.warning("bunker_destroy_failed", bunker_id=bunker_id, code=exc.code, reason=exc.message)
+        return False
+    return True
+
+
+async def terminate_bunker(
+    state: ModuleState, session: AsyncSession, principal: Principal, bunker_id: str
+) -> Bunker:
+    """``DELETE /bunkers/{id}``: stop the bunker and end in ``terminated`` (idempotent).
+
+    Raises:
+        errors.BunkerNotFound: unknown or invisible bunker.
+    """
+    bunker = await get_visible(session, principal, bunker_id)
+    if bunker.status in TERMINAL or bunker.status == "stopping":
+        return bunker
+    transition(session, bunker, "stopping", "api_terminate")
+    await session.commit()
+    state.bunker_changed(bunker_id)
+    await destroy_on_worker(state, bunker.worker_id, bunker_id)
+    await _set_state(state, bunker_id, "terminated", "api_terminate", only_from=("stopping",))
+    await session.refresh(bunker)
+    return bunker
+
+
+async def fail_bunker(state: ModuleState, bunker_id: str, reason: str, message: str) -> None:
+    """Move a live bunker to ``failed`` (worker events such as ``vm_exited``)."""
+    await _set_state(
+        state, bunker_id, "failed", reason,
+        only_from=("pending", "provisioning", "running", "paused"), message=message,
+    )

@@ -1,0 +1,48 @@
+"""Module defaults of scaibunker (SPEC §1.10, §2.2, §2.5, §3.2).
+
+Per-tenant overrides through the module config routes arrive with the platform issue; until
+then these are the effective values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Final
+
+DEFAULT_CPU_MILLICORES: Final = 1000
+DEFAULT_MEMORY_MB: Final = 512
+DEFAULT_DISK_MB: Final = 1024
+
+
+@dataclass(frozen=True)
+class LifecycleDefaults:
+    """Timers of one lifecycle mode, in seconds (``None`` = no limit)."""
+
+    max_lifetime_s: int | None
+    idle_timeout_s: int | None
+    on_idle: str
+
+
+@dataclass(frozen=True)
+class ExecLimits:
+    """Exec defaults and caps (SPEC §1.10 ``exec_limits``); bytes and seconds."""
+
+    default_timeout_s: int = 60
+    max_timeout_s: int = 3600
+    default_max_output_bytes: int = 10 * 1024 * 1024
+    max_output_bytes_cap: int = 64 * 1024 * 1024
+    ring_buffer_bytes: int = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ModuleConfig:
+    """Effective module configuration."""
+
+    lifecycle_defaults: dict[str, LifecycleDefaults] = field(
+        default_factory=lambda: {
+            "ephemeral": LifecycleDefaults(3600, 600, "terminate"),
+            "session": LifecycleDefaults(86400, 1800, "pause"),
+            "persistent": LifecycleDefaults(None, None, "pause"),
+        }
+    )
+    exec_limits: ExecLimits = field(default_factory=ExecLimits)

@@ -1,0 +1,77 @@
+"""Request shapes of the image routes (SPEC §7.2, §7.4)."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+_SUITE = re.compile(r"^[a-z][a-z0-9-]*$")
+_PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.-]*$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TarSource(_Strict):
+    """A root-filesystem tarball on the baking worker's disk."""
+
+    kind: Literal["tar"]
+    path: str = Field(min_length=1, max_length=4096)
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        if not value.startswith("/") or "\0" in value:
+            raise ValueError("path must be an absolute path on the worker")
+        return value
+
+
+class DebootstrapSource(_Strict):
+    """A Debian/Ubuntu root built with debootstrap."""
+
+    kind: Literal["debootstrap"]
+    suite: str = Field(min_length=1, max_length=32)
+    variant: str = Field(default="minbase", min_length=1, max_length=32)
+    packages: list[str] = Field(default_factory=list, max_length=256)
+
+    @field_validator("suite", "variant")
+    @classmethod
+    def _word(cls, value: str) -> str:
+        if not _SUITE.match(value):
+            raise ValueError(f"{value!r} is not a valid suite or variant name")
+        return value
+
+    @field_validator("packages")
+    @classmethod
+    def _packages(cls, value: list[str]) -> list[str]:
+        for package in value:
+            if not _PACKAGE.match(package):
+                raise ValueError(f"{package!r} is not a valid Debian package name")
+        return value
+
+
+ImageSource = Annotated[TarSource | DebootstrapSource, Field(discriminator="kind")]
+
+
+class RegisterImageRequest(_Strict):
+    """Body of ``POST /images`` (the walking skeleton's subset: tar and debootstrap)."""
+
+    name: str = Field(min_length=1, max_length=63)
+    source: ImageSource
+    size_mib: int = Field(default=2048, ge=64, le=65536)
+    default_cpu_millicores: int | None = Field(default=None, ge=100)
+    default_memory_mb: int | None = Field(default=None, ge=128)
+    default_disk_mb: int | None = Field(default=None, ge=64)
+    scope: Literal["tenant", "partner", "platform"] = "tenant"
+    lazy_pull: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError("name must match [a-z0-9][a-z0-9._-]*")
+        return value

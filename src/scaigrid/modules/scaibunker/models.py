@@ -1,0 +1,7 @@
+"""Every ORM model of the scaibunker module, imported for Alembic and the app."""
+
+from scaigrid.modules.scaibunker.bunkers.models import Bunker, BunkerStatusEvent
+from scaigrid.modules.scaibunker.images.models import Image
+from scaigrid.modules.scaibunker.workers.models import Worker, WorkerJoinToken
+
+__all__ = ["Bunker", "BunkerStatusEvent", "Image", "Worker", "WorkerJoinToken"]

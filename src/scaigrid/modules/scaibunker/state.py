@@ -1,0 +1,77 @@
+"""Per-app runtime state of the scaibunker module (hub, background tasks, waiters)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from typing import Any
+
+import structlog
+from starlette.requests import HTTPConnection
+
+from scaigrid.modules.scaibunker.config import ModuleConfig
+from scaigrid.modules.scaibunker.workers.hub import WorkerHub
+from scaigrid.platform.db import Database
+from scaigrid.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+
+class ModuleState:
+    """Everything the module's services share inside one controller process.
+
+    Attributes:
+        db: the platform database.
+        settings: controller settings.
+        hub: live worker connections.
+        config: effective module configuration.
+        placement_lock: serialises placement so concurrent creates cannot overfill a worker.
+    """
+
+    def __init__(self, db: Database, settings: Settings) -> None:
+        self.db = db
+        self.settings = settings
+        self.hub = WorkerHub()
+        self.config = ModuleConfig()
+        self.placement_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._bunker_waiters: dict[str, asyncio.Event] = {}
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], *, name: str) -> asyncio.Task[Any]:
+        """Run ``coro`` in the background, logging (not losing) any exception it raises."""
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._finished)
+        return task
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background_task_failed", task=task.get_name(), exc_info=task.exception())
+
+    def bunker_changed(self, bunker_id: str) -> None:
+        """Wake every request waiting (``wait_s``) on a state change of ``bunker_id``."""
+        event = self._bunker_waiters.pop(bunker_id, None)
+        if event is not None:
+            event.set()
+
+    async def wait_bunker_change(self, bunker_id: str, timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` seconds for the next state change of ``bunker_id``."""
+        event = self._bunker_waiters.setdefault(bunker_id, asyncio.Event())
+        try:
+            await asyncio.wait_for(event.wait(), timeout_s)
+        except TimeoutError:
+            return
+
+    async def close(self) -> None:
+        """Cancel background tasks and close worker connections."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.hub.close()
+
+
+def get_state(conn: HTTPConnection) -> ModuleState:
+    """FastAPI dependency: the module state of the app serving ``conn``."""
+    state: ModuleState = conn.app.state.scaibunker
+    return state
