@@ -1,0 +1,97 @@
+"""Configuration of the ``scaibunker-worker`` daemon (SPEC §10.8).
+
+Every setting is read from an environment variable with the prefix ``SCAIBUNKER_``
+(``controller_url`` ← ``SCAIBUNKER_CONTROLLER_URL``); command-line flags of
+``scaibunker-worker`` override the environment.
+
+- ``controller_url`` (``SCAIBUNKER_CONTROLLER_URL``, required): ScaiGrid base URL,
+  ``http(s)://host[:port]``.
+- ``join_token`` (``SCAIBUNKER_JOIN_TOKEN``): ``sbj_`` join token, needed only until a
+  credential is stored.
+- ``data_dir`` (``SCAIBUNKER_DATA_DIR``, default ``/var/lib/scaibunker``): credential, image
+  cache, bunker state.
+- ``drivers`` (``SCAIBUNKER_DRIVERS``, default every driver that works on the host): driver
+  names in preference order, ``container,qemu``.
+- ``labels`` (``SCAIBUNKER_LABELS``): extra labels, ``k=v,k=v``.
+- ``reserved_cpu_millicores`` / ``reserved_memory_mb`` (``SCAIBUNKER_RESERVED_CPU_MILLICORES``,
+  ``SCAIBUNKER_RESERVED_MEMORY_MB``, default 0): host capacity kept out of ``capacity``.
+- ``hostname`` (``SCAIBUNKER_HOSTNAME``, default the host name): name the worker registers
+  under.
+- ``log_level`` (``SCAIBUNKER_LOG_LEVEL``, default ``info``): ``debug``, ``info``,
+  ``warning`` or ``error``.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+class WorkerSettings(BaseSettings):
+    """Settings of one worker daemon; see the module docstring for the variables."""
+
+    model_config = SettingsConfigDict(env_prefix="SCAIBUNKER_", extra="ignore")
+
+    controller_url: str
+    join_token: str | None = None
+    data_dir: Path = Path("/var/lib/scaibunker")
+    drivers: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    labels: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    reserved_cpu_millicores: int = Field(default=0, ge=0)
+    reserved_memory_mb: int = Field(default=0, ge=0)
+    hostname: str = Field(default_factory=socket.gethostname, min_length=1)
+    log_level: LogLevel = "info"
+
+    @field_validator("controller_url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://", "ws://", "wss://")):
+            raise ValueError("controller_url must start with http://, https://, ws:// or wss://")
+        return value.rstrip("/")
+
+    @field_validator("join_token")
+    @classmethod
+    def _blank_token_is_none(cls, value: str | None) -> str | None:
+        return value or None
+
+    @field_validator("drivers", mode="before")
+    @classmethod
+    def _split_drivers(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _split_labels(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        labels: dict[str, str] = {}
+        for pair in value.split(","):
+            if not pair.strip():
+                continue
+            key, sep, val = pair.partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"label {pair!r} is not key=value")
+            labels[key.strip()] = val.strip()
+        return labels
+
+    @property
+    def credential_path(self) -> Path:
+        """File holding the long-lived ``sbw_`` credential (mode 0600)."""
+        return self.data_dir / "credential"
+
+    def connect_url(self) -> str:
+        """WebSocket URL of the controller's worker endpoint (http→ws, https→wss)."""
+        base = self.controller_url
+        if base.startswith("http://"):
+            base = "ws://" + base[len("http://") :]
+        elif base.startswith("https://"):
+            base = "wss://" + base[len("https://") :]
+        return base + "/v1/modules/scaibunker/workers/connect"
