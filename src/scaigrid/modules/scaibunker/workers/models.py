@@ -5,10 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, String
+from sqlalchemy import JSON, String
 from sqlalchemy.orm import Mapped, mapped_column
 
-from scaigrid.platform.db import Base, utcnow
+from scaigrid.platform.db import Base, UTCDateTime, utcnow
 
 
 class Worker(Base):
@@ -28,9 +28,9 @@ class Worker(Base):
     admin_state: Mapped[str] = mapped_column(String(16), default="active")
     daemon_version: Mapped[str] = mapped_column(String(32), default="")
     credential_hash: Mapped[str] = mapped_column(String(64), unique=True)
-    last_heartbeat: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    registered_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_heartbeat: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    registered_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class WorkerJoinToken(Base):
@@ -43,7 +43,7 @@ class WorkerJoinToken(Base):
     tenant_id: Mapped[str | None] = mapped_column(String(32))
     labels: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
     created_by: Mapped[str | None] = mapped_column(String(32))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    used_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     worker_id: Mapped[str | None] = mapped_column(String(32))
