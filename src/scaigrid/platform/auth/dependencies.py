@@ -1,0 +1,62 @@
+"""FastAPI dependencies for authentication and permission checks."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Annotated
+
+from fastapi import Depends
+from starlette.requests import HTTPConnection
+
+from scaigrid import errors
+from scaigrid.platform.auth.principal import Principal
+from scaigrid.platform.auth.service import authenticate
+from scaigrid.platform.db import get_database
+
+
+async def current_principal(request: HTTPConnection) -> Principal:
+    """Authenticate ``Authorization: Bearer sgk_…`` and return the caller.
+
+    Works for HTTP requests and WebSocket upgrades. The principal is also stored in
+    ``request.state.principal``.
+
+    Raises:
+        AuthTokenMissing: no ``Authorization`` header (401 ``AUTH_TOKEN_MISSING``).
+        AuthTokenInvalid: not a bearer credential, or a malformed, unknown, revoked or
+            non-user credential (401 ``AUTH_TOKEN_INVALID``).
+    """
+    header = request.headers.get("authorization")
+    if not header:
+        raise errors.AuthTokenMissing("An Authorization: Bearer credential is required")
+    scheme, _, credential = header.partition(" ")
+    if scheme.lower() != "bearer" or not credential.strip():
+        raise errors.AuthTokenInvalid("The Authorization header must be 'Bearer <credential>'")
+    principal = await authenticate(get_database(request), credential.strip())
+    request.state.principal = principal
+    return principal
+
+
+CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
+"""``principal: CurrentPrincipal`` in a route signature: any authenticated caller."""
+
+
+def require(*keys: str) -> Callable[[Principal], Awaitable[Principal]]:
+    """Dependency factory: the caller must hold every permission key in ``keys``.
+
+    Usage: ``principal: Annotated[Principal, Depends(require("scaibunker:create"))]``.
+
+    Raises:
+        AuthTokenMissing, AuthTokenInvalid: as :func:`current_principal`.
+        AuthzPermissionDenied: a key is missing (403 ``AUTHZ_PERMISSION_DENIED``,
+            ``details = {"permission": "<first missing key>"}``).
+    """
+
+    async def dependency(principal: CurrentPrincipal) -> Principal:
+        for key in keys:
+            if not principal.has(key):
+                raise errors.AuthzPermissionDenied(
+                    f"Missing permission {key}", details={"permission": key}
+                )
+        return principal
+
+    return dependency
