@@ -84,10 +84,9 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    op.drop_index(op.f("ix_api_keys_user_id"), table_name="api_keys")
-    op.drop_index(op.f("ix_api_keys_tenant_id"), table_name="api_keys")
+    # Dropping a table drops its indexes; dropping them first fails on MariaDB, where an
+    # index that backs a foreign key cannot be dropped on its own.
     op.drop_table("api_keys")
     op.drop_table("users")
-    op.drop_index(op.f("ix_tenants_partner_id"), table_name="tenants")
     op.drop_table("tenants")
     op.drop_table("partners")
