@@ -155,7 +155,7 @@ def create_user(tenant_ref: str, email: str, role: str, display_name: str | None
 @admin.command("create-key")
 @click.option("--user", "email", required=True, help="Email of the key's owner.")
 @click.option(
-    "--tenant", "tenant_slug", default=None, help="Tenant slug, if the email is in several."
+    "--tenant", "tenant_ref", default=None, help="Tenant id or slug, if the email is in several."
 )
 @click.option("--name", default="cli", show_default=True, help="Label shown in key lists.")
 def create_key(email: str, tenant_ref: str | None, name: str) -> None:
@@ -170,12 +170,12 @@ def create_key(email: str, tenant_ref: str | None, name: str) -> None:
 
 
 @admin.command("revoke-key")
-@click.argument("key_id")
-def revoke_key(key_id: str) -> None:
-    """Revoke an API key by its id (``key_…``)."""
+@click.argument("key")
+def revoke_key(key: str) -> None:
+    """Revoke an API key given its id (``key_…``) or the key itself; print its id."""
 
     async def work(session: AsyncSession) -> str:
-        return (await revoke_api_key(session, key_id)).id
+        return (await revoke_api_key(session, key)).id
 
     click.echo(_run_in_session(_settings(), work))
 

@@ -53,15 +53,19 @@ async def create_api_key(session: AsyncSession, user: User, name: str) -> tuple[
     return key, secret
 
 
-async def revoke_api_key(session: AsyncSession, key_id: str) -> ApiKey:
-    """Revoke key ``key_id`` (idempotent); flushed, not committed.
+async def revoke_api_key(session: AsyncSession, ref: str) -> ApiKey:
+    """Revoke a key given its id (``key_…``) or its secret (``sgk_…``); idempotent; flushed,
+    not committed.
 
     Raises:
         NotFound: no such key.
     """
-    key = await session.get(ApiKey, key_id)
+    if ref.startswith(f"{API_KEY_PREFIX}_"):
+        key = await session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(ref)))
+    else:
+        key = await session.get(ApiKey, ref)
     if key is None:
-        raise errors.NotFound(f"No API key {key_id}")
+        raise errors.NotFound("No such API key")
     if key.revoked_at is None:
         key.revoked_at = utcnow()
         await session.flush()
@@ -88,7 +92,7 @@ async def authenticate(db: Database, secret: str) -> Principal:
         row = (await session.execute(query)).first()
     if row is None:
         raise errors.AuthTokenInvalid("Unknown API key")
-    key, user, tenant = row.tuple()
+    key, user, tenant = row
     if key.revoked_at is not None:
         raise errors.AuthTokenInvalid("The API key has been revoked")
     now = utcnow()
