@@ -1,0 +1,102 @@
+"""One migration history on SQLite, PostgreSQL and MariaDB: upgrade, models agree with the
+schema, downgrade, and the platform running on the migrated database."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import inspect, select
+
+from scaigrid.platform.app import create_app
+from scaigrid.platform.auth.models import ApiKey
+from scaigrid.platform.db import Base, create_engine
+from scaigrid.platform.migrate import is_at_head, migrate, run_alembic
+from scaigrid.platform.models_registry import PLATFORM_MODEL_MODULES, import_all_models
+from scaigrid.settings import Settings
+
+SettingsFor = Callable[..., Settings]
+
+
+def _platform_tables() -> set[str]:
+    import_all_models()
+    return {
+        table.name
+        for mapper in Base.registry.mappers
+        if mapper.class_.__module__ in PLATFORM_MODEL_MODULES
+        for table in mapper.tables
+    }
+
+
+def _only_platform(tables: set[str]) -> Callable[..., bool]:
+    def include(obj: Any, name: str | None, kind: str, reflected: bool, other: Any) -> bool:
+        table = name if kind == "table" else getattr(getattr(obj, "table", None), "name", None)
+        return table in tables
+
+    return include
+
+
+async def _schema_state(url: str, tables: set[str]) -> tuple[set[str], list[Any]]:
+    engine = create_engine(url)
+    try:
+        async with engine.connect() as connection:
+
+            def inspect_sync(sync: Any) -> tuple[set[str], list[Any]]:
+                context = MigrationContext.configure(
+                    sync,
+                    opts={"compare_type": True, "include_object": _only_platform(tables)},
+                )
+                return set(inspect(sync).get_table_names()), compare_metadata(
+                    context, Base.metadata
+                )
+
+            return await connection.run_sync(inspect_sync)
+    finally:
+        await engine.dispose()
+
+
+async def test_upgrade_matches_models_and_downgrade_removes_everything(
+    empty_database_url: str, settings_for: SettingsFor, tmp_path: Path
+) -> None:
+    settings = settings_for(tmp_path, database_url=empty_database_url)
+    platform = _platform_tables()
+    assert platform == {"partners", "tenants", "users", "api_keys"}
+    assert not await is_at_head(settings)
+
+    await migrate(settings)
+    assert await is_at_head(settings)
+    present, diff = await _schema_state(empty_database_url, platform)
+    assert platform <= present
+    assert diff == []
+    await migrate(settings)  # a second upgrade is a no-op
+
+    await run_alembic(empty_database_url, lambda config: command.downgrade(config, "base"))
+    present, _ = await _schema_state(empty_database_url, platform)
+    assert present & platform == set()
+    await migrate(settings)
+    assert await is_at_head(settings)
+
+
+async def test_platform_runs_on_the_migrated_database(
+    empty_database_url: str, settings_for: SettingsFor, tmp_path: Path
+) -> None:
+    settings = settings_for(tmp_path, database_url=empty_database_url)
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        key = settings.admin_key_file.read_text().strip()
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            ok = await client.get("/v1/modules", headers={"Authorization": f"Bearer {key}"})
+            missing = await client.get("/v1/modules")
+        async with app.state.db.sessionmaker() as session:
+            stored = await session.scalar(select(ApiKey))
+    assert ok.status_code == 200
+    assert missing.json()["error"]["code"] == "AUTH_TOKEN_MISSING"
+    assert stored is not None and stored.last_used_at is not None
+    assert stored.last_used_at.utcoffset() is not None
+    assert stored.created_at <= stored.last_used_at
