@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from scaigrid.modules.scaibunker.bunkers.states import ALLOWED, TERMINAL, IllegalTransition
@@ -13,7 +15,12 @@ def test_terminal_states_have_no_way_out() -> None:
 
 @pytest.mark.parametrize(
     ("frm", "to"),
-    [("pending", "running"), ("terminated", "running"), ("stopping", "running"), ("failed", "pending")],
+    [
+        ("pending", "running"),
+        ("terminated", "running"),
+        ("stopping", "running"),
+        ("failed", "pending"),
+    ],
 )
 def test_illegal_transitions_are_not_allowed(frm: str, to: str) -> None:
     assert (frm, to) not in ALLOWED
@@ -21,7 +28,7 @@ def test_illegal_transitions_are_not_allowed(frm: str, to: str) -> None:
 
 def test_happy_path_is_allowed() -> None:
     path = ["pending", "provisioning", "running", "stopping", "terminated"]
-    assert all(pair in ALLOWED for pair in zip(path, path[1:], strict=False))
+    assert all(pair in ALLOWED for pair in itertools.pairwise(path))
 
 
 def test_illegal_transition_is_a_409() -> None:

@@ -87,16 +87,27 @@ class DevWorker:
         if not (self._data_dir / "credential").exists():
             async with self._state.db.sessionmaker() as session:
                 _, token = await worker_service.mint_join_token(
-                    session, tenant_id=None, labels={"dev": "true"}, expires_in_s=600,
+                    session,
+                    tenant_id=None,
+                    labels={"dev": "true"},
+                    expires_in_s=600,
                     created_by=None,
                 )
             env["SCAIBUNKER_JOIN_TOKEN"] = token
         log_path = self._data_dir / "worker.log"
         with log_path.open("ab") as log_file:
             self._process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "scaigrid.worker.main",
-                "--controller", self._url, "--data-dir", str(self._data_dir),
-                env=env, stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                sys.executable,
+                "-m",
+                "scaigrid.worker.main",
+                "--controller",
+                self._url,
+                "--data-dir",
+                str(self._data_dir),
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=log_file,
             )
         log.info("dev_worker_started", pid=self._process.pid, log=str(log_path))
 

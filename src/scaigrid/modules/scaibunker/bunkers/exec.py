@@ -100,7 +100,9 @@ def _limits(state: ModuleState, request: ExecRequest) -> tuple[int, int]:
     return timeout_s, max_output
 
 
-async def run_foreground(state: ModuleState, bunker: Bunker, request: ExecRequest) -> dict[str, Any]:
+async def run_foreground(
+    state: ModuleState, bunker: Bunker, request: ExecRequest
+) -> dict[str, Any]:
     """Run ``request`` in ``bunker`` and return the foreground result (SPEC §3.3).
 
     Output is kept head-and-tail per stream up to ``max_output_bytes``; memory stays bounded
@@ -138,7 +140,10 @@ async def run_foreground(state: ModuleState, bunker: Bunker, request: ExecReques
     handle = await connection.start_task(
         TaskKind.EXEC_START, params, bunker_id=bunker.id, streams=streams
     )
-    drains = [asyncio.ensure_future(_drain(stdout, out)), asyncio.ensure_future(_drain(stderr, err))]
+    drains = [
+        asyncio.ensure_future(_drain(stdout, out)),
+        asyncio.ensure_future(_drain(stderr, err)),
+    ]
     try:
         if stdin_stream is not None and stdin is not None:
             await stdin_stream.write(stdin)

@@ -59,7 +59,7 @@ async def create_bunker(
     session: SessionDep,
     wait_s: Annotated[int, Query(ge=0, le=60)] = 0,
 ) -> JSONResponse:
-    """Create a bunker; with ``wait_s`` hold the answer until it leaves ``pending``/``provisioning``."""
+    """Create a bunker; ``wait_s`` holds the answer until it leaves pending/provisioning."""
     bunker = await service.create_bunker(state, session, principal, body)
     bunker_id = bunker.id
     if wait_s:

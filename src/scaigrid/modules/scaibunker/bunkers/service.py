@@ -217,9 +217,7 @@ async def create_bunker(
     max_lifetime_s, idle_timeout_s = _timers(state, request)
     if request.lifecycle_mode == "session" and not principal.has("scaibunker:create:session"):
         raise errors.LifecycleModeDenied("session bunkers need scaibunker:create:session")
-    if request.lifecycle_mode == "persistent" and not principal.has(
-        "scaibunker:create:persistent"
-    ):
+    if request.lifecycle_mode == "persistent" and not principal.has("scaibunker:create:persistent"):
         raise errors.LifecycleModeDenied("persistent bunkers need scaibunker:create:persistent")
 
     cpu = request.cpu_millicores or image.default_cpu_millicores or DEFAULT_CPU_MILLICORES
@@ -315,8 +313,12 @@ async def provision(state: ModuleState, bunker_id: str, image: Image) -> None:
     connection = state.hub.get(worker_id)
     if connection is None:
         await _set_state(
-            state, bunker_id, "failed", "boot_failed",
-            only_from=("pending",), message="the worker disconnected before the bunker started",
+            state,
+            bunker_id,
+            "failed",
+            "boot_failed",
+            only_from=("pending",),
+            message="the worker disconnected before the bunker started",
         )
         return
     try:
@@ -330,15 +332,21 @@ async def provision(state: ModuleState, bunker_id: str, image: Image) -> None:
     except errors.ScaiGridError as exc:
         log.warning("bunker_boot_failed", bunker_id=bunker_id, code=exc.code, reason=exc.message)
         if not await _set_state(
-            state, bunker_id, "failed",
+            state,
+            bunker_id,
+            "failed",
             "provisioning_timeout" if exc.code == "AGENT_UNAVAILABLE" else "boot_failed",
-            only_from=("pending", "provisioning"), message=exc.message,
+            only_from=("pending", "provisioning"),
+            message=exc.message,
         ):
             await destroy_on_worker(state, worker_id, bunker_id)
         return
     await _set_state(state, bunker_id, "provisioning", "scheduled", only_from=("pending",))
     booted = await _set_state(
-        state, bunker_id, "running", "booted",
+        state,
+        bunker_id,
+        "running",
+        "booted",
         only_from=("provisioning",),
         fields={"driver": result.get("driver"), "isolation": result.get("isolation")},
     )
@@ -389,6 +397,10 @@ async def terminate_bunker(
 async def fail_bunker(state: ModuleState, bunker_id: str, reason: str, message: str) -> None:
     """Move a live bunker to ``failed`` (worker events such as ``vm_exited``)."""
     await _set_state(
-        state, bunker_id, "failed", reason,
-        only_from=("pending", "provisioning", "running", "paused"), message=message,
+        state,
+        bunker_id,
+        "failed",
+        reason,
+        only_from=("pending", "provisioning", "running", "paused"),
+        message=message,
     )

@@ -67,7 +67,7 @@ def may_manage(principal: Principal, image: Image) -> bool:
 
 
 async def resolve_image(session: AsyncSession, principal: Principal, ref: str) -> Image:
-    """Find the image a bunker request names: an ``img_`` id or a name (tenant → partner → platform).
+    """Find the image a bunker names: an ``img_`` id, or a name (tenant → partner → platform).
 
     Deactivated images are skipped.
 
@@ -80,9 +80,7 @@ async def resolve_image(session: AsyncSession, principal: Principal, ref: str) -
             raise errors.ImageNotFound(f"image {ref} not found")
         return image
     rows = (
-        await session.scalars(
-            select(Image).where(Image.name == ref, Image.status != "deactivated")
-        )
+        await session.scalars(select(Image).where(Image.name == ref, Image.status != "deactivated"))
     ).all()
     order = {"tenant": 0, "partner": 1, "platform": 2}
     candidates = sorted(

@@ -194,7 +194,9 @@ async def worker_connect(websocket: WebSocket) -> None:
     header = websocket.headers.get("authorization", "")
     scheme, _, secret = header.partition(" ")
     if scheme.lower() != "bearer" or not secret:
-        await _deny(websocket, errors.AuthTokenMissing("a join token or worker credential is required"))
+        await _deny(
+            websocket, errors.AuthTokenMissing("a join token or worker credential is required")
+        )
         return
     try:
         async with state.db.sessionmaker() as session:
@@ -248,4 +250,3 @@ async def worker_connect(websocket: WebSocket) -> None:
             async with state.db.sessionmaker() as session:
                 await worker_service.mark_offline(session, worker_id)
         log.info("worker_disconnected", worker_id=worker_id)
-

@@ -22,7 +22,7 @@ from scaigrid.platform.db import utcnow
 
 log = structlog.get_logger(__name__)
 
-JOIN_TOKEN_PREFIX = "sbj"
+JOIN_TOKEN_PREFIX = "sbj"  # noqa: S105 - a public prefix, not a secret
 CREDENTIAL_PREFIX = "sbw"
 HEARTBEAT_INTERVAL_S = 5
 
@@ -117,11 +117,17 @@ async def authenticate(session: AsyncSession, secret: str) -> WorkerJoinToken | 
     digest = hash_secret(secret)
     if secret.startswith(JOIN_TOKEN_PREFIX + "_"):
         record = (
-            await session.scalars(select(WorkerJoinToken).where(WorkerJoinToken.token_hash == digest))
+            await session.scalars(
+                select(WorkerJoinToken).where(WorkerJoinToken.token_hash == digest)
+            )
         ).first()
-        if record is not None and hmac.compare_digest(record.token_hash, digest):
-            if record.used_at is None and as_utc(record.expires_at) > utcnow():
-                return record
+        if (
+            record is not None
+            and hmac.compare_digest(record.token_hash, digest)
+            and record.used_at is None
+            and as_utc(record.expires_at) > utcnow()
+        ):
+            return record
     elif secret.startswith(CREDENTIAL_PREFIX + "_"):
         worker = (
             await session.scalars(select(Worker).where(Worker.credential_hash == digest))
@@ -164,7 +170,9 @@ async def register(
     return worker, credential
 
 
-async def record_heartbeat(session: AsyncSession, worker_id: str, message: HeartbeatMessage) -> None:
+async def record_heartbeat(
+    session: AsyncSession, worker_id: str, message: HeartbeatMessage
+) -> None:
     """Store ``last_heartbeat``, ``free`` and the image cache of a worker."""
     worker = await session.get(Worker, worker_id)
     if worker is None:
@@ -184,7 +192,9 @@ async def mark_offline(session: AsyncSession, worker_id: str) -> None:
         await session.commit()
 
 
-async def stale_bunkers(session: AsyncSession, worker_id: str, reported: list[BunkerReport]) -> list[str]:
+async def stale_bunkers(
+    session: AsyncSession, worker_id: str, reported: list[BunkerReport]
+) -> list[str]:
     """Ids a worker reports that must be destroyed: unknown, terminal, or placed elsewhere."""
     ids = [r.bunker_id for r in reported]
     if not ids:
@@ -200,7 +210,9 @@ async def stale_bunkers(session: AsyncSession, worker_id: str, reported: list[Bu
     return stale
 
 
-async def missing_bunkers(session: AsyncSession, worker_id: str, reported: list[BunkerReport]) -> list[str]:
+async def missing_bunkers(
+    session: AsyncSession, worker_id: str, reported: list[BunkerReport]
+) -> list[str]:
     """Ids the database places on the worker as running/paused that the worker no longer has."""
     held = {r.bunker_id for r in reported}
     rows = (
@@ -213,7 +225,9 @@ async def missing_bunkers(session: AsyncSession, worker_id: str, reported: list[
     return [bunker_id for bunker_id in rows if bunker_id not in held]
 
 
-def worker_to_dict(worker: Worker, allocated: dict[str, int], *, detail: bool = False) -> dict[str, Any]:
+def worker_to_dict(
+    worker: Worker, allocated: dict[str, int], *, detail: bool = False
+) -> dict[str, Any]:
     """Render a worker as its API object (SPEC §10.1)."""
     data: dict[str, Any] = {
         "id": worker.id,
