@@ -114,8 +114,8 @@ async def prepare_schema(settings: Settings) -> None:
         raise DatabaseNotMigrated("database is not at the latest revision: run `scaigrid migrate`")
 
 
-def _branch_exists(script: ScriptDirectory, branch: str) -> bool:
-    return any(branch in revision.branch_labels for revision in script.walk_revisions())
+def _branch_revisions(script: ScriptDirectory, branch: str) -> int:
+    return sum(branch in revision.branch_labels for revision in script.walk_revisions())
 
 
 async def make_revision(
@@ -123,6 +123,7 @@ async def make_revision(
 ) -> Path:
     """Write a new revision file on ``branch`` and return its path.
 
+    Revision ids are ``<branch>_<NNNN>`` (``scaibunker_0001``, ``scaibunker_0002``, …).
     A module's first revision starts its branch in the module's own ``migrations/versions``
     (created with its ``__init__.py`` files) and depends on the platform head. With
     ``autogenerate`` the database at ``settings.database_url`` must be at head; the
@@ -143,9 +144,15 @@ async def make_revision(
 
     def action(config: Config) -> None:
         script = ScriptDirectory.from_config(config)
-        if _branch_exists(script, branch):
+        existing = _branch_revisions(script, branch)
+        rev_id = f"{branch}_{existing + 1:04d}"
+        if existing:
             result = command.revision(
-                config, message=message, autogenerate=autogenerate, head=f"{branch}@head"
+                config,
+                message=message,
+                autogenerate=autogenerate,
+                head=f"{branch}@head",
+                rev_id=rev_id,
             )
         else:
             versions = module_versions_dir(branch)
@@ -155,6 +162,7 @@ async def make_revision(
                 message=message,
                 autogenerate=autogenerate,
                 head="base",
+                rev_id=rev_id,
                 branch_label=branch,
                 version_path=str(versions),
                 depends_on=platform_head.revision if platform_head else None,
