@@ -1,0 +1,447 @@
+"""The blocking ScaiBunker client.
+
+>>> from scaigrid.client import Client
+>>> with Client() as client:  # SCAIGRID_HOST, SCAIGRID_API_KEY
+...     bunker = client.bunkers.create(image="debian-12", wait_s=30)
+...     client.bunkers.wait_running(bunker.id)
+...     result = client.bunkers.exec(bunker.id, ["python3", "-c", "print(6 * 7)"])
+...     client.files.write(bunker.id, "data.csv", Path("local.csv"))
+...     client.bunkers.terminate(bunker.id)
+
+Every method raises :class:`~scaigrid.client.errors.ScaiGridAPIError` subclasses for error
+envelopes (``BUNKER_NOT_FOUND`` → :class:`~scaigrid.client.errors.BunkerNotFound`, …) and
+:class:`~scaigrid.client.errors.APIConnectionError` when no answer arrives in time.
+"""
+
+from __future__ import annotations
+
+import builtins
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from types import TracebackType
+from typing import Any, Unpack, cast
+
+import httpx
+
+from scaigrid.client import _calls, _waiting
+from scaigrid.client._io import (
+    CHUNK_BYTES,
+    DownloadTarget,
+    UploadData,
+    save_chunks,
+    target_path,
+    upload_content,
+)
+from scaigrid.client._transport import DEFAULT_TIMEOUT_S, SyncTransport, resolve_config
+from scaigrid.client.models import (
+    Bunker,
+    BunkerSpec,
+    DeletedFile,
+    ExecResult,
+    FileEntry,
+    GuestUser,
+    Image,
+    ImageSpec,
+    WrittenFile,
+)
+
+
+class Bunkers:
+    """Bunker lifecycle and exec (SPEC §2, §3). Reached as ``client.bunkers``."""
+
+    def __init__(self, transport: SyncTransport) -> None:
+        self._t = transport
+
+    def create(
+        self, image: str | None = None, *, wait_s: int | None = None, **fields: Unpack[BunkerSpec]
+    ) -> Bunker:
+        """Create a bunker (``POST /bunkers``, SPEC §2.3.1).
+
+        Args:
+            image: image name or ``img_`` id; required unless ``snapshot_id`` is given.
+            wait_s: 0-60 seconds for the server to hold the answer until the bunker leaves
+                ``pending``/``provisioning``; the bunker may still be starting afterwards
+                (use :meth:`wait_running`).
+            **fields: the other §2.2 fields (:class:`~scaigrid.client.models.BunkerSpec`),
+                e.g. ``name``, ``cpu_millicores``, ``memory_mb``, ``disk_mb``,
+                ``env_vars``, ``label_set``, ``lifecycle_mode``, ``network_profile``.
+
+        Returns:
+            The new bunker (status ``pending`` unless ``wait_s`` let it progress).
+
+        Raises:
+            ValidationError: a field breaks a §2.2 rule.
+            ImageNotFound, ImageNotReady, LifecycleModeDenied, NetworkProfileDenied,
+            BunkerQuotaExceeded, WorkerUnavailable, NoSuitableWorker: see SPEC §2.3.1.
+        """
+        body = {"image": image, **fields}
+        return Bunker.from_dict(self._t.data(_calls.create_bunker(body, wait_s)))
+
+    def get(self, bunker_id: str) -> Bunker:
+        """Read one bunker, with ``status_history`` (``GET /bunkers/{id}``).
+
+        Raises:
+            BunkerNotFound: unknown or invisible bunker.
+        """
+        return Bunker.from_dict(self._t.data(_calls.get_bunker(bunker_id)))
+
+    def list(
+        self,
+        *,
+        status: str | Iterable[str] | None = None,
+        label: Mapping[str, str] | Iterable[str] | None = None,
+        limit: int | None = None,
+    ) -> Iterator[Bunker]:
+        """Iterate the caller's bunkers, newest first, fetching page after page lazily.
+
+        Args:
+            status: one state or several (any of them matches); None = every state.
+            label: ``{"team": "data"}`` or ``["team=data"]``; every label must match.
+            limit: stop after this many bunkers; None = all of them.
+
+        Raises:
+            ValidationError: a bad filter.
+        """
+        call = _calls.list_bunkers(status, label, limit)
+        for count, item in enumerate(self._t.pages(call), start=1):
+            yield Bunker.from_dict(item)
+            if limit is not None and count >= limit:
+                return
+
+    def terminate(self, bunker_id: str) -> Bunker:
+        """Terminate a bunker (``DELETE /bunkers/{id}``); idempotent on ended bunkers.
+
+        Returns:
+            The bunker, usually in ``stopping`` (teardown continues on the server).
+
+        Raises:
+            BunkerNotFound: unknown or invisible bunker.
+        """
+        return Bunker.from_dict(self._t.data(_calls.terminate_bunker(bunker_id)))
+
+    def wait_running(
+        self, bunker_id: str, timeout_s: float = 120.0, *, poll_interval_s: float | None = None
+    ) -> Bunker:
+        """Poll ``GET /bunkers/{id}`` until the bunker is ``running``.
+
+        Args:
+            timeout_s: seconds to wait in total.
+            poll_interval_s: fixed delay between polls; None = 0.25 s growing to 2 s.
+
+        Returns:
+            The running bunker.
+
+        Raises:
+            BunkerStopped: the bunker reached ``stopping`` or a terminal state (``failed``,
+                …); ``.bunker`` tells why.
+            WaitTimeout: still not running after ``timeout_s``; ``.bunker`` is the last read.
+            BunkerNotFound: unknown or invisible bunker.
+        """
+        deadline = time.monotonic() + timeout_s
+        delays = _waiting.poll_delays(poll_interval_s)
+        while True:
+            bunker = self.get(bunker_id)
+            if _waiting.is_running(bunker):
+                return bunker
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _waiting.timed_out(bunker, timeout_s)
+            time.sleep(min(next(delays), remaining))
+
+    def exec(
+        self,
+        bunker_id: str,
+        command: str | Iterable[str],
+        timeout_s: int | None = None,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        stdin: str | bytes | None = None,
+        user: GuestUser = "user",
+        *,
+        max_output_bytes: int | None = None,
+    ) -> ExecResult:
+        """Run a command to completion (``POST /bunkers/{id}/exec``, SPEC §3.2-3.4).
+
+        Args:
+            command: a string runs as ``/bin/sh -c <command>``; a list is an argv.
+            timeout_s: seconds before the process group is killed (status ``timed_out``);
+                None = the server default (60). The HTTP answer is awaited that long plus
+                a grace period.
+            cwd: working directory, absolute or relative to ``/home/user``.
+            env: variables merged over the image's and the bunker's environment.
+            stdin: text or bytes fed to stdin, then EOF; None = ``/dev/null``.
+            user: ``"user"`` (uid 1000) or ``"root"`` (needs ``scaibunker:root``).
+            max_output_bytes: per-stream cap; beyond it head and tail are kept.
+
+        Returns:
+            The :class:`~scaigrid.client.models.ExecResult`; a failing command is not an
+            exception (check ``status``/``exit_code`` or ``ok``).
+
+        Raises:
+            BunkerNotFound, BunkerNotRunning, AgentUnavailable, ValidationError,
+            AuthzPermissionDenied (root).
+        """
+        call = _calls.exec_command(
+            bunker_id,
+            command,
+            timeout_s=timeout_s,
+            cwd=cwd,
+            env=env,
+            stdin=stdin,
+            user=user,
+            max_output_bytes=max_output_bytes,
+        )
+        return ExecResult.from_dict(self._t.data(call))
+
+
+class Files:
+    """Files inside a bunker (SPEC §4). Reached as ``client.files``.
+
+    Guest paths are absolute or relative to ``/home/user``; ``user`` picks the guest user
+    whose permissions apply (``"root"`` needs ``scaibunker:root``). Every method also raises
+    ``BunkerNotFound``, ``BunkerNotRunning`` and ``AgentUnavailable``.
+    """
+
+    def __init__(self, transport: SyncTransport) -> None:
+        self._t = transport
+
+    def write(
+        self,
+        bunker_id: str,
+        path: str,
+        data: UploadData,
+        mode: int = 0o644,
+        *,
+        parents: bool = True,
+        user: GuestUser = "user",
+    ) -> WrittenFile:
+        """Write a file atomically (``PUT /bunkers/{id}/files``).
+
+        Args:
+            path: guest path of the file.
+            data: ``bytes``; ``str`` (written as UTF-8 text); a local path as
+                :class:`os.PathLike` (e.g. :class:`pathlib.Path`); a binary file object;
+                or an iterable of byte chunks. Paths, file objects and iterables are
+                streamed with chunked transfer encoding in 256 KiB reads, never loaded
+                whole.
+            mode: permission bits of the file, e.g. ``0o600``.
+            parents: create missing parent directories.
+
+        Returns:
+            ``{"path", "size", "sha256", "mode"}``; ``size`` in bytes.
+
+        Raises:
+            FileConflict: ``path`` is a directory. BunkerFileNotFound: parent missing with
+            ``parents=False``. FileAccessDenied. BunkerDiskFull. OSError: a local path
+            cannot be read. TypeError: unsupported ``data``.
+        """
+        call = _calls.write_file(bunker_id, path, mode, parents, user)
+        with upload_content(data) as content:
+            return cast(WrittenFile, self._t.data(call, content))
+
+    def read(self, bunker_id: str, path: str, *, user: GuestUser = "user") -> bytes:
+        """Return a whole file's bytes (``GET /bunkers/{id}/files``); for large files use
+        :meth:`download`.
+
+        Raises:
+            BunkerFileNotFound. FileConflict: ``path`` is a directory. FileAccessDenied.
+        """
+        return self._t.send(_calls.read_file(bunker_id, path, user)).content
+
+    def download(
+        self, bunker_id: str, path: str, dest: DownloadTarget, *, user: GuestUser = "user"
+    ) -> int:
+        """Stream a file into ``dest`` and return the number of bytes written.
+
+        Args:
+            dest: a local path (``str`` or path-like; written through a temporary sibling
+                that replaces it only when complete) or a binary file object.
+
+        Raises:
+            BunkerFileNotFound. FileConflict: ``path`` is a directory. FileAccessDenied.
+            IsADirectoryError: ``dest`` is a local directory. APIConnectionError: the
+            download broke off (a local ``dest`` path is left untouched).
+        """
+        target_path(dest)
+        with self._t.stream(_calls.read_file(bunker_id, path, user)) as response:
+            return save_chunks(response.iter_bytes(CHUNK_BYTES), dest)
+
+    def list(
+        self, bunker_id: str, path: str = ".", depth: int = 1, *, user: GuestUser = "user"
+    ) -> builtins.list[FileEntry]:
+        """List the entries below a directory, depth-first (``GET .../files/list``).
+
+        Args:
+            depth: 1 = direct children, up to 10.
+
+        Raises:
+            BunkerFileNotFound. FileConflict: ``path`` is not a directory.
+        """
+        call = _calls.list_files(bunker_id, path, depth, user)
+        return [cast(FileEntry, item) for item in self._t.pages(call)]
+
+    def stat(self, bunker_id: str, path: str, *, user: GuestUser = "user") -> FileEntry:
+        """Describe one entry; a symlink is described itself (``GET .../files/stat``).
+
+        Raises:
+            BunkerFileNotFound.
+        """
+        return cast(FileEntry, self._t.data(_calls.stat_file(bunker_id, path, user)))
+
+    def delete(
+        self, bunker_id: str, path: str, recursive: bool = False, *, user: GuestUser = "user"
+    ) -> DeletedFile:
+        """Delete a file or directory (``DELETE /bunkers/{id}/files``).
+
+        Raises:
+            BunkerFileNotFound. FileConflict: a non-empty directory without ``recursive``.
+            FileAccessDenied.
+        """
+        call = _calls.delete_file(bunker_id, path, recursive, user)
+        return cast(DeletedFile, self._t.data(call))
+
+    def mkdir(
+        self,
+        bunker_id: str,
+        path: str,
+        *,
+        parents: bool = False,
+        mode: int = 0o755,
+        user: GuestUser = "user",
+    ) -> FileEntry:
+        """Create a directory (``POST .../files/mkdir``) and return its entry.
+
+        Raises:
+            FileConflict: it exists. BunkerFileNotFound: parent missing without
+            ``parents``. FileAccessDenied.
+        """
+        call = _calls.make_directory(bunker_id, path, parents, mode, user)
+        return cast(FileEntry, self._t.data(call))
+
+    def move(
+        self,
+        bunker_id: str,
+        src: str,
+        dst: str,
+        *,
+        overwrite: bool = False,
+        user: GuestUser = "user",
+    ) -> FileEntry:
+        """Move or rename an entry (``POST .../files/move``) and return the entry at ``dst``.
+
+        Raises:
+            BunkerFileNotFound. FileConflict: ``dst`` exists without ``overwrite``.
+            FileAccessDenied.
+        """
+        call = _calls.move_file(bunker_id, src, dst, overwrite, user)
+        return cast(FileEntry, self._t.data(call))
+
+
+class Images:
+    """Images bunkers boot from (SPEC §7). Reached as ``client.images``."""
+
+    def __init__(self, transport: SyncTransport) -> None:
+        self._t = transport
+
+    def list(
+        self, *, status: str | None = None, name: str | None = None, limit: int | None = None
+    ) -> Iterator[Image]:
+        """Iterate the images visible to the caller, newest first, page after page.
+
+        Args:
+            status: ``pending``, ``baking``, ``ready``, ``failed`` or ``deactivated``.
+            name: exact image name.
+            limit: stop after this many images; None = all of them.
+        """
+        for count, item in enumerate(self._t.pages(_calls.list_images(status, name, limit)), 1):
+            yield Image.from_dict(item)
+            if limit is not None and count >= limit:
+                return
+
+    def get(self, image_id: str) -> Image:
+        """Read one image (``GET /images/{id}``).
+
+        Raises:
+            ImageNotFound.
+        """
+        return Image.from_dict(self._t.data(_calls.get_image(image_id)))
+
+    def register(self, name: str, source: Mapping[str, Any], **fields: Unpack[ImageSpec]) -> Image:
+        """Register an image to bake (``POST /images``, SPEC §7.4); it starts ``pending``.
+
+        Args:
+            name: 1-63 characters ``[a-z0-9][a-z0-9._-]*``, unique in its scope.
+            source: ``{"kind": "debootstrap", "suite", "variant", "packages"}``,
+                ``{"kind": "tar", "path"}`` or ``{"kind": "oci", "ref"}``.
+            **fields: :class:`~scaigrid.client.models.ImageSpec` (``size_mib``,
+                ``default_cpu_millicores``, ``scope``, ``lazy_pull``, …).
+
+        Raises:
+            ValidationError. SlugConflict: the name is taken. AuthzPermissionDenied.
+        """
+        body = {"name": name, "source": dict(source), **fields}
+        return Image.from_dict(self._t.data(_calls.register_image(body)))
+
+    def deactivate(self, image_id: str) -> Image:
+        """Deactivate an image for good (``POST /images/{id}/deactivate``).
+
+        Raises:
+            ImageNotFound. AuthzPermissionDenied: another scope's image.
+        """
+        return Image.from_dict(self._t.data(_calls.deactivate_image(image_id)))
+
+
+class Client:
+    """Blocking client for the ScaiBunker API of one ScaiGrid host.
+
+    Args:
+        host: base URL such as ``https://scaigrid.example.com``; default ``$SCAIGRID_HOST``.
+        api_key: ``sgk_...`` key or ScaiKey JWT; default ``$SCAIGRID_API_KEY``.
+        timeout_s: seconds for connecting, sending and waiting for each answer (and for
+            each read of a streamed body). Calls that legitimately take longer (exec,
+            ``wait_s``) extend their read deadline; no call waits without a deadline.
+        transport: an :class:`httpx.BaseTransport` to use in place of the network.
+
+    Attributes:
+        bunkers: :class:`Bunkers`. files: :class:`Files`. images: :class:`Images`.
+
+    Raises:
+        ConfigurationError: no host, or not an http(s) URL.
+        ValueError: ``timeout_s`` is not positive.
+    """
+
+    def __init__(
+        self,
+        host: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        base_url, key = resolve_config(host, api_key)
+        self._transport = SyncTransport(base_url, key, timeout_s, transport)
+        self.bunkers = Bunkers(self._transport)
+        self.files = Files(self._transport)
+        self.images = Images(self._transport)
+
+    @property
+    def base_url(self) -> str:
+        """The module's base URL, ``<host>/v1/modules/scaibunker``."""
+        return self._transport.base_url
+
+    def close(self) -> None:
+        """Close the connection pool; the client cannot be used afterwards."""
+        self._transport.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
