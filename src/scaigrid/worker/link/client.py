@@ -48,6 +48,7 @@ log = structlog.get_logger(__name__)
 _MAX_MESSAGE_BYTES: Final = 4 * MAX_FRAME_PAYLOAD_BYTES
 _AUTH_STATUSES: Final = frozenset({401, 403})
 _AUTH_CLOSE_CODES: Final = frozenset({4401, 4403})
+_CLOSE_TIMEOUT_S: Final = 2.0
 
 
 class LinkAuthRejected(Exception):
@@ -237,6 +238,12 @@ class LinkClient:
         heartbeat = asyncio.create_task(self._heartbeats(mux, interval), name="link-heartbeat")
         try:
             await self._receive(ws, mux, session)
+        except asyncio.CancelledError:
+            # The daemon is stopping: say so instead of the library's 1011 on cancellation.
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(_CLOSE_TIMEOUT_S):
+                    await ws.close(code=1001, reason="worker stopping")
+            raise
         finally:
             self._connected.clear()
             self._mux = None

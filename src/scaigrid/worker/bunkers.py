@@ -1,0 +1,507 @@
+"""The bunker supervisor: every bunker this worker runs, its driver handle and its agent.
+
+One :class:`BunkerSupervisor` per worker process. Per bunker it keeps the state reported to
+the controller (``provisioning`` → ``running`` → ``stopping`` → ``stopped``, or ``failed``),
+the driver handle, and one :class:`~scaigrid.protocol.agent.AgentClient` connection that all
+exec and files calls share (HTTP/2 multiplexes them).
+
+* **Create** prepares the image through the :class:`~scaigrid.worker.images.ImageStore`,
+  starts the bunker with the first configured driver and waits until the agent answers a
+  ping. Any failure tears down whatever was started and raises :class:`BootFailed`.
+* **Destroy** is idempotent and works for ids the supervisor does not know (it asks every
+  driver to stop them), so reconciliation can clean up after a previous run.
+* **Agent access**: a dropped agent connection is reopened once on the next call; if that
+  fails the call answers ``AGENT_UNAVAILABLE`` and ``bunker_event agent_lost`` is sent (then
+  ``agent_ready`` once a later reconnect works).
+* **Unexpected exit** of a bunker's init marks it ``failed``, releases its host resources,
+  and sends ``bunker_event vm_exited``. The failed bunker stays listed until the controller
+  destroys it, so a lost event is repaired by the next heartbeat.
+* **Restart**: bunkers of a previous worker process are not reattached. :meth:`start`
+  stops every leftover a driver reports and the worker registers with none of them; the
+  controller fails those bunkers (``vm_exited``) when it sees them missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from scaigrid.errors import AgentUnavailable, BunkerNotFound, BunkerNotRunning
+from scaigrid.protocol.agent import AgentClient, AgentConnectionLost, AgentError
+from scaigrid.protocol.link import LinkClosed
+from scaigrid.worker.drivers.base import (
+    BunkerHandle,
+    BunkerSpec,
+    Driver,
+    DriverError,
+    Resources,
+)
+from scaigrid.worker.images import ImagePrepareFailed, ImageStore
+from scaigrid.worker.link.tasks import TaskFailed
+
+log = structlog.get_logger(__name__)
+
+BOOT_FAILED = "BOOT_FAILED"
+#: Seconds to wait for the agent's first answer after the driver started the bunker.
+AGENT_BOOT_TIMEOUT_S = 60.0
+#: Seconds one agent connect (HTTP/2 preface + SETTINGS) may take.
+AGENT_CONNECT_TIMEOUT_S = 10.0
+#: Seconds between ``{"stage": "image"}`` progress repeats during a long image build, so the
+#: controller's per-progress wait never runs out while the build is still going.
+IMAGE_PROGRESS_EVERY_S = 30.0
+_BOOT_RETRY_S = 0.05
+
+EventSink = Callable[[str, str], Awaitable[object]]
+Progress = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class BunkerState(StrEnum):
+    """State of one bunker on this worker (reported in ``register``/``heartbeat``)."""
+
+    PROVISIONING = "provisioning"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+#: States whose resources count as allocated on this worker.
+_HOLDING = frozenset({BunkerState.PROVISIONING, BunkerState.RUNNING, BunkerState.STOPPING})
+
+
+class BootFailed(TaskFailed):
+    """``BOOT_FAILED``: the bunker could not be started; nothing is left behind."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(BOOT_FAILED, message)
+
+
+@dataclass(frozen=True)
+class AgentLaunch:
+    """How the guest agent is started in every bunker.
+
+    Attributes:
+        runtime_dir: host directory of the self-contained agent runtime (mounted read-only
+            at ``/.scaibunker``).
+        argv: the agent's argv inside the bunker (the bunker's PID 1).
+        env: defaults of the agent's environment (``PATH``, ``LANG``); bunker ``env_vars``
+            are merged over them.
+    """
+
+    runtime_dir: Path
+    argv: tuple[str, ...]
+    env: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class CreateRequest:
+    """The ``bunker.create`` parameters, checked.
+
+    Attributes:
+        bunker_id: ``bnk_`` id.
+        resources: CPU (millicores), memory (MiB) and writable disk (MiB).
+        env_vars: bunker environment variables.
+        network_profile: SPEC §8 profile name.
+        image_id: ``img_`` id.
+        image_name: image name (for messages).
+        image_source: SPEC §7.2 build source.
+    """
+
+    bunker_id: str
+    resources: Resources
+    env_vars: Mapping[str, str]
+    network_profile: str
+    image_id: str
+    image_name: str
+    image_source: Mapping[str, Any]
+
+    @classmethod
+    def from_params(cls, bunker_id: str | None, params: Mapping[str, Any]) -> CreateRequest:
+        """Parse ``{bunker: {id, cpu_millicores, memory_mb, disk_mb, env_vars,
+        network_profile}, image: {id, name, source}}``.
+
+        Raises:
+            TaskFailed: ``VALIDATION_ERROR`` naming the bad field.
+        """
+        bunker = params.get("bunker")
+        image = params.get("image")
+        if not isinstance(bunker, Mapping) or not isinstance(image, Mapping):
+            raise TaskFailed("VALIDATION_ERROR", "bunker.create needs 'bunker' and 'image'")
+        bid = bunker.get("id") or bunker_id
+        if not isinstance(bid, str) or not bid or (bunker_id and bid != bunker_id):
+            raise TaskFailed("VALIDATION_ERROR", "bunker.id is missing or differs from bunker_id")
+        numbers: dict[str, int] = {}
+        for name in ("cpu_millicores", "memory_mb", "disk_mb"):
+            value = bunker.get(name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise TaskFailed("VALIDATION_ERROR", f"bunker.{name} must be a positive integer")
+            numbers[name] = value
+        env_vars = bunker.get("env_vars") or {}
+        if not isinstance(env_vars, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in env_vars.items()
+        ):
+            raise TaskFailed("VALIDATION_ERROR", "bunker.env_vars must map strings to strings")
+        image_id, source = image.get("id"), image.get("source")
+        if not isinstance(image_id, str) or not image_id or not isinstance(source, Mapping):
+            raise TaskFailed("VALIDATION_ERROR", "image needs 'id' and 'source'")
+        return cls(
+            bunker_id=bid,
+            resources=Resources(**numbers),
+            env_vars=dict(env_vars),
+            network_profile=str(bunker.get("network_profile") or "isolated"),
+            image_id=image_id,
+            image_name=str(image.get("name") or image_id),
+            image_source=dict(source),
+        )
+
+
+@dataclass
+class _Bunker:
+    bunker_id: str
+    resources: Resources
+    driver: Driver
+    state: BunkerState = BunkerState.PROVISIONING
+    handle: BunkerHandle | None = None
+    agent: AgentClient | None = None
+    agent_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    agent_lost_reported: bool = False
+    creator: asyncio.Task[Any] | None = None
+    booted: asyncio.Event = field(default_factory=asyncio.Event)
+    boot_ms: int | None = None
+    watcher: asyncio.Task[None] | None = None
+    teardown: asyncio.Task[None] | None = None
+
+
+class BunkerSupervisor:
+    """Runs this worker's bunkers.
+
+    Args:
+        drivers: drivers in preference order; new bunkers use the first.
+        images: the image store.
+        agent_launch: how the agent is started in each bunker.
+        on_event: coroutine ``(bunker_id, event)`` sending ``bunker_event``; ``event`` is
+            ``"vm_exited"``, ``"agent_lost"`` or ``"agent_ready"``.
+    """
+
+    def __init__(
+        self,
+        *,
+        drivers: Sequence[Driver],
+        images: ImageStore,
+        agent_launch: AgentLaunch,
+        on_event: EventSink | None = None,
+    ) -> None:
+        if not drivers:
+            raise ValueError("a bunker supervisor needs at least one driver")
+        self.drivers = list(drivers)
+        self.images = images
+        self._launch = agent_launch
+        self._on_event = on_event
+        self._bunkers: dict[str, _Bunker] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+
+    def set_event_sink(self, on_event: EventSink) -> None:
+        """Set where ``bunker_event`` notifications go."""
+        self._on_event = on_event
+
+    # -- reporting ---------------------------------------------------------------------
+
+    def report(self) -> list[dict[str, str]]:
+        """``[{bunker_id, state}]`` for every bunker this worker holds, sorted by id."""
+        return [
+            {"bunker_id": b.bunker_id, "state": str(b.state)}
+            for b in sorted(self._bunkers.values(), key=lambda b: b.bunker_id)
+        ]
+
+    def allocated(self) -> Resources:
+        """Sum of the resources of bunkers that hold host resources (millicores, MiB)."""
+        held = [b.resources for b in self._bunkers.values() if b.state in _HOLDING]
+        return Resources(
+            cpu_millicores=sum(r.cpu_millicores for r in held),
+            memory_mb=sum(r.memory_mb for r in held),
+            disk_mb=sum(r.disk_mb for r in held),
+        )
+
+    def state_of(self, bunker_id: str) -> BunkerState | None:
+        """State of ``bunker_id``, or ``None`` when this worker does not hold it."""
+        record = self._bunkers.get(bunker_id)
+        return None if record is None else record.state
+
+    # -- lifecycle of the supervisor -----------------------------------------------------
+
+    async def start(self) -> list[str]:
+        """Stop the leftovers of a previous worker process; return their ids.
+
+        They are destroyed rather than reattached (see the module docstring).
+        """
+        stopped: list[str] = []
+        for driver in self.drivers:
+            for bunker_id in await driver.list_leftovers():
+                log.info("bunker_leftover_stopped", bunker_id=bunker_id, driver=driver.info.name)
+                await driver.stop(bunker_id)
+                stopped.append(bunker_id)
+        return stopped
+
+    async def close(self) -> None:
+        """Destroy every bunker (worker shutdown)."""
+        await asyncio.gather(
+            *(self.destroy(bunker_id) for bunker_id in list(self._bunkers)),
+            return_exceptions=True,
+        )
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+
+    # -- create ------------------------------------------------------------------------
+
+    async def create(self, request: CreateRequest, progress: Progress) -> dict[str, Any]:
+        """Boot a bunker; return ``{driver, isolation, boot_ms}`` once its agent answers.
+
+        Sends ``{"stage": "image"}`` while the image is prepared (repeated every
+        :data:`IMAGE_PROGRESS_EVERY_S` seconds) and ``{"stage": "booting"}`` when the
+        driver starts. A create for a bunker that is already running (or booting) returns
+        the same result once it is up.
+
+        Raises:
+            BootFailed: image build, driver or agent failure; nothing is left behind.
+        """
+        existing = self._bunkers.get(request.bunker_id)
+        if existing is not None:
+            return await self._existing_result(existing)
+        driver = self.drivers[0]
+        record = _Bunker(request.bunker_id, request.resources, driver)
+        record.creator = asyncio.current_task()
+        self._bunkers[request.bunker_id] = record
+        bound = log.bind(bunker_id=request.bunker_id, image_id=request.image_id)
+        try:
+            rootfs = await self._prepare_image(request, progress)
+            await progress({"stage": "booting"})
+            started = time.monotonic()
+            record.handle = await driver.start(self._spec(request, rootfs))
+            record.agent = await self._first_contact(record.handle)
+            record.boot_ms = round((time.monotonic() - started) * 1000)
+        except BaseException as exc:
+            await asyncio.shield(self._discard(record))
+            record.booted.set()
+            if isinstance(exc, LinkClosed):
+                bound.info("bunker_create_abandoned", reason="link closed")
+                raise
+            if isinstance(exc, ImagePrepareFailed):
+                bound.warning("bunker_boot_failed", stage="image", reason=str(exc))
+                raise BootFailed(
+                    f"image {request.image_name} could not be prepared: {exc}"
+                ) from exc
+            if isinstance(exc, DriverError):
+                bound.warning("bunker_boot_failed", stage="driver", reason=str(exc))
+                raise BootFailed(f"{driver.info.name} driver failed: {exc}") from exc
+            if isinstance(exc, _AgentNeverAnswered):
+                bound.warning("bunker_boot_failed", stage="agent", reason=str(exc))
+                raise BootFailed(str(exc)) from exc
+            if isinstance(exc, Exception) and not isinstance(exc, TaskFailed):
+                bound.error("bunker_boot_crashed", exc_info=exc)
+                raise BootFailed("internal error while booting the bunker") from exc
+            raise
+        record.state = BunkerState.RUNNING
+        record.creator = None
+        record.booted.set()
+        record.watcher = self._spawn(self._watch(record), f"watch:{record.bunker_id}")
+        if request.network_profile != "isolated":
+            # Networking is not wired on this worker yet: every bunker gets a private
+            # loopback-only namespace, which is stricter than any other profile.
+            bound.warning("bunker_network_profile_not_applied", profile=request.network_profile)
+        bound.info("bunker_running", driver=driver.info.name, boot_ms=record.boot_ms)
+        return self._result(record)
+
+    async def _existing_result(self, record: _Bunker) -> dict[str, Any]:
+        await record.booted.wait()
+        if record.state is BunkerState.RUNNING and self._bunkers.get(record.bunker_id) is record:
+            return self._result(record)
+        raise BootFailed(f"bunker {record.bunker_id} is {record.state} on this worker")
+
+    @staticmethod
+    def _result(record: _Bunker) -> dict[str, Any]:
+        return {
+            "driver": record.driver.info.name,
+            "isolation": record.driver.info.isolation,
+            "boot_ms": record.boot_ms,
+        }
+
+    def _spec(self, request: CreateRequest, rootfs: Path) -> BunkerSpec:
+        return BunkerSpec(
+            bunker_id=request.bunker_id,
+            rootfs=rootfs,
+            resources=request.resources,
+            env={**self._launch.env, **request.env_vars},
+            agent_runtime=self._launch.runtime_dir,
+            init_argv=self._launch.argv,
+        )
+
+    async def _prepare_image(self, request: CreateRequest, progress: Progress) -> Path:
+        build = asyncio.ensure_future(self.images.ensure(request.image_id, request.image_source))
+        try:
+            while True:
+                await progress({"stage": "image"})
+                done, _ = await asyncio.wait({build}, timeout=IMAGE_PROGRESS_EVERY_S)
+                if done:
+                    return build.result()
+        finally:
+            if not build.done():
+                build.cancel()
+
+    async def _first_contact(self, handle: BunkerHandle) -> AgentClient:
+        deadline = time.monotonic() + AGENT_BOOT_TIMEOUT_S
+        last_error = "no answer"
+        while time.monotonic() < deadline:
+            try:
+                client = await self._connect_agent(handle)
+            except (OSError, TimeoutError, AgentConnectionLost) as exc:
+                last_error = str(exc) or type(exc).__name__
+                await asyncio.sleep(_BOOT_RETRY_S)
+                continue
+            try:
+                await client.ping(timeout_s=max(1.0, deadline - time.monotonic()))
+            except (OSError, TimeoutError, AgentConnectionLost, AgentError) as exc:
+                last_error = str(exc) or type(exc).__name__
+                await client.close()
+                await asyncio.sleep(_BOOT_RETRY_S)
+                continue
+            return client
+        raise _AgentNeverAnswered(
+            f"the guest agent did not answer within {AGENT_BOOT_TIMEOUT_S:.0f} s ({last_error})"
+        )
+
+    @staticmethod
+    async def _connect_agent(handle: BunkerHandle) -> AgentClient:
+        reader, writer = await handle.open_agent_stream()
+        try:
+            return await AgentClient.connect(reader, writer, timeout_s=AGENT_CONNECT_TIMEOUT_S)
+        except BaseException:
+            writer.close()
+            raise
+
+    async def _discard(self, record: _Bunker) -> None:
+        """Undo a failed or cancelled create."""
+        record.state = BunkerState.STOPPING
+        with contextlib.suppress(Exception):
+            await self._release(record)
+        record.state = BunkerState.STOPPED
+        if self._bunkers.get(record.bunker_id) is record:
+            del self._bunkers[record.bunker_id]
+
+    # -- destroy -----------------------------------------------------------------------
+
+    async def destroy(self, bunker_id: str) -> None:
+        """Stop ``bunker_id`` and release everything it held (idempotent).
+
+        A bunker still booting has its create cancelled first. An id this supervisor does
+        not hold is stopped on every driver anyway (leftovers of an earlier run).
+
+        Raises:
+            DriverError: a driver could not release the bunker's host resources.
+        """
+        record = self._bunkers.get(bunker_id)
+        if record is None:
+            for driver in self.drivers:
+                await driver.stop(bunker_id)
+            return
+        creator = record.creator
+        if creator is not None and not creator.done() and creator is not asyncio.current_task():
+            creator.cancel()
+            await asyncio.wait({creator})
+        if record.teardown is None:
+            record.teardown = self._spawn(self._teardown(record), f"destroy:{bunker_id}")
+        await asyncio.shield(record.teardown)
+
+    async def _teardown(self, record: _Bunker) -> None:
+        if record.state is not BunkerState.STOPPED:
+            record.state = BunkerState.STOPPING
+        try:
+            await self._release(record)
+        finally:
+            record.state = BunkerState.STOPPED
+            if self._bunkers.get(record.bunker_id) is record:
+                del self._bunkers[record.bunker_id]
+        log.info("bunker_destroyed", bunker_id=record.bunker_id)
+
+    async def _release(self, record: _Bunker) -> None:
+        watcher = record.watcher
+        if watcher is not None and watcher is not asyncio.current_task():
+            watcher.cancel()
+        agent, record.agent = record.agent, None
+        if agent is not None:
+            await agent.close()
+        await record.driver.stop(record.bunker_id)
+
+    # -- agent access ------------------------------------------------------------------
+
+    async def agent(self, bunker_id: str) -> AgentClient:
+        """Return the agent connection of a running bunker, reconnecting once if it dropped.
+
+        Raises:
+            BunkerNotFound: ``BUNKER_NOT_FOUND``, this worker does not hold the bunker.
+            BunkerNotRunning: ``BUNKER_NOT_RUNNING``, the bunker is not ``running``.
+            AgentUnavailable: ``AGENT_UNAVAILABLE``, the agent cannot be reached.
+        """
+        record = self._bunkers.get(bunker_id)
+        if record is None:
+            raise BunkerNotFound(f"bunker {bunker_id} is not on this worker")
+        if record.state is not BunkerState.RUNNING or record.handle is None:
+            raise BunkerNotRunning(f"bunker {bunker_id} is {record.state}")
+        async with record.agent_lock:
+            client = record.agent
+            if client is not None and not client.closed:
+                return client
+            record.agent = None
+            try:
+                client = await self._connect_agent(record.handle)
+            except (OSError, TimeoutError, AgentConnectionLost) as exc:
+                log.warning("agent_reconnect_failed", bunker_id=bunker_id, error=str(exc))
+                if not record.agent_lost_reported and record.state is BunkerState.RUNNING:
+                    record.agent_lost_reported = True
+                    self._notify(bunker_id, "agent_lost")
+                raise AgentUnavailable(f"the agent of bunker {bunker_id} is unreachable") from exc
+            record.agent = client
+            log.info("agent_reconnected", bunker_id=bunker_id)
+            if record.agent_lost_reported:
+                record.agent_lost_reported = False
+                self._notify(bunker_id, "agent_ready")
+            return client
+
+    # -- exit watching -----------------------------------------------------------------
+
+    async def _watch(self, record: _Bunker) -> None:
+        assert record.handle is not None
+        status = await record.handle.wait_exit()
+        if record.state is not BunkerState.RUNNING:
+            return
+        record.state = BunkerState.FAILED
+        log.warning("bunker_exited", bunker_id=record.bunker_id, status=status)
+        self._notify(record.bunker_id, "vm_exited")
+        try:
+            await self._release(record)
+        except Exception as exc:
+            log.error("bunker_release_failed", bunker_id=record.bunker_id, exc_info=exc)
+
+    def _notify(self, bunker_id: str, event: str) -> None:
+        sink = self._on_event
+        if sink is not None:
+            self._spawn(sink(bunker_id, event), f"event:{bunker_id}:{event}")
+
+    def _spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+
+class _AgentNeverAnswered(Exception):
+    """The agent did not answer a ping before the boot deadline."""

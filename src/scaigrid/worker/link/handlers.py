@@ -1,0 +1,328 @@
+"""The task contract between controller and worker: one handler per task kind.
+
+Every handler gets a :class:`~scaigrid.worker.link.tasks.Task` and returns the ``result``
+object of ``task_result``; errors become ``{code, message, details?}`` (agent errors keep
+their SPEC code, a lost or silent agent is ``AGENT_UNAVAILABLE``).
+
+``bunker.create``
+    params ``{bunker: {id, cpu_millicores, memory_mb, disk_mb, env_vars, network_profile},
+    image: {id, name, source}}``; progress ``{stage: "image"}`` (repeated every 30 s while the
+    image builds) then ``{stage: "booting"}``; result ``{driver, isolation, boot_ms}``;
+    error ``BOOT_FAILED`` with the reason. Deadline 1800 s.
+``bunker.destroy``
+    params ``{}``; result ``{}``; idempotent, also for ids the worker does not hold.
+``image.bake``
+    params ``{image: {id, name, source}}``; result ``{digest: null}`` once the cache holds the
+    image; error ``BAKE_FAILED`` with the reason. Deadline 1800 s.
+``exec.start``
+    params ``{exec_id, command, cwd, env, user, timeout_s, stdin: "none" | "body"}`` (passed to
+    the agent's ``POST /v1/exec`` unchanged); streams ``stdout``, ``stderr`` (worker →
+    controller) and ``stdin`` (controller → worker, when ``stdin`` is ``"body"``). Progress
+    ``{event: "start", exec_id, pid}`` once the process runs, and ``{event: "gap", exec_id,
+    stream, offset, dropped_bytes}`` if the agent's ring buffer overwrote output the link
+    was too slow to carry. Both output streams end with EOF before the result, which is the
+    agent's ``x-result`` (SPEC §3.3 without output, plus ``ended_at``, ``stdout_bytes``,
+    ``stderr_bytes``); if contact with the agent is lost mid-run (or the exec outlives
+    ``timeout_s`` + 30 s) the result is ``{exec_id, pid, status: "agent_lost", exit_code: null,
+    signal: null, duration_ms, started_at}``. An exec that cannot be started answers
+    ``AGENT_UNAVAILABLE`` (or the agent's error, e.g. ``VALIDATION_ERROR``).
+``files.write``
+    params ``{path, mode, parents, user}``; stream ``body`` (controller → worker) streamed to the
+    agent's ``PUT /v1/files``; result ``{path, size, sha256, mode}``.
+``files.read``
+    params ``{path, user, offset?, length?}``; stream ``body`` (worker → controller). Progress
+    first: the agent's ``x-meta`` object (at least ``{size}``), then the bytes, EOF, and the
+    result ``{size}``.
+``files.list`` / ``files.stat`` / ``files.delete`` / ``files.mkdir`` / ``files.move``
+    params ``{path, depth, user}`` / ``{path, user}`` / ``{path, recursive, user}`` /
+    ``{path, parents, mode, user}`` / ``{src, dst, overwrite, user}``; result: the agent's JSON
+    answer; a JSON list (``files.list``) becomes ``{entries: [...], truncated}`` with the
+    fields of the agent's ``x-meta``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Mapping
+from datetime import UTC, datetime
+from functools import wraps
+from typing import Any, Final
+
+import structlog
+
+from scaigrid.errors import AgentUnavailable
+from scaigrid.protocol.agent import AgentConnectionLost, AgentError, AgentResponse
+from scaigrid.protocol.link import InboundStream, TaskKind
+from scaigrid.worker.bunkers import BunkerSupervisor, CreateRequest
+from scaigrid.worker.drivers.base import DriverError
+from scaigrid.worker.images import ImagePrepareFailed
+from scaigrid.worker.link.tasks import HandlerSpec, Task, TaskFailed, TaskHandler
+
+log = structlog.get_logger(__name__)
+
+IMAGE_BAKE: Final = "image.bake"
+BAKE_FAILED: Final = "BAKE_FAILED"
+
+CREATE_DEADLINE_S: Final = 1800.0
+BAKE_DEADLINE_S: Final = 1800.0
+DESTROY_DEADLINE_S: Final = 60.0
+FILES_CALL_DEADLINE_S: Final = 60.0
+FILES_STREAM_DEADLINE_S: Final = 3600.0
+#: Exec timeout assumed for the deadline when the task gives none (SPEC §3.2 maximum).
+EXEC_DEFAULT_TIMEOUT_S: Final = 3600.0
+#: How long after ``timeout_s`` the worker waits for the agent's exec result.
+EXEC_GRACE_S: Final = 30.0
+_AGENT_CALL_TIMEOUT_S: Final = FILES_CALL_DEADLINE_S - 5.0
+
+
+def _agent_errors(handler: TaskHandler) -> TaskHandler:
+    """Map agent failures to task errors: agent codes pass through, a lost or silent agent
+    is ``AGENT_UNAVAILABLE``."""
+
+    @wraps(handler)
+    async def wrapped(task: Task) -> dict[str, Any]:
+        try:
+            return await handler(task)
+        except AgentError as exc:
+            raise TaskFailed(exc.code, exc.message, exc.details) from exc
+        except AgentConnectionLost as exc:
+            raise AgentUnavailable(f"lost contact with the agent: {exc}") from exc
+        except TimeoutError as exc:
+            raise AgentUnavailable("the agent did not answer in time") from exc
+
+    return wrapped
+
+
+async def _chunks(stream: InboundStream) -> AsyncIterator[bytes]:
+    """Yield a link stream's chunks until EOF (credit is returned as they are taken)."""
+    while chunk := await stream.read():
+        yield chunk
+
+
+def _json_header(response: AgentResponse, name: str) -> dict[str, Any]:
+    raw = response.headers.get(name)
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _exec_deadline(params: Mapping[str, Any]) -> float:
+    return _exec_timeout(params) + 2 * EXEC_GRACE_S
+
+
+def _exec_timeout(params: Mapping[str, Any]) -> float:
+    timeout = params.get("timeout_s")
+    if isinstance(timeout, int | float) and not isinstance(timeout, bool) and timeout > 0:
+        return float(timeout)
+    return EXEC_DEFAULT_TIMEOUT_S
+
+
+class TaskHandlers:
+    """Handlers of the task contract (see the module docstring), bound to a supervisor."""
+
+    def __init__(self, supervisor: BunkerSupervisor) -> None:
+        self._bunkers = supervisor
+
+    def specs(self) -> dict[str, HandlerSpec]:
+        """Return the handler table for :class:`~scaigrid.worker.link.client.LinkClient`."""
+        files_call = {
+            TaskKind.FILES_LIST: ("GET", "/v1/files/list", True),
+            TaskKind.FILES_STAT: ("GET", "/v1/files/stat", True),
+            TaskKind.FILES_DELETE: ("DELETE", "/v1/files", False),
+            TaskKind.FILES_MKDIR: ("POST", "/v1/files/mkdir", False),
+            TaskKind.FILES_MOVE: ("POST", "/v1/files/move", False),
+        }
+        specs = {
+            TaskKind.BUNKER_CREATE: HandlerSpec(
+                self.bunker_create, CREATE_DEADLINE_S, timeout_code="BOOT_FAILED"
+            ),
+            TaskKind.BUNKER_DESTROY: HandlerSpec(self.bunker_destroy, DESTROY_DEADLINE_S),
+            IMAGE_BAKE: HandlerSpec(self.image_bake, BAKE_DEADLINE_S, timeout_code=BAKE_FAILED),
+            TaskKind.EXEC_START: HandlerSpec(
+                _agent_errors(self.exec_start),
+                _exec_deadline,
+                timeout_code="AGENT_UNAVAILABLE",
+                inbound_roles=frozenset({"stdin"}),
+                outbound_roles=frozenset({"stdout", "stderr"}),
+            ),
+            TaskKind.FILES_WRITE: HandlerSpec(
+                _agent_errors(self.files_write),
+                FILES_STREAM_DEADLINE_S,
+                timeout_code="AGENT_UNAVAILABLE",
+                inbound_roles=frozenset({"body"}),
+            ),
+            TaskKind.FILES_READ: HandlerSpec(
+                _agent_errors(self.files_read),
+                FILES_STREAM_DEADLINE_S,
+                timeout_code="AGENT_UNAVAILABLE",
+                outbound_roles=frozenset({"body"}),
+            ),
+        }
+        for kind, (method, path, read_only) in files_call.items():
+            specs[kind] = HandlerSpec(
+                _agent_errors(self._files_call(method, path, read_only=read_only)),
+                FILES_CALL_DEADLINE_S,
+                timeout_code="AGENT_UNAVAILABLE",
+            )
+        return specs
+
+    # -- bunkers and images ----------------------------------------------------------------
+
+    async def bunker_create(self, task: Task) -> dict[str, Any]:
+        """``bunker.create`` → ``{driver, isolation, boot_ms}``."""
+        request = CreateRequest.from_params(task.bunker_id, task.params)
+        return await self._bunkers.create(request, task.progress)
+
+    async def bunker_destroy(self, task: Task) -> dict[str, Any]:
+        """``bunker.destroy`` → ``{}``."""
+        bunker_id = task.require_bunker_id()
+        try:
+            await self._bunkers.destroy(bunker_id)
+        except DriverError as exc:
+            message = f"bunker {bunker_id} could not be stopped: {exc}"
+            raise TaskFailed("INTERNAL_ERROR", message) from exc
+        return {}
+
+    async def image_bake(self, task: Task) -> dict[str, Any]:
+        """``image.bake`` → ``{digest: null}``."""
+        image = task.params.get("image")
+        if not isinstance(image, Mapping) or not isinstance(image.get("id"), str):
+            raise TaskFailed("VALIDATION_ERROR", "image.bake needs image.id and image.source")
+        source = image.get("source")
+        if not isinstance(source, Mapping):
+            raise TaskFailed("VALIDATION_ERROR", "image.bake needs image.source")
+        try:
+            await self._bunkers.images.ensure(image["id"], source)
+        except ImagePrepareFailed as exc:
+            raise TaskFailed(BAKE_FAILED, str(exc)) from exc
+        return {"digest": None}
+
+    # -- exec --------------------------------------------------------------------------
+
+    async def exec_start(self, task: Task) -> dict[str, Any]:
+        """``exec.start`` → the agent's exec result (or ``agent_lost``)."""
+        bunker_id = task.require_bunker_id()
+        stdout, stderr = task.outbound("stdout"), task.outbound("stderr")
+        args = dict(task.params)
+        body = _chunks(task.inbound("stdin")) if args.get("stdin") == "body" else None
+        client = await self._bunkers.agent(bunker_id)
+        response = await client.request("POST", "/v1/exec", args, body, timeout_s=None)
+        start = _json_header(response, "x-start")
+        exec_id, pid = start.get("exec_id", args.get("exec_id")), start.get("pid")
+        started = time.monotonic()
+        started_at = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        try:
+            await task.progress({"event": "start", "exec_id": exec_id, "pid": pid})
+            async with asyncio.timeout(_exec_timeout(task.params) + EXEC_GRACE_S):
+                async for kind, data in response.exec_events():
+                    if kind == "stdout":
+                        await stdout.write(data)
+                    elif kind == "stderr":
+                        await stderr.write(data)
+                    else:
+                        gap = json.loads(data)
+                        await task.progress({"event": "gap", "exec_id": exec_id, **gap})
+                result = json.loads((await response.trailers())["x-result"])
+        except (AgentConnectionLost, TimeoutError, KeyError, ValueError) as exc:
+            log.warning(
+                "exec_agent_lost", bunker_id=bunker_id, exec_id=exec_id, error=str(exc) or repr(exc)
+            )
+            result = {
+                "exec_id": exec_id,
+                "pid": pid,
+                "status": "agent_lost",
+                "exit_code": None,
+                "signal": None,
+                "duration_ms": round((time.monotonic() - started) * 1000),
+                "started_at": started_at,
+            }
+        finally:
+            await response.aclose()
+        await stdout.end()
+        await stderr.end()
+        return result if isinstance(result, dict) else {"value": result}
+
+    # -- files -------------------------------------------------------------------------
+
+    async def files_write(self, task: Task) -> dict[str, Any]:
+        """``files.write`` → ``{path, size, sha256, mode}``."""
+        client = await self._bunkers.agent(task.require_bunker_id())
+        body = _chunks(task.inbound("body"))
+        response = await client.request("PUT", "/v1/files", dict(task.params), body, timeout_s=None)
+        return _as_object(await response.json())
+
+    async def files_read(self, task: Task) -> dict[str, Any]:
+        """``files.read`` → ``{size}`` after progress ``x-meta`` and the streamed bytes."""
+        bunker_id = task.require_bunker_id()
+        out = task.outbound("body")
+        response = await self._request(
+            bunker_id, "GET", "/v1/files", task.params, retry=True, timeout_s=None
+        )
+        try:
+            meta = _json_header(response, "x-meta")
+            await task.progress(meta)
+            async for chunk in response.iter_body():
+                await out.write(chunk)
+        finally:
+            await response.aclose()
+        await out.end()
+        return {"size": meta.get("size")}
+
+    def _files_call(self, method: str, path: str, *, read_only: bool) -> TaskHandler:
+        async def handler(task: Task) -> dict[str, Any]:
+            response = await self._request(
+                task.require_bunker_id(),
+                method,
+                path,
+                task.params,
+                retry=read_only,
+                timeout_s=_AGENT_CALL_TIMEOUT_S,
+            )
+            async with response:
+                value = await response.json()
+                if isinstance(value, list):
+                    return {"entries": value, **_json_header(response, "x-meta")}
+                return _as_object(value)
+
+        handler.__name__ = f"files_{path.rsplit('/', 1)[-1]}_{method.lower()}"
+        return handler
+
+    async def _request(
+        self,
+        bunker_id: str,
+        method: str,
+        path: str,
+        args: Mapping[str, Any],
+        *,
+        retry: bool,
+        timeout_s: float | None,
+    ) -> AgentResponse:
+        """Send a bodiless request; a read-only one is retried once on a fresh connection
+        when the old one turns out to be dead. ``timeout_s`` bounds the whole exchange."""
+        client = await self._bunkers.agent(bunker_id)
+        try:
+            return await client.request(method, path, dict(args), timeout_s=timeout_s)
+        except AgentConnectionLost:
+            if not (retry and client.closed):
+                raise
+        client = await self._bunkers.agent(bunker_id)
+        return await client.request(method, path, dict(args), timeout_s=timeout_s)
+
+
+def _as_object(value: Any) -> dict[str, Any]:
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, list):
+        return {"entries": value}
+    return {"value": value}
+
+
+def build_handlers(supervisor: BunkerSupervisor) -> dict[str, HandlerSpec]:
+    """Return the handler table of the task contract bound to ``supervisor``."""
+    return TaskHandlers(supervisor).specs()
