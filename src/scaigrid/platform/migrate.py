@@ -89,17 +89,26 @@ async def migrate(settings: Settings) -> None:
 
 
 async def is_at_head(settings: Settings) -> bool:
-    """Return True when the database holds exactly the head revision of every branch."""
-    heads = set(ScriptDirectory.from_config(alembic_config()).get_heads())
+    """Return True when every branch head (and so everything below it) is applied.
+
+    The version table lists only the newest applied revisions: a revision another one
+    ``depends_on`` is not listed, so heads are checked against everything reachable from it.
+    """
+    script = ScriptDirectory.from_config(alembic_config())
     engine = create_engine(settings.database_url)
     try:
         async with engine.connect() as connection:
             current = await connection.run_sync(
-                lambda sync: set(MigrationContext.configure(sync).get_current_heads())
+                lambda sync: MigrationContext.configure(sync).get_current_heads()
             )
     finally:
         await engine.dispose()
-    return current == heads
+    applied = (
+        {revision.revision for revision in script.iterate_revisions(current, "base")}
+        if current
+        else set()
+    )
+    return set(script.get_heads()) <= applied
 
 
 async def prepare_schema(settings: Settings) -> None:
