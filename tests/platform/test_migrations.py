@@ -1,5 +1,6 @@
-"""One migration history on SQLite, PostgreSQL and MariaDB: upgrade, models agree with the
-schema, downgrade, and the platform running on the migrated database."""
+"""One migration history on SQLite, PostgreSQL and MariaDB: the whole history upgrades and
+agrees with every model; the platform branch alone upgrades and downgrades; the platform runs
+on the migrated database."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 import httpx
 from alembic import command
 from alembic.autogenerate import compare_metadata
+from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, select
 
@@ -33,7 +35,7 @@ def _platform_tables() -> set[str]:
     }
 
 
-def _only_platform(tables: set[str]) -> Callable[..., bool]:
+def _only_tables(tables: set[str]) -> Callable[..., bool]:
     def include(obj: Any, name: str | None, kind: str, reflected: bool, other: Any) -> bool:
         table = name if kind == "table" else getattr(getattr(obj, "table", None), "name", None)
         return table in tables
@@ -41,16 +43,18 @@ def _only_platform(tables: set[str]) -> Callable[..., bool]:
     return include
 
 
-async def _schema_state(url: str, tables: set[str]) -> tuple[set[str], list[Any]]:
+async def _schema_state(url: str, tables: set[str] | None = None) -> tuple[set[str], list[Any]]:
+    """Tables present, and the differences between the models and the schema (restricted to
+    ``tables`` when given)."""
+    opts: dict[str, Any] = {"compare_type": True}
+    if tables is not None:
+        opts["include_object"] = _only_tables(tables)
     engine = create_engine(url)
     try:
         async with engine.connect() as connection:
 
             def inspect_sync(sync: Any) -> tuple[set[str], list[Any]]:
-                context = MigrationContext.configure(
-                    sync,
-                    opts={"compare_type": True, "include_object": _only_platform(tables)},
-                )
+                context = MigrationContext.configure(sync, opts=opts)
                 return set(inspect(sync).get_table_names()), compare_metadata(
                     context, Base.metadata
                 )
@@ -60,26 +64,47 @@ async def _schema_state(url: str, tables: set[str]) -> tuple[set[str], list[Any]
         await engine.dispose()
 
 
-async def test_upgrade_matches_models_and_downgrade_removes_everything(
+def _platform_branch_only(action: Callable[[Config], None]) -> Callable[[Config], None]:
+    """Run ``action`` on a history holding only the platform revisions (no modules)."""
+
+    def run(config: Config) -> None:
+        script_location = Path(config.get_main_option("script_location") or "")
+        config.set_main_option("version_locations", str(script_location / "versions"))
+        action(config)
+
+    return run
+
+
+async def test_full_history_upgrades_and_matches_every_model(
     empty_database_url: str, settings_for: SettingsFor, tmp_path: Path
 ) -> None:
     settings = settings_for(tmp_path, database_url=empty_database_url)
-    platform = _platform_tables()
-    assert platform == {"partners", "tenants", "users", "api_keys"}
     assert not await is_at_head(settings)
-
     await migrate(settings)
     assert await is_at_head(settings)
-    present, diff = await _schema_state(empty_database_url, platform)
-    assert platform <= present
+    import_all_models()
+    present, diff = await _schema_state(empty_database_url)
+    assert set(Base.metadata.tables) <= present
     assert diff == []
     await migrate(settings)  # a second upgrade is a no-op
+    assert await is_at_head(settings)
 
-    await run_alembic(empty_database_url, lambda config: command.downgrade(config, "base"))
+
+async def test_platform_branch_alone_upgrades_and_downgrades(empty_database_url: str) -> None:
+    platform = _platform_tables()
+    assert platform == {"partners", "tenants", "users", "api_keys"}
+    upgrade = _platform_branch_only(lambda config: command.upgrade(config, "heads"))
+    downgrade = _platform_branch_only(lambda config: command.downgrade(config, "base"))
+
+    await run_alembic(empty_database_url, upgrade)
+    present, diff = await _schema_state(empty_database_url, platform)
+    assert present - {"alembic_version"} == platform
+    assert diff == []
+    await run_alembic(empty_database_url, downgrade)
     present, _ = await _schema_state(empty_database_url, platform)
     assert present & platform == set()
-    await migrate(settings)
-    assert await is_at_head(settings)
+    await run_alembic(empty_database_url, upgrade)
+    assert platform <= (await _schema_state(empty_database_url, platform))[0]
 
 
 async def test_platform_runs_on_the_migrated_database(
