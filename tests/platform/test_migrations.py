@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
@@ -18,7 +19,7 @@ from sqlalchemy import inspect, select
 from scaigrid.platform.app import create_app
 from scaigrid.platform.auth.models import ApiKey
 from scaigrid.platform.db import Base, create_engine
-from scaigrid.platform.migrate import is_at_head, migrate, run_alembic
+from scaigrid.platform.migrate import DatabaseNotMigrated, is_at_head, migrate, run_alembic
 from scaigrid.platform.models_registry import PLATFORM_MODEL_MODULES, import_all_models
 from scaigrid.settings import Settings
 
@@ -125,3 +126,16 @@ async def test_platform_runs_on_the_migrated_database(
     assert stored is not None and stored.last_used_at is not None
     assert stored.last_used_at.utcoffset() is not None
     assert stored.created_at <= stored.last_used_at
+
+
+async def test_without_migrate_on_start_an_old_schema_stops_the_app(
+    settings_for: SettingsFor, tmp_path: Path
+) -> None:
+    settings = settings_for(tmp_path, migrate_on_start=False)
+    app = create_app(settings)
+    with pytest.raises(DatabaseNotMigrated, match="scaigrid migrate"):
+        async with app.router.lifespan_context(app):
+            pass
+    await migrate(settings)
+    async with app.router.lifespan_context(app):
+        assert settings.admin_key_file.exists()

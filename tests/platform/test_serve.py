@@ -5,6 +5,7 @@ under uvicorn."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -19,8 +20,10 @@ import pytest
 import uvicorn
 from fastapi import WebSocket
 from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
 from scaigrid.platform.app import create_app
+from scaigrid.platform.auth import CurrentPrincipal
 from scaigrid.settings import Settings
 
 START_TIMEOUT_S = 30
@@ -130,12 +133,13 @@ def test_admin_cli_walkthrough_second_tenant_and_user(
 async def test_websocket_routes_work_through_the_middleware_under_uvicorn(
     settings_for: Callable[..., Settings], tmp_path: Path
 ) -> None:
-    app = create_app(settings_for(tmp_path))
+    settings = settings_for(tmp_path)
+    app = create_app(settings)
 
-    async def echo(websocket: WebSocket) -> None:
+    async def echo(websocket: WebSocket, principal: CurrentPrincipal) -> None:
         await websocket.accept()
         text = await websocket.receive_text()
-        await websocket.send_text(f"{websocket.state.request_id}:{text}")
+        await websocket.send_text(f"{websocket.state.request_id}:{principal.role}:{text}")
         await websocket.close()
 
     app.add_api_websocket_route("/test/ws", echo)
@@ -149,11 +153,21 @@ async def test_websocket_routes_work_through_the_middleware_under_uvicorn(
                 break
             await asyncio.sleep(0.05)
         assert server.started
-        async with connect(f"ws://127.0.0.1:{port}/test/ws") as websocket:
-            await websocket.send("ping")
-            reply = await asyncio.wait_for(websocket.recv(), 10)
-        request_id, _, echoed = str(reply).partition(":")
-        assert request_id.startswith("req_") and echoed == "ping"
+        url = f"ws://127.0.0.1:{port}/test/ws"
+        # Refused upgrades answer with the HTTP error envelope.
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(url):
+                pass
+        assert refused.value.response.status_code == 401
+        body = json.loads(refused.value.response.body or b"{}")
+        assert body["error"]["code"] == "AUTH_TOKEN_MISSING"
+
+        key = settings.admin_key_file.read_text().strip()
+        async with connect(url, additional_headers={"Authorization": f"Bearer {key}"}) as ws:
+            await ws.send("ping")
+            reply = await asyncio.wait_for(ws.recv(), 10)
+        request_id, role, echoed = str(reply).split(":")
+        assert request_id.startswith("req_") and (role, echoed) == ("super_admin", "ping")
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, 20)

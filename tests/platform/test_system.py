@@ -57,3 +57,20 @@ async def test_module_catalogue(
     unknown = await platform_client.get("/v1/modules/nope", headers=admin_headers)
     assert unknown.status_code == 404
     assert unknown.json()["error"]["code"] == "NOT_FOUND"
+
+
+async def test_bunker_proxy_mode_has_no_database_and_only_system_routes(
+    settings_for: Any, tmp_path: Path
+) -> None:
+    settings = settings_for(tmp_path, mode="bunker_proxy")
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        assert app.state.db is None
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            assert (await client.get("/health")).status_code == 200
+            assert (await client.get("/metrics")).status_code == 200
+            catalogue = await client.get("/v1/modules")
+    assert catalogue.status_code == 404
+    assert not (tmp_path / "scaigrid.db").exists()
+    assert not settings.admin_key_file.exists()
