@@ -441,6 +441,18 @@ class ObjectNotFound(NotFoundError):
     default_code = "OBJECT_NOT_FOUND"
 
 
+class UnspecifiedConflict(ConflictError):
+    """``CONFLICT`` (409): a conflict the server gave no more specific code for."""
+
+    default_code = "CONFLICT"
+
+
+class ServiceUnavailable(UnavailableError):
+    """``UNAVAILABLE`` (503): the server is unavailable without a more specific code."""
+
+    default_code = "UNAVAILABLE"
+
+
 class MethodNotAllowed(ScaiGridAPIError):
     """``METHOD_NOT_ALLOWED`` (405): the path exists but not with this method."""
 
