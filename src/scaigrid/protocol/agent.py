@@ -1011,7 +1011,14 @@ class AgentRouter:
         def on_request(stream: _Stream) -> None:
             task = loop.create_task(self._handle(link, stream))
             tasks[stream.id] = task
-            task.add_done_callback(lambda _t: tasks.pop(stream.id, None))
+
+            def done(_task: asyncio.Task[None]) -> None:
+                # Also when the task was cancelled before it ever ran (request and reset
+                # arrived together): release what the stream buffered.
+                tasks.pop(stream.id, None)
+                link.forget(stream)
+
+            task.add_done_callback(done)
 
         def on_reset(stream: _Stream) -> None:
             task = tasks.get(stream.id)
@@ -1047,8 +1054,6 @@ class AgentRouter:
         except Exception:
             _log.exception("agent handler failed after responding: %s", request.path)
             link.reset(stream, h2.errors.ErrorCodes.INTERNAL_ERROR)
-        finally:
-            link.forget(stream)
 
     async def _run(self, request: ServerRequest, raw_args: str | None) -> None:
         try:
