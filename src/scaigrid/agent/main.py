@@ -1,0 +1,199 @@
+"""Entry point of the guest agent: ``python -m scaigrid.agent --listen PATH``.
+
+Runs as PID 1 of the bunker. Listens on a unix socket (mode 0600) in a directory the
+worker bind-mounts from the host, and serves the protocol of
+:mod:`scaigrid.protocol.agent` on each accepted connection.
+
+Only peers outside the bunker may connect: the kernel reports a peer's pid relative to
+the agent's pid namespace (``SO_PEERCRED``), and a process of an ancestor namespace
+(the worker) shows as pid 0. Any other peer is a process inside the bunker and is
+dropped. ``--trust-any-peer`` turns the check off and exists for tests only.
+
+Signals: SIGTERM and SIGINT shut down (execs get SIGTERM, then SIGKILL after
+``--shutdown-grace-s``); SIGHUP, SIGUSR1 and SIGUSR2 are logged and ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import stat
+import struct
+import sys
+from collections.abc import Callable
+
+from scaigrid.agent.execs import ExecManager, OomCounter
+from scaigrid.agent.init import ChildReaper, ensure_home, protect_from_oom
+from scaigrid.agent.routes import AgentService
+
+_log = logging.getLogger("scaigrid.agent")
+_PEERCRED = struct.Struct("3i")
+
+
+_USAGE = """usage: python -m scaigrid.agent --listen PATH [--trust-any-peer]
+       [--ring-buffer-bytes N] [--retained-output-bytes N] [--shutdown-grace-s S]
+       [--log-level LEVEL]"""
+
+
+class Options:
+    """Command-line options of the agent.
+
+    Attributes:
+        listen: unix socket path to listen on (required).
+        trust_any_peer: accept peers inside the bunker's pid namespace (tests only).
+        ring_buffer_bytes: default capacity of each exec output buffer (1 MiB).
+        retained_output_bytes: output budget of finished processes (64 MiB).
+        shutdown_grace_s: SIGTERM-to-SIGKILL delay for execs at shutdown (2 s).
+        log_level: ``DEBUG``, ``INFO`` (default), ``WARNING`` or ``ERROR``.
+    """
+
+    def __init__(self) -> None:
+        self.listen = ""
+        self.trust_any_peer = False
+        self.ring_buffer_bytes = 1 << 20
+        self.retained_output_bytes = 64 << 20
+        self.shutdown_grace_s = 2.0
+        self.log_level = "INFO"
+
+
+def parse_args(argv: list[str]) -> Options:
+    """Parse the agent's command line (argparse is left out: it costs start-up time).
+
+    Raises:
+        SystemExit: 2 with a usage message on a bad command line.
+    """
+    options = Options()
+    converters: dict[str, tuple[str, Callable[[str], object]]] = {
+        "--listen": ("listen", str),
+        "--ring-buffer-bytes": ("ring_buffer_bytes", int),
+        "--retained-output-bytes": ("retained_output_bytes", int),
+        "--shutdown-grace-s": ("shutdown_grace_s", float),
+        "--log-level": ("log_level", str.upper),
+    }
+    args = iter(argv)
+    for arg in args:
+        name, _, inline = arg.partition("=")
+        if arg == "--trust-any-peer":
+            options.trust_any_peer = True
+        elif name in converters:
+            attr, convert = converters[name]
+            raw = inline if inline else next(args, None)
+            try:
+                if raw is None:
+                    raise ValueError("missing value")
+                setattr(options, attr, convert(raw))
+            except ValueError as exc:
+                _usage(f"{name}: {exc}")
+        else:
+            _usage(f"unknown argument {arg!r}")
+    if not options.listen:
+        _usage("--listen is required")
+    return options
+
+
+def _usage(message: str) -> None:
+    sys.stderr.write(f"{_USAGE}\nerror: {message}\n")
+    raise SystemExit(2)
+
+
+def listen_socket(path: str) -> socket.socket:
+    """Bind a listening unix socket at ``path`` with mode 0600 (replacing a stale one)."""
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    sock.listen(16)
+    sock.setblocking(False)
+    return sock
+
+
+def peer_pid(writer: asyncio.StreamWriter) -> int | None:
+    """The connected peer's pid as seen from the agent's pid namespace (0 = outside)."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return None
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    pid, _uid, _gid = _PEERCRED.unpack(raw)
+    return int(pid)
+
+
+async def run(options: Options) -> int:
+    """Serve until SIGTERM/SIGINT; return the exit status."""
+    loop = asyncio.get_running_loop()
+    reaper = ChildReaper()
+    reaper.install(loop)
+    stopping = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    for signum in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        loop.add_signal_handler(signum, _log.info, "agent.signal_ignored signal=%s", signum)
+    execs = ExecManager(
+        reaper,
+        OomCounter.discover(),
+        retained_output_bytes=options.retained_output_bytes,
+        base_env=dict(os.environ),
+    )
+    router = AgentService(execs, ring_buffer_bytes=options.ring_buffer_bytes).router()
+    connections: set[asyncio.Task[object]] = set()
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        pid = peer_pid(writer)
+        if pid != 0 and not options.trust_any_peer:
+            _log.warning("agent.peer_refused peer_pid=%s", pid)
+            writer.close()
+            return
+        task = asyncio.current_task()
+        if task is not None:
+            connections.add(task)
+        _log.info("agent.peer_connected peer_pid=%s", pid)
+        try:
+            await router.serve(reader, writer)
+        finally:
+            if task is not None:
+                connections.discard(task)
+            _log.info("agent.peer_disconnected peer_pid=%s", pid)
+
+    sock = listen_socket(options.listen)
+    server = await asyncio.start_unix_server(on_connect, sock=sock)
+    _log.info(
+        "agent.ready listen=%s pid=%d oom_counter=%s",
+        options.listen,
+        os.getpid(),
+        execs.oom.path,
+    )
+    await stopping.wait()
+    _log.info("agent.stopping")
+    server.close()
+    with contextlib.suppress(OSError):
+        os.unlink(options.listen)
+    await execs.shutdown(options.shutdown_grace_s)
+    for task in list(connections):
+        task.cancel()
+    if connections:
+        await asyncio.wait(connections, timeout=1.0)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the agent; returns its exit status."""
+    options = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=options.log_level,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    os.umask(0o022)
+    oom_score_adj = protect_from_oom()
+    ensure_home()
+    _log.info("agent.starting pid=%d oom_score_adj=%s", os.getpid(), oom_score_adj)
+    return asyncio.run(run(options))

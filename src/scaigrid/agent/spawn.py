@@ -1,0 +1,112 @@
+"""Start one exec's process: fork, set up the child, exec (SPEC §3.2).
+
+The child gets a new session (so its own process group), stdin/stdout/stderr on the
+given fds, ``oom_score_adj`` 0, default signal dispositions and an empty signal mask,
+the acting user's ids, umask 022 and ``cwd``. If the working directory or the
+executable cannot be used, the child writes the reason to its stderr and exits with
+127 (126 when the file exists but cannot be executed), so the exec completes normally
+with that status.
+
+``fork()`` runs with all signals blocked so that no Python signal handler of the agent
+runs in the child before it has reset them.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+from typing import NoReturn
+
+from scaigrid.agent.identity import Identity, can_switch
+
+_UNBLOCKABLE = {signal.SIGKILL, signal.SIGSTOP}
+
+
+def spawn(
+    argv: list[str],
+    *,
+    search_path: bool,
+    env: dict[str, str],
+    cwd: str,
+    identity: Identity,
+    stdin_fd: int,
+    stdout_fd: int,
+    stderr_fd: int,
+) -> int:
+    """Fork and exec ``argv``; return the child's pid.
+
+    Args:
+        argv: program and arguments; ``argv[0]`` is looked up on ``env["PATH"]`` when
+            ``search_path`` and it has no slash.
+        env: the complete environment of the child.
+        cwd: absolute working directory (entered as the acting user).
+        identity: the user the child runs as.
+        stdin_fd, stdout_fd, stderr_fd: fds that become 0, 1 and 2 in the child.
+
+    Raises:
+        OSError: ``fork()`` failed (e.g. EAGAIN at the bunker's pids limit).
+    """
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    try:
+        pid = os.fork()
+        if pid == 0:
+            _child(argv, search_path, env, cwd, identity, (stdin_fd, stdout_fd, stderr_fd))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    return pid
+
+
+def _child(
+    argv: list[str],
+    search_path: bool,
+    env: dict[str, str],
+    cwd: str,
+    identity: Identity,
+    fds: tuple[int, int, int],
+) -> NoReturn:
+    try:
+        signal.set_wakeup_fd(-1)
+        for signum in signal.valid_signals():
+            if signum in _UNBLOCKABLE:
+                continue
+            try:
+                signal.signal(signum, signal.SIG_DFL)
+            except (OSError, ValueError):
+                continue
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        os.setsid()
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+        try:
+            with open("/proc/self/oom_score_adj", "w") as fh:
+                fh.write("0")
+        except OSError:
+            pass
+        if can_switch():
+            os.setgroups(list(identity.groups))
+            os.setresgid(identity.gid, identity.gid, identity.gid)
+            os.setresuid(identity.uid, identity.uid, identity.uid)
+        os.umask(0o022)
+        try:
+            os.chdir(cwd)
+        except OSError as exc:
+            _fail(f"cannot enter working directory {cwd}: {exc.strerror}", 127)
+        try:
+            if search_path:
+                os.execvpe(argv[0], argv, env)  # noqa: S606 - running commands is the job
+            else:
+                os.execve(argv[0], argv, env)  # noqa: S606 - running commands is the job
+        except OSError as exc:
+            code = 127 if exc.errno in (errno.ENOENT, errno.ENOTDIR) else 126
+            _fail(f"cannot run {argv[0]}: {exc.strerror}", code)
+    except BaseException as exc:
+        _fail(f"cannot start process: {exc!r}", 127)
+    os._exit(127)
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    try:
+        os.write(2, f"scaibunker: {message}\n".encode(errors="replace"))
+    finally:
+        os._exit(code)
