@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from click.testing import CliRunner, Result
 
 from scaigrid.client.cli import cli, main
 from tests.client.standin import StandinState
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
 
 Run = Callable[..., Result]
 
@@ -338,3 +344,31 @@ def test_main_returns_exit_codes_in_process(
     assert b"ok\n" in captured.out
     assert b"error BUNKER_NOT_FOUND" in captured.err
     assert b"error USAGE" in captured.err
+
+
+class _ClosedPipe(io.RawIOBase):
+    """A stdout whose reader has gone: writes fail with EPIPE until ``mended``."""
+
+    mended = False
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: ReadableBuffer) -> int:
+        if not self.mended:
+            raise BrokenPipeError(32, "Broken pipe")
+        return memoryview(data).nbytes
+
+
+def test_a_closed_stdout_ends_quietly_with_141(
+    standin: StandinState, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bunker_id = standin.add_bunker()["id"]
+    pipe = _ClosedPipe()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(io.BufferedWriter(pipe)))
+    try:
+        assert main(["exec", bunker_id, "binary"]) == 141
+        assert main(["list"]) == 141
+    finally:
+        pipe.mended = True
+    assert "error" not in capsys.readouterr().err

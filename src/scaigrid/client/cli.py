@@ -18,7 +18,8 @@ Usage::
 ``--host`` and ``--api-key`` default to ``$SCAIGRID_HOST`` and ``$SCAIGRID_API_KEY``.
 
 Exit status: 0 on success; 1 for API, connection and local file errors, printed to stderr
-as ``error CODE: message``; 2 for usage and configuration errors (``error USAGE: …``);
+as ``error CODE: message``; 2 for usage and configuration errors (``error USAGE: …``); 141,
+silently, when the reader of stdout goes away;
 ``exec`` exits with the command's own status (124 timed out, 137 OOM-killed or SIGKILL,
 128+N other signals, 255 agent lost). :func:`main` runs the CLI in-process and returns the
 status, and :data:`cli` works with :class:`click.testing.CliRunner`.
@@ -54,6 +55,8 @@ from scaigrid.client.models import (
 EXIT_API_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141
+"""128 + SIGPIPE, as a shell reports a process killed by writing to a closed pipe."""
 DEFAULT_IMAGE = "debian-12"
 CREATE_WAIT_S = 30
 """Seconds the server holds a ``create --wait`` answer before the CLI starts polling."""
@@ -89,6 +92,18 @@ def _report(exc: ScaiGridClientError) -> int:
     return EXIT_USAGE if isinstance(exc, ConfigurationError) else EXIT_API_ERROR
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null once its reader has gone (``… | head``), so the final flush
+    at exit does not fail a second time (Python docs, "Note on SIGPIPE")."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
 class _Command(click.Command):
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         try:
@@ -115,6 +130,9 @@ class _Group(click.Group):
             _fail_usage(exc)
         except ScaiGridClientError as exc:
             ctx.exit(_report(exc))
+        except BrokenPipeError:
+            _silence_stdout()
+            ctx.exit(EXIT_BROKEN_PIPE)
         except OSError as exc:
             target = f": {exc.filename}" if exc.filename else ""
             _echo_error("LOCAL_ERROR", f"{exc.strerror or exc}{target}")
