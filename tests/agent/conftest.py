@@ -7,6 +7,8 @@
   at ``/run/scaibunker`` for the socket; the agent is the namespace's PID 1 and the test
   process, outside that pid namespace, passes the agent's peer check unaided.
 * ``agent`` / ``client`` — one shared agent and connection per test module.
+* ``memory_cgroup`` — a fresh cgroup v1 memory group limited to 96 MiB (skips the test
+  where the host has no writable v1 memory hierarchy).
 """
 
 from __future__ import annotations
@@ -35,7 +37,12 @@ BUSYBOX = Path("/bin/busybox")
 # Runs inside the new mount and pid namespaces as their PID 1, then becomes the agent.
 _LAUNCH = r"""
 set -e
-R=$1; RT=$2; S=$3; shift 3
+R=$1; RT=$2; S=$3; CG=$4; shift 4
+if [ -n "$CG" ]; then
+  echo $$ > "$CG/cgroup.procs"
+  mount --bind "$CG" "$R/sys/fs/cgroup/memory"
+  mount -o remount,bind,ro "$R/sys/fs/cgroup/memory"
+fi
 mount --bind "$RT" "$R/.scaibunker"
 mount -o remount,bind,ro "$R/.scaibunker"
 mount --bind "$S" "$R/run/scaibunker"
@@ -65,6 +72,7 @@ def make_root(path: Path) -> Path:
         "root",
         "small",
         "tmp",
+        "sys/fs/cgroup/memory",
     ):
         (path / name).mkdir(parents=True, exist_ok=True)
     shutil.copy2(BUSYBOX, path / "bin" / "busybox")
@@ -90,8 +98,18 @@ class AgentProcess:
 
     @classmethod
     async def start(
-        cls, runtime: Path, workdir: Path, *extra_args: str, timeout_s: float = 15.0
+        cls,
+        runtime: Path,
+        workdir: Path,
+        *extra_args: str,
+        memory_cgroup: Path | None = None,
+        timeout_s: float = 15.0,
     ) -> AgentProcess:
+        """Start an agent in a fresh busybox root under ``workdir``.
+
+        ``memory_cgroup``: a cgroup v1 memory directory the bunker joins; it is mounted
+        read-only at ``/sys/fs/cgroup/memory`` inside, as container runtimes do.
+        """
         root = make_root(workdir / "root")
         sockdir = workdir / "sock"
         sockdir.mkdir()
@@ -113,6 +131,7 @@ class AgentProcess:
             str(root),
             str(runtime),
             str(sockdir),
+            str(memory_cgroup or ""),
             *argv,
             env=agent_env(),
             stdout=log,
@@ -183,6 +202,26 @@ async def client(agent: AgentProcess) -> AsyncIterator[AgentClient]:
     connection = await agent.connect()
     yield connection
     await connection.close()
+
+
+MEMORY_HIERARCHY = Path("/sys/fs/cgroup/memory")
+
+
+@pytest.fixture
+async def memory_cgroup() -> AsyncIterator[Path]:
+    group = MEMORY_HIERARCHY / f"scaibunker-test-{uuid.uuid4().hex[:12]}"
+    try:
+        group.mkdir()
+    except OSError as exc:
+        pytest.skip(f"no writable cgroup v1 memory hierarchy: {exc}")
+    (group / "memory.limit_in_bytes").write_text(str(96 << 20))
+    yield group
+    for _ in range(100):
+        try:
+            group.rmdir()
+            return
+        except OSError:
+            await asyncio.sleep(0.05)
 
 
 def new_exec_id() -> str:

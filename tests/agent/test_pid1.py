@@ -119,3 +119,23 @@ async def test_connection_loss_is_reported_to_pending_requests(
     with pytest.raises(AgentConnectionLost):
         await connection.ping()
     await agent.stop()
+
+
+async def test_an_exec_killed_by_the_oom_killer_is_reported_as_oom_killed(
+    agent_runtime: Path, tmp_path: Path, memory_cgroup: Path
+) -> None:
+    agent = await AgentProcess.start(agent_runtime, tmp_path, memory_cgroup=memory_cgroup)
+    try:
+        connection = await agent.connect()
+        result, _, _ = await run_exec(connection, "dd if=/dev/zero of=/dev/null bs=300M count=1")
+        assert (result["status"], result["signal"], result["exit_code"]) == (
+            "oom_killed",
+            "SIGKILL",
+            None,
+        )
+        result, _, _ = await run_exec(connection, "kill -KILL $$")
+        assert (result["status"], result["signal"]) == ("signaled", "SIGKILL")
+        assert (await connection.ping())["pid"] == 1
+        await connection.close()
+    finally:
+        await agent.stop()

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from scaigrid.protocol.agent import AgentClient, AgentError
-from tests.agent.conftest import new_exec_id, run_exec
+from tests.agent.conftest import AgentProcess, new_exec_id, run_exec
 
 
 async def record_of(client: AgentClient, ref: str) -> dict[str, Any]:
@@ -143,3 +144,28 @@ async def test_unknown_process_and_bad_signal(client: AgentClient) -> None:
     await client.request(
         "POST", f"/v1/processes/{started['exec_id']}/signal", {"signal": "KILL"}, timeout_s=5
     )
+
+
+async def test_output_of_old_processes_is_released_beyond_the_retention_budget(
+    agent_runtime: Path, tmp_path: Path
+) -> None:
+    agent = await AgentProcess.start(agent_runtime, tmp_path, "--retained-output-bytes", "20000")
+    try:
+        connection = await agent.connect()
+        ids = [
+            (await run_exec(connection, "head -c 8000 /dev/zero"))[0]["exec_id"] for _ in range(3)
+        ]
+        metas = []
+        for exec_id in ids:
+            response = await connection.request(
+                "GET", f"/v1/processes/{exec_id}/output", {}, timeout_s=5
+            )
+            metas.append((json.loads(response.headers["x-meta"]), len(await response.read())))
+        assert [(m["dropped_bytes"], m["eof"], size) for m, size in metas] == [
+            (8000, True, 0),
+            (0, True, 8000),
+            (0, True, 8000),
+        ]
+        await connection.close()
+    finally:
+        await agent.stop()

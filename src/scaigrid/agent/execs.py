@@ -23,6 +23,7 @@ import fcntl
 import os
 import signal
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -294,6 +295,8 @@ class ExecManager:
         self._base_env = base_env
         self.processes: dict[str, ExecProcess] = {}
         self._by_pid: dict[int, ExecProcess] = {}
+        self._retained: deque[ExecProcess] = deque()
+        self._retained_bytes = 0
 
     def environment(self, spec: ExecSpec) -> dict[str, str]:
         """Defaults, then the agent's environment, the user's identity, the request's."""
@@ -458,9 +461,10 @@ class ExecManager:
         os.close(fd)
         proc.open_pipes.discard(fd)
         if not proc.open_pipes:
-            if proc.wait_status is not None:
+            if proc.finished:
+                self._retire(proc)
+            elif proc.wait_status is not None:
                 self._finish(proc)
-            self._enforce_retention()
 
     def _on_exit(self, proc: ExecProcess, status: int) -> None:
         proc.wait_status = status
@@ -507,17 +511,19 @@ class ExecManager:
         proc.finished = True
         proc.final_ends = (proc.stdout.end, proc.stderr.end)
         proc.changed.notify()
-        self._enforce_retention()
+        if not proc.open_pipes:
+            self._retire(proc)
 
-    def _enforce_retention(self) -> None:
-        done = [p for p in self.processes.values() if p.finished and not p.open_pipes]
-        held = sum(p.stdout.held_bytes + p.stderr.held_bytes for p in done)
-        for proc in done:
-            if held <= self._retained_output_bytes:
-                return
-            held -= proc.stdout.held_bytes + proc.stderr.held_bytes
-            proc.stdout.release()
-            proc.stderr.release()
+    def _retire(self, proc: ExecProcess) -> None:
+        """Count a finished exec's complete output against the retention budget, and
+        release the oldest retained buffers beyond it (called once per exec)."""
+        self._retained.append(proc)
+        self._retained_bytes += proc.stdout.held_bytes + proc.stderr.held_bytes
+        while self._retained_bytes > self._retained_output_bytes and self._retained:
+            oldest = self._retained.popleft()
+            self._retained_bytes -= oldest.stdout.held_bytes + oldest.stderr.held_bytes
+            oldest.stdout.release()
+            oldest.stderr.release()
 
 
 async def stream_output(
