@@ -275,3 +275,13 @@ def test_every_call_has_a_deadline_and_long_calls_extend_their_read() -> None:
     assert seen[f"POST {base}"]["read"] == 60 + 15.0
     read = seen[f"POST {base}/bnk_1/exec"]["read"]
     assert read is not None and read > 600
+
+
+def test_the_host_may_include_the_module_path() -> None:
+    for host in (
+        "http://h.test:8080",
+        "http://h.test:8080/",
+        "http://h.test:8080/v1/modules/scaibunker/",
+    ):
+        with Client(host, "sgk_x") as configured:
+            assert configured.base_url == "http://h.test:8080/v1/modules/scaibunker"

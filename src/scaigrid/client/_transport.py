@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import httpx
@@ -59,7 +59,7 @@ class Call:
 
 def resolve_config(host: str | None, api_key: str | None) -> tuple[str, str | None]:
     """Return ``(base_url, api_key)``, reading ``SCAIGRID_HOST`` / ``SCAIGRID_API_KEY`` for
-    values not given.
+    values not given. The host may already end in :data:`MODULE_PREFIX`.
 
     Raises:
         ConfigurationError: no host, or the host is not an ``http://`` / ``https://`` URL.
@@ -74,7 +74,10 @@ def resolve_config(host: str | None, api_key: str | None) -> tuple[str, str | No
     if url.scheme not in ("http", "https") or not url.host:
         raise ConfigurationError(f"the ScaiGrid host must be an http(s) URL, got {host!r}")
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
-    return host.rstrip("/") + MODULE_PREFIX, api_key
+    base_url = host.rstrip("/")
+    if not base_url.endswith(MODULE_PREFIX):
+        base_url += MODULE_PREFIX
+    return base_url, api_key
 
 
 def default_headers(api_key: str | None) -> dict[str, str]:
@@ -216,8 +219,7 @@ class SyncTransport:
         cursor: str | None = None
         while True:
             page_params = [*params, ("cursor", cursor)] if cursor else params
-            page = Call(call.method, call.path, page_params, call.json, call.read_timeout_s)
-            items, cursor = unwrap_page(self.send(page))
+            items, cursor = unwrap_page(self.send(replace(call, params=page_params)))
             yield from items
             if cursor is None:
                 return
@@ -285,8 +287,7 @@ class AsyncTransport:
         cursor: str | None = None
         while True:
             page_params = [*params, ("cursor", cursor)] if cursor else params
-            page = Call(call.method, call.path, page_params, call.json, call.read_timeout_s)
-            items, cursor = unwrap_page(await self.send(page))
+            items, cursor = unwrap_page(await self.send(replace(call, params=page_params)))
             for item in items:
                 yield item
             if cursor is None:

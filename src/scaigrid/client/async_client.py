@@ -159,7 +159,7 @@ class AsyncFiles:
         self, bunker_id: str, path: str, dest: DownloadTarget, *, user: GuestUser = "user"
     ) -> int:
         """Stream a file into ``dest``; see :meth:`scaigrid.client.client.Files.download`."""
-        await asyncio.to_thread(target_path, dest)
+        await asyncio.to_thread(target_path, dest)  # a directory fails here, before the request
         async with self._t.stream(_calls.read_file(bunker_id, path, user)) as response:
             return await save_chunks_async(response.aiter_bytes(CHUNK_BYTES), dest)
 

@@ -92,7 +92,8 @@ class Bunkers:
         label: Mapping[str, str] | Iterable[str] | None = None,
         limit: int | None = None,
     ) -> Iterator[Bunker]:
-        """Iterate the caller's bunkers, newest first, fetching page after page lazily.
+        """Iterate the caller's bunkers, newest first, fetching page after page lazily
+        (requests happen while iterating, so errors surface there too).
 
         Args:
             status: one state or several (any of them matches); None = every state.
@@ -100,7 +101,8 @@ class Bunkers:
             limit: stop after this many bunkers; None = all of them.
 
         Raises:
-            ValidationError: a bad filter.
+            ValidationError: the server refused a filter.
+            ValueError: a label string without ``=``.
         """
         call = _calls.list_bunkers(status, label, limit)
         for count, item in enumerate(self._t.pages(call), start=1):
@@ -262,7 +264,7 @@ class Files:
             IsADirectoryError: ``dest`` is a local directory. APIConnectionError: the
             download broke off (a local ``dest`` path is left untouched).
         """
-        target_path(dest)
+        target_path(dest)  # a directory fails here, before the request
         with self._t.stream(_calls.read_file(bunker_id, path, user)) as response:
             return save_chunks(response.iter_bytes(CHUNK_BYTES), dest)
 
