@@ -23,7 +23,14 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from scaigrid.ids import new_id, new_secret
-from scaigrid.protocol.link import decode_frame, dumps, encode_frame, loads
+from scaigrid.protocol.link import (
+    MAX_FRAME_PAYLOAD_BYTES,
+    STREAM_WINDOW_BYTES,
+    decode_frame,
+    dumps,
+    encode_frame,
+    loads,
+)
 from scaigrid.worker.link.client import LinkClient
 from scaigrid.worker.link.tasks import HandlerSpec
 
@@ -33,14 +40,25 @@ CONNECT_PATH = "/v1/modules/scaibunker/workers/connect"
 class StubConnection:
     """One worker connection as the stub controller sees it."""
 
-    def __init__(self, ws: ServerConnection, authorization: str | None) -> None:
+    def __init__(
+        self, ws: ServerConnection, authorization: str | None, *, auto_credit: bool
+    ) -> None:
         self.ws = ws
         self.authorization = authorization
+        self.auto_credit = auto_credit
         self.register: dict[str, Any] | None = None
         self.worker_id: str | None = None
         self._queues: dict[str, asyncio.Queue[dict[str, Any]]] = collections.defaultdict(
             asyncio.Queue
         )
+        self._stash: dict[tuple[str, str], collections.deque[dict[str, Any]]] = (
+            collections.defaultdict(collections.deque)
+        )
+        self.granted: dict[int, int] = collections.defaultdict(int)
+        self._sent: dict[int, int] = collections.defaultdict(int)
+        self._granted_event = asyncio.Event()
+        self._stash_changed = asyncio.Event()
+        self._background: set[asyncio.Task[None]] = set()
         self.streams: dict[int, bytearray] = collections.defaultdict(bytearray)
         self.eof: set[int] = set()
         self._stream_changed = asyncio.Event()
@@ -58,17 +76,47 @@ class StubConnection:
             stream_id, payload = decode_frame(frame)
             if payload:
                 self.streams[stream_id] += payload
+                if self.auto_credit:
+                    grant = asyncio.ensure_future(self.credit(stream_id, len(payload)))
+                    self._background.add(grant)
+                    grant.add_done_callback(self._background.discard)
             else:
                 self.eof.add(stream_id)
             self._stream_changed.set()
             return
         message = loads(frame)
+        if message["type"] == "stream_credit":
+            self.granted[message["stream_id"]] += message["bytes"]
+            self._granted_event.set()
+            return
         self._queues[message["type"]].put_nowait(message)
+        if "task_id" in message:
+            self._stash[(message["type"], message["task_id"])].append(message)
+            self._stash_changed.set()
 
     async def next(self, msg_type: str, timeout: float = 5.0) -> dict[str, Any]:
         """Return the next message of ``msg_type`` the worker sent."""
         async with asyncio.timeout(timeout):
             return await self._queues[msg_type].get()
+
+    async def next_for(self, msg_type: str, task_id: str, timeout: float = 5.0) -> dict[str, Any]:
+        """Return the next message of ``msg_type`` for ``task_id``.
+
+        A view separate from :meth:`next`: a test uses one or the other for task messages.
+        """
+        stash = self._stash[(msg_type, task_id)]
+        async with asyncio.timeout(timeout):
+            while not stash:
+                self._stash_changed.clear()
+                await self._stash_changed.wait()
+            return stash.popleft()
+
+    async def fresh(self, msg_type: str, timeout: float = 5.0) -> dict[str, Any]:
+        """Drop the queued messages of ``msg_type`` and return the next one to arrive."""
+        queue = self._queues[msg_type]
+        while not queue.empty():
+            queue.get_nowait()
+        return await self.next(msg_type, timeout)
 
     def pending(self, msg_type: str) -> int:
         """Number of received, not yet consumed messages of ``msg_type``."""
@@ -93,6 +141,21 @@ class StubConnection:
     async def send_stream(self, stream_id: int, payload: bytes) -> None:
         """Send one binary frame (``b""`` = EOF) to the worker."""
         await self.ws.send(encode_frame(stream_id, payload))
+
+    async def send_body(self, stream_id: int, data: bytes, chunk_bytes: int = 200_000) -> None:
+        """Send ``data`` then EOF on ``stream_id``, never beyond the worker's credit."""
+        view = memoryview(data)
+        while view:
+            while (
+                available := STREAM_WINDOW_BYTES + self.granted[stream_id] - self._sent[stream_id]
+            ) <= 0:
+                self._granted_event.clear()
+                await self._granted_event.wait()
+            size = min(available, chunk_bytes, MAX_FRAME_PAYLOAD_BYTES, len(view))
+            await self.send_stream(stream_id, bytes(view[:size]))
+            self._sent[stream_id] += size
+            view = view[size:]
+        await self.send_stream(stream_id, b"")
 
     async def credit(self, stream_id: int, nbytes: int) -> None:
         """Return ``nbytes`` of credit on a worker → controller stream."""
@@ -131,8 +194,9 @@ class StubConnection:
 class ControllerStub:
     """The stand-in controller endpoint; see the module docstring."""
 
-    def __init__(self, heartbeat_interval_s: float = 5.0) -> None:
+    def __init__(self, heartbeat_interval_s: float = 5.0, *, auto_credit: bool = False) -> None:
         self.heartbeat_interval_s = heartbeat_interval_s
+        self.auto_credit = auto_credit
         self.join_tokens: set[str] = set()
         self.credentials: set[str] = set()
         self.refuse_with: list[int] = []
@@ -192,7 +256,7 @@ class ControllerStub:
     async def _handle(self, ws: ServerConnection) -> None:
         authorization = ws.request.headers.get("Authorization") if ws.request else None
         secret = (authorization or "").removeprefix("Bearer ")
-        conn = StubConnection(ws, authorization)
+        conn = StubConnection(ws, authorization, auto_credit=self.auto_credit)
         try:
             conn.register = loads(await ws.recv())
             assert conn.register["type"] == "register"

@@ -118,7 +118,7 @@ def host_capacity(settings: WorkerSettings) -> dict[str, Any]:
 
 
 def _container_driver(settings: WorkerSettings) -> Driver:
-    return ContainerDriver(settings.data_dir)
+    return ContainerDriver(settings.data_dir, cgroup_parent=settings.bunker_cgroup_parent())
 
 
 #: Driver factories by name, in default preference order.
@@ -323,6 +323,7 @@ async def serve(settings: WorkerSettings) -> int:
 @click.option("--drivers", help="Drivers to offer, in preference order, e.g. 'container'.")
 @click.option("--labels", help="Extra labels, k=v,k=v.")
 @click.option("--hostname", help="Name to register under (default: the host name).")
+@click.option("--cgroup-parent", help="Cgroup directory of this worker's bunkers.")
 @click.option(
     "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help="Log level."
 )

@@ -17,12 +17,17 @@ Every setting is read from an environment variable with the prefix ``SCAIBUNKER_
   ``SCAIBUNKER_RESERVED_MEMORY_MB``, default 0): host capacity kept out of ``capacity``.
 - ``hostname`` (``SCAIBUNKER_HOSTNAME``, default the host name): name the worker registers
   under.
+- ``cgroup_parent`` (``SCAIBUNKER_CGROUP_PARENT``, default ``scaibunker-<12 hex digits of
+  the data directory's SHA-256>``): cgroup directory holding this worker's bunkers. It must
+  differ between workers sharing a host: at start a worker destroys every bunker it finds
+  there as a leftover of its previous run.
 - ``log_level`` (``SCAIBUNKER_LOG_LEVEL``, default ``info``): ``debug``, ``info``,
   ``warning`` or ``error``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -46,6 +51,9 @@ class WorkerSettings(BaseSettings):
     reserved_cpu_millicores: int = Field(default=0, ge=0)
     reserved_memory_mb: int = Field(default=0, ge=0)
     hostname: str = Field(default_factory=socket.gethostname, min_length=1)
+    cgroup_parent: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)*$"
+    )
     log_level: LogLevel = "info"
 
     @field_validator("controller_url")
@@ -86,6 +94,13 @@ class WorkerSettings(BaseSettings):
     def credential_path(self) -> Path:
         """File holding the long-lived ``sbw_`` credential (mode 0600)."""
         return self.data_dir / "credential"
+
+    def bunker_cgroup_parent(self) -> str:
+        """``cgroup_parent``, or a name derived from the resolved data directory."""
+        if self.cgroup_parent:
+            return self.cgroup_parent
+        digest = hashlib.sha256(str(self.data_dir.resolve()).encode()).hexdigest()
+        return f"scaibunker-{digest[:12]}"
 
     def connect_url(self) -> str:
         """WebSocket URL of the controller's worker endpoint (http→ws, https→wss)."""
