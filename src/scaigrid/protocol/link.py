@@ -294,7 +294,9 @@ class StreamMux:
     async def send_credit(self, stream_id: int, nbytes: int) -> None:
         """Return ``nbytes`` of credit for an inbound stream; ignored once closed."""
         if self._closed is None:
-            await self.send({"type": MsgType.STREAM_CREDIT, "stream_id": stream_id, "bytes": nbytes})
+            await self.send(
+                {"type": MsgType.STREAM_CREDIT, "stream_id": stream_id, "bytes": nbytes}
+            )
 
     async def _send(self, sender: Callable[[Any], Awaitable[None]], frame: str | bytes) -> None:
         if self._closed is not None:

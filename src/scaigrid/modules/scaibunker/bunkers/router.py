@@ -25,6 +25,7 @@ from scaigrid.modules.scaibunker.state import ModuleState, get_state
 from scaigrid.platform.auth import Principal, require
 from scaigrid.platform.db import get_session
 from scaigrid.platform.envelope import ok, ok_list
+from scaigrid.platform.middleware import streaming_body
 from scaigrid.protocol.link import TaskKind
 
 router = APIRouter(tags=["bunkers"])
@@ -123,6 +124,7 @@ async def exec_command(
 
 
 @router.put("/bunkers/{bunker_id}/files")
+@streaming_body
 async def upload_file(
     bunker_id: str,
     request: Request,
