@@ -46,6 +46,7 @@ class StubConnection:
         self.ws = ws
         self.authorization = authorization
         self.auto_credit = auto_credit
+        self.hold_credit: set[int] = set()
         self.register: dict[str, Any] | None = None
         self.worker_id: str | None = None
         self._queues: dict[str, asyncio.Queue[dict[str, Any]]] = collections.defaultdict(
@@ -76,7 +77,7 @@ class StubConnection:
             stream_id, payload = decode_frame(frame)
             if payload:
                 self.streams[stream_id] += payload
-                if self.auto_credit:
+                if self.auto_credit and stream_id not in self.hold_credit:
                     grant = asyncio.ensure_future(self.credit(stream_id, len(payload)))
                     self._background.add(grant)
                     grant.add_done_callback(self._background.discard)
@@ -118,6 +119,10 @@ class StubConnection:
             queue.get_nowait()
         return await self.next(msg_type, timeout)
 
+    def pending_for(self, msg_type: str, task_id: str) -> int:
+        """Number of received messages of ``msg_type`` for ``task_id`` not yet taken."""
+        return len(self._stash[(msg_type, task_id)])
+
     def pending(self, msg_type: str) -> int:
         """Number of received, not yet consumed messages of ``msg_type``."""
         return self._queues[msg_type].qsize()
@@ -156,6 +161,11 @@ class StubConnection:
             self._sent[stream_id] += size
             view = view[size:]
         await self.send_stream(stream_id, b"")
+
+    async def release(self, stream_id: int) -> None:
+        """Stop holding back credit on ``stream_id`` and return what was held."""
+        self.hold_credit.discard(stream_id)
+        await self.credit(stream_id, max(len(self.streams[stream_id]), 1))
 
     async def credit(self, stream_id: int, nbytes: int) -> None:
         """Return ``nbytes`` of credit on a worker → controller stream."""

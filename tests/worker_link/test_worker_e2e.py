@@ -333,6 +333,51 @@ async def test_bake_and_create_share_one_build_then_exec_and_files(worker: Worke
     assert not (worker.data_dir / "bunkers" / bunker_id).exists()
 
 
+async def test_withheld_link_credit_never_blocks_the_process(worker: Worker) -> None:
+    conn = worker.link
+    bunker_id = new_id("bnk")
+    await _create(conn, worker, bunker_id)
+    out, err = conn.allocate_stream(), conn.allocate_stream()
+    conn.hold_credit.add(out)
+    flood = await conn.task(
+        "exec.start",
+        {
+            "exec_id": new_id("exe"),
+            "command": "yes 0123456789abcdef | head -c 8000000; touch /tmp/flood-done",
+            "user": "user",
+            "timeout_s": 60,
+            "stdin": "none",
+        },
+        bunker_id=bunker_id,
+        streams={"stdout": out, "stderr": err},
+    )
+    await conn.wait_stream(out, lambda data, eof: len(data) >= 1 << 20)
+    for _ in range(100):
+        _, _, done, _ = await _exec(conn, bunker_id, "test -e /tmp/flood-done && echo yes")
+        if done == b"yes\n":
+            break
+        await asyncio.sleep(0.1)
+    assert done == b"yes\n", "the process finished while its output was held back"
+    assert len(conn.streams[out]) == 1 << 20, "no more than one window in flight"
+    assert conn.pending_for("task_result", flood) == 0, "the result waits for the output"
+
+    await conn.release(out)
+    result = await conn.next_for("task_result", flood, timeout=60)
+    assert result["ok"] and result["result"]["status"] == "exited"
+    assert result["result"]["stdout_bytes"] == 8_000_000
+    gaps = []
+    with contextlib.suppress(TimeoutError):
+        while True:
+            progress = (await conn.next_for("task_progress", flood, 0.01))["progress"]
+            if progress.get("event") == "gap":
+                gaps.append(progress)
+    dropped = sum(g["dropped_bytes"] for g in gaps)
+    assert gaps and gaps[0]["stream"] == "stdout"
+    assert len(conn.streams[out]) + dropped == 8_000_000
+    destroyed, _ = await _run(conn, "bunker.destroy", {}, bunker_id=bunker_id)
+    assert destroyed["ok"]
+
+
 async def test_failed_image_answers_boot_failed_and_leaves_nothing(worker: Worker) -> None:
     conn = worker.link
     bunker_id = new_id("bnk")
