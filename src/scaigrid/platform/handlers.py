@@ -6,6 +6,8 @@
 * Starlette HTTP errors (unknown route 404, wrong method 405, body too large 413, …) → the
   closest platform code.
 
+An error raised while a WebSocket upgrade is being handled (e.g. by ``current_principal``) is
+sent as the same envelope in the HTTP denial response (uvicorn supports the ASGI extension).
 Unexpected exceptions are turned into 500 ``INTERNAL_ERROR`` by
 :class:`scaigrid.platform.middleware.RequestContextMiddleware`.
 """

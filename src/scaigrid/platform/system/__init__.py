@@ -1,0 +1,1 @@
+"""Unauthenticated system endpoints: ``/health`` and ``/metrics``."""

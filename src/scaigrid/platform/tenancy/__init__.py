@@ -1,0 +1,1 @@
+"""Partners → tenants → users (SPEC §1.3): models and services."""
