@@ -238,24 +238,30 @@ class BunkerSupervisor:
     # -- lifecycle of the supervisor -----------------------------------------------------
 
     async def start(self) -> list[str]:
-        """Stop the leftovers of a previous worker process; return their ids.
+        """Stop the leftovers of a previous worker process; return the ids stopped.
 
-        They are destroyed rather than reattached (see the module docstring).
+        They are destroyed rather than reattached (see the module docstring); one that
+        cannot be stopped is logged and skipped.
         """
         stopped: list[str] = []
         for driver in self.drivers:
             for bunker_id in await driver.list_leftovers():
+                try:
+                    await driver.stop(bunker_id)
+                except DriverError as exc:
+                    log.error("bunker_leftover_stop_failed", bunker_id=bunker_id, error=str(exc))
+                    continue
                 log.info("bunker_leftover_stopped", bunker_id=bunker_id, driver=driver.info.name)
-                await driver.stop(bunker_id)
                 stopped.append(bunker_id)
         return stopped
 
     async def close(self) -> None:
-        """Destroy every bunker (worker shutdown)."""
-        await asyncio.gather(
-            *(self.destroy(bunker_id) for bunker_id in list(self._bunkers)),
-            return_exceptions=True,
-        )
+        """Destroy every bunker (worker shutdown); failures are logged."""
+        ids = list(self._bunkers)
+        outcomes = await asyncio.gather(*(self.destroy(i) for i in ids), return_exceptions=True)
+        for bunker_id, outcome in zip(ids, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                log.error("bunker_stop_failed", bunker_id=bunker_id, error=str(outcome))
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)

@@ -6,7 +6,8 @@ explicitly), build the guest agent's runtime tree, stop bunkers left over by a p
 run, then dial the controller and stay connected (:class:`~scaigrid.worker.link.LinkClient`).
 SIGTERM or SIGINT destroys the worker's bunkers and exits 0.
 
-Exit codes: 0 stopped by a signal; 2 configuration error (including no credential and no
+Exit codes: 0 stopped by a signal; 1 unexpected error (logged as ``worker_crashed``);
+2 configuration error (including no credential and no
 join token); 3 the controller refused the credential or join token; 4 no usable driver or
 the agent runtime could not be built.
 
@@ -54,6 +55,7 @@ log = structlog.get_logger(__name__)
 EXIT_CONFIG: Final = 2
 EXIT_AUTH: Final = 3
 EXIT_HOST: Final = 4
+EXIT_CRASH: Final = 1
 #: Where the agent listens inside every bunker (the driver bind-mounts the host run dir).
 AGENT_LISTEN_PATH: Final = "/.scaibunker-run/agent.sock"
 _MIB: Final = 1 << 20
@@ -304,6 +306,9 @@ async def serve(settings: WorkerSettings) -> int:
     except LinkAuthRejected as exc:
         log.error("worker_refused_by_controller", reason=str(exc))
         return EXIT_AUTH
+    except Exception as exc:
+        log.error("worker_crashed", exc_info=exc)
+        return EXIT_CRASH
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)

@@ -26,6 +26,7 @@ their SPEC code, a lost or silent agent is ``AGENT_UNAVAILABLE``).
     ``timeout_s`` + 30 s) the result is ``{exec_id, pid, status: "agent_lost", exit_code: null,
     signal: null, duration_ms, started_at}``. An exec that cannot be started answers
     ``AGENT_UNAVAILABLE`` (or the agent's error, e.g. ``VALIDATION_ERROR``).
+    Foreground only: ``background`` execs are not part of this task.
 ``files.write``
     params ``{path, mode, parents, user}``; stream ``body`` (controller → worker) streamed to the
     agent's ``PUT /v1/files``; result ``{path, size, sha256, mode}``.
@@ -46,7 +47,6 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Mapping
-from datetime import UTC, datetime
 from functools import wraps
 from typing import Any, Final
 
@@ -58,6 +58,7 @@ from scaigrid.protocol.link import InboundStream, TaskKind
 from scaigrid.worker.bunkers import BunkerSupervisor, CreateRequest
 from scaigrid.worker.drivers.base import DriverError
 from scaigrid.worker.images import ImagePrepareFailed
+from scaigrid.worker.link.client import utc_timestamp
 from scaigrid.worker.link.tasks import HandlerSpec, Task, TaskFailed, TaskHandler
 
 log = structlog.get_logger(__name__)
@@ -210,13 +211,15 @@ class TaskHandlers:
         bunker_id = task.require_bunker_id()
         stdout, stderr = task.outbound("stdout"), task.outbound("stderr")
         args = dict(task.params)
+        if args.get("background"):
+            raise TaskFailed("VALIDATION_ERROR", "exec.start runs foreground execs only")
         body = _chunks(task.inbound("stdin")) if args.get("stdin") == "body" else None
         client = await self._bunkers.agent(bunker_id)
         response = await client.request("POST", "/v1/exec", args, body, timeout_s=None)
         start = _json_header(response, "x-start")
         exec_id, pid = start.get("exec_id", args.get("exec_id")), start.get("pid")
         started = time.monotonic()
-        started_at = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        started_at = utc_timestamp()
         try:
             await task.progress({"event": "start", "exec_id": exec_id, "pid": pid})
             async with asyncio.timeout(_exec_timeout(task.params) + EXEC_GRACE_S):

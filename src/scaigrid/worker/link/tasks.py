@@ -337,6 +337,9 @@ class TaskSession:
             error = error_payload(
                 spec.timeout_code, f"{task.kind} did not finish within {deadline_s:.0f} s"
             )
+        elif isinstance(exc, LinkClosed):
+            bound.info("task_link_lost", error=str(exc))
+            error = error_of(exc, task.kind)
         elif isinstance(exc, TaskFailed | ScaiGridError):
             bound.info("task_failed", code=getattr(exc, "code", None), error=str(exc))
             error = error_of(exc, task.kind)
