@@ -43,7 +43,10 @@ class Settings(BaseSettings):
         "postgresql+asyncpg or mysql+aiomysql (MariaDB).",
         json_schema_extra={"default_doc": "sqlite+aiosqlite:///<data_dir>/scaigrid.db"},
     )
-    host: str = Field(default="127.0.0.1", description="Address `scaigrid serve` listens on.")
+    bind_host: str = Field(
+        default="127.0.0.1",
+        description="Address `scaigrid serve` listens on (SCAIGRID_HOST is the client's URL).",
+    )
     port: int = Field(
         default=8080, ge=1, le=65535, description="TCP port `scaigrid serve` listens on."
     )

@@ -70,16 +70,16 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--host", default=None, help="Listen address (default SCAIGRID_HOST).")
+@click.option("--host", default=None, help="Listen address (default SCAIGRID_BIND_HOST).")
 @click.option("--port", type=int, default=None, help="Listen port (default SCAIGRID_PORT).")
 @click.option("--dev", is_flag=True, help="Also run one local worker (SCAIGRID_DEV_WORKER).")
 def serve(host: str | None, port: int | None, dev: bool) -> None:
     """Run the controller HTTP server (HTTP and WebSocket) until interrupted."""
-    settings = _settings(host=host, port=port, dev_worker=dev or None)
+    settings = _settings(bind_host=host, port=port, dev_worker=dev or None)
     app = create_app(settings)
     uvicorn.run(
         app,
-        host=settings.host,
+        host=settings.bind_host,
         port=settings.port,
         log_config=None,
         log_level=settings.log_level.lower(),
