@@ -184,8 +184,25 @@ async def run(options: Options) -> int:
     return 0
 
 
+def ensure_std_fds() -> None:
+    """Open ``/dev/null`` on any of fds 0-2 that is closed, so no pipe or socket the
+    agent creates later can land there (the exec child's dup2 onto 0-2 would clobber it)."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            try:
+                null = os.open("/dev/null", os.O_RDWR)
+            except OSError:
+                return
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the agent; returns its exit status."""
+    ensure_std_fds()
     options = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(
         stream=sys.stderr,

@@ -8,7 +8,9 @@ executable cannot be used, the child writes the reason to its stderr and exits w
 with that status.
 
 ``fork()`` runs with all signals blocked so that no Python signal handler of the agent
-runs in the child before it has reset them.
+runs in the child before it has reset them. :func:`spawn` returns only once the child
+has exec'd (a close-on-exec pipe reaches end-of-file), typically well under a
+millisecond, so the exec's process group exists from the start.
 """
 
 from __future__ import annotations
@@ -47,13 +49,24 @@ def spawn(
     Raises:
         OSError: ``fork()`` failed (e.g. EAGAIN at the bunker's pids limit).
     """
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    ready_r, ready_w = os.pipe()
     try:
-        pid = os.fork()
-        if pid == 0:
-            _child(argv, search_path, env, cwd, identity, (stdin_fd, stdout_fd, stderr_fd))
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        try:
+            pid = os.fork()
+            if pid == 0:
+                _child(argv, search_path, env, cwd, identity, (stdin_fd, stdout_fd, stderr_fd))
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        os.close(ready_w)
+        ready_w = -1
+        # The pipe is close-on-exec: end-of-file means the child has exec'd (or exited),
+        # so its session, ids and cwd are in place before anyone can signal its group.
+        os.read(ready_r, 1)
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        os.close(ready_r)
+        if ready_w >= 0:
+            os.close(ready_w)
     return pid
 
 

@@ -82,7 +82,7 @@ RECORD_HEADER = struct.Struct(">BI")
 MAX_RECORD_BYTES = 1 << 20
 
 #: Per-stream receive window each side advertises (bytes buffered per stream at most).
-STREAM_WINDOW_BYTES = 256 * 1024
+STREAM_WINDOW_BYTES = 1 << 20
 #: Connection receive window; large so that stalled streams never starve the others.
 CONNECTION_WINDOW_BYTES = (1 << 31) - 1
 MAX_FRAME_BYTES = 1 << 16
