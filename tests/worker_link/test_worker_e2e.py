@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 
 from scaigrid.ids import new_id
+from scaigrid.worker.settings import WorkerSettings
 from tests.fixtures.stack import build_busybox_tar
 
 from .conftest import ControllerStub, StubConnection
@@ -209,6 +210,10 @@ async def worker_env() -> AsyncIterator[Worker]:
         if worker.process is not None and worker.process.returncode is None:
             await worker.stop()
         await controller.stop()
+        parent = WorkerSettings(controller_url="http://x", data_dir=worker.data_dir)
+        for hierarchy in Path("/sys/fs/cgroup").glob(f"*/{parent.bunker_cgroup_parent()}"):
+            with contextlib.suppress(OSError):
+                hierarchy.rmdir()  # empty once the worker stopped its bunkers
         if not _mounts_under(base):
             shutil.rmtree(base, ignore_errors=True)
 
