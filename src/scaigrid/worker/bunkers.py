@@ -230,11 +230,6 @@ class BunkerSupervisor:
             disk_mb=sum(r.disk_mb for r in held),
         )
 
-    def state_of(self, bunker_id: str) -> BunkerState | None:
-        """State of ``bunker_id``, or ``None`` when this worker does not hold it."""
-        record = self._bunkers.get(bunker_id)
-        return None if record is None else record.state
-
     # -- lifecycle of the supervisor -----------------------------------------------------
 
     async def start(self) -> list[str]:

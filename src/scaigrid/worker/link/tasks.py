@@ -93,10 +93,6 @@ class Task:
             raise TaskFailed("VALIDATION_ERROR", f"{self.kind} needs a bunker_id")
         return self.bunker_id
 
-    def has_stream(self, role: str) -> bool:
-        """True when the task named a stream for ``role``."""
-        return role in self._inbound or role in self._outbound
-
     def inbound(self, role: str) -> InboundStream:
         """Return the controller → worker stream for ``role`` (e.g. ``"stdin"``, ``"body"``).
 
@@ -196,11 +192,6 @@ class TaskSession:
         self._handlers = handlers
         self._running: dict[str, _Running] = {}
         self._refusals: set[asyncio.Task[None]] = set()
-
-    @property
-    def running(self) -> int:
-        """Number of tasks still running."""
-        return len(self._running)
 
     def submit(self, message: dict[str, Any]) -> None:
         """Handle one ``task`` message: register its streams and start it.
