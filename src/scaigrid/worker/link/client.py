@@ -250,8 +250,7 @@ class LinkClient:
             heartbeat.cancel()
             mux.close()
             await session.shutdown()
-            with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
+            await asyncio.gather(heartbeat, return_exceptions=True)
             log.info("link_disconnected", worker_id=self.worker_id)
 
     async def _register(self, ws: ClientConnection, mux: StreamMux, auth: str) -> float:
@@ -289,11 +288,13 @@ class LinkClient:
     async def _heartbeats(self, mux: StreamMux, interval_s: float) -> None:
         while True:
             await asyncio.sleep(interval_s)
-            message = {
-                "type": MsgType.HEARTBEAT,
-                "ts": utc_timestamp(),
-                **self._status.heartbeat_payload(),
-            }
+            try:
+                payload = self._status.heartbeat_payload()
+            except Exception as exc:
+                # Skip the beat rather than report made-up figures; the next one retries.
+                log.error("heartbeat_payload_failed", exc_info=exc)
+                continue
+            message = {"type": MsgType.HEARTBEAT, "ts": utc_timestamp(), **payload}
             try:
                 await mux.send(message)
             except OSError:
