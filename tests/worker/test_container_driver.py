@@ -248,6 +248,8 @@ async def test_stop_releases_everything_and_is_idempotent(
     handle = await start_bunker()
     pid = await handle.init_pid()
     await agent_exec(handle, "sleep 1000 >/dev/null 2>&1 &")
+    # A second binding without autoclear, as a worker killed mid-setup would leave.
+    subprocess.run(["losetup", "-f", str(handle.state_dir / "disk.ext4")], check=True)
     await driver.stop(handle.bunker_id)
     assert_released(driver, handle.bunker_id, handle.state_dir)
     assert not Path(f"/proc/{pid}").exists()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,7 @@ from structlog.testing import capture_logs
 from scaigrid.ids import new_id
 from scaigrid.worker.drivers.base import BunkerSpec, DriverError, Resources
 from scaigrid.worker.drivers.container import (
+    BunkerCgroups,
     ContainerDriver,
     WorkloadLimits,
     build_oci_config,
@@ -52,6 +56,47 @@ async def test_default_choice_follows_the_host(
     ready = next(e for e in logs if e["event"] == "container_driver.ready")
     assert ready["runtime"] == driver.runtime
     await run_one_bunker(driver, busybox_image, fake_agent_dir)
+
+
+HYBRID_PROBE = """
+import json, sys
+from pathlib import Path
+from structlog.testing import capture_logs
+from scaigrid.worker.drivers.container import ContainerDriver, hybrid_cgroup_conflicts
+with capture_logs() as logs:
+    driver = ContainerDriver(Path(sys.argv[1]), cgroup_parent=sys.argv[2])
+refused = [e for e in logs if e["event"] == "container_driver.runtime_refused"]
+print(json.dumps({"runtime": driver.runtime, "conflicts": hybrid_cgroup_conflicts(),
+                  "refused": [[e["runtime"], e["reason"]] for e in refused]}))
+"""
+
+
+def test_crun_refusing_a_hybrid_host_falls_back_to_runc(tmp_path: Path, work_root: Path) -> None:
+    unified = Path("/sys/fs/cgroup/unified/cgroup.controllers")
+    if not unified.exists():
+        pytest.skip("not a hybrid cgroup host")
+    # In a private mount namespace, make the unified hierarchy list a controller again, as
+    # stock hybrid hosts do, without touching the host's real cgroup layout.
+    fake = tmp_path / "controllers"
+    fake.write_text("hugetlb\n")
+    script = (
+        f"mount --bind {fake} {unified} && exec {sys.executable} -c '{HYBRID_PROBE}' "
+        f"{work_root / 'data-hybrid'} sbt-{os.getpid()}-hybrid"
+    )
+    try:
+        result = subprocess.run(
+            ["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    finally:
+        BunkerCgroups(f"sbt-{os.getpid()}-hybrid").prune()
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["conflicts"] == ["hugetlb"]
+    assert report["runtime"] == "runc"
+    assert report["refused"][0][0] == "crun"
+    assert "hybrid" in report["refused"][0][1] and "hugetlb" in report["refused"][0][1]
 
 
 async def test_falls_back_when_the_preferred_runtime_fails_its_probe(
@@ -151,8 +196,6 @@ def test_workload_keeps_headroom_for_the_agent() -> None:
 
 
 def test_cgroups_manifest_tells_the_agent_what_to_do(work_root: Path) -> None:
-    from scaigrid.worker.drivers.container import BunkerCgroups
-
     cgroups = BunkerCgroups(f"sbt-{os.getpid()}-manifest")
     doc = cgroups_manifest(cgroups, Resources(1000, 256, 64, 128), agent_protected=False)
     assert doc["version"] == 1

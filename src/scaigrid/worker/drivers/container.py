@@ -17,7 +17,10 @@ Isolation: new user (bunker ids 0..65535 = host ``id_base``..``id_base+65535``, 
 :mod:`scaigrid.worker.rootfs.idshift`), pid, mount, network, ipc, uts and cgroup namespaces;
 Docker's default capability set minus ``MKNOD`` and ``NET_RAW``; ``noNewPrivileges``; the
 seccomp profile of :mod:`.seccomp`; runc's/Docker's masked and read-only ``/proc`` and
-``/sys`` paths; cgroup limits from :class:`Resources`.
+``/sys`` paths; cgroup limits from :class:`Resources`. The network namespace is new and
+loopback-only, or the one at ``spec.netns_path``; a bunker cannot mount sysfs in a namespace
+its user namespace does not own, so for a joined namespace the worker mounts a sysfs from
+inside it and binds it read-only at ``/sys``.
 
 **Runtime choice.** The constructor probes crun, then runc, by running a throwaway
 container through the very same config builder (user namespace, cgroups, seccomp): the first
@@ -53,9 +56,17 @@ files, so the bunker cannot raise its own limits) and bind-mounts them read-writ
 ``/sys/fs/cgroup/<controller>``. The agent (PID 1) stays in the bunker's top cgroup and
 moves the processes it starts into a ``workload`` child with slightly lower memory and pids
 limits, so a workload that eats all its memory or pids is OOM-killed or refused inside
-``workload`` while the agent keeps its headroom (the agent also runs with
-``oom_score_adj`` -1000). ``/.scaibunker-run/cgroups.json`` tells the agent exactly what to
-do (:func:`cgroups_manifest`).
+``workload`` while the agent keeps its headroom. PID 1 also gets ``oom_score_adj`` -1000
+where the worker holds CAP_SYS_RESOURCE (runtimes set it from inside the user namespace,
+so they are started under ``choom -n -1000``, which makes -1000 the inherited floor); where
+it does not, the agent raises its children instead. ``/.scaibunker-run/cgroups.json`` tells
+the agent exactly what to do (:func:`cgroups_manifest`).
+
+**Permissions.** Runtimes set up mounts as the bunker's root (host uid ``id_base``), so
+every directory on the way to the bunker's state and to the agent runtime must be
+traversable by it: ``data_dir`` gets group ``id_base`` with ``g+x``, the driver's own
+directories are ``0710 root:id_base``, and the constructor refuses a ``data_dir`` behind an
+ancestor it could not enter.
 """
 
 from __future__ import annotations

@@ -151,12 +151,22 @@ async def unmount_overlay_root(state_dir: Path) -> None:
     """
     layout = OverlayLayout(state_dir)
     await unmount_all_under(state_dir)
-    if layout.disk_image.exists():
-        # ``mount -o loop`` sets autoclear, so the device normally went with the unmount;
-        # a worker killed between loop setup and mount leaves one bound.
-        found = await run_command("losetup", "-j", str(layout.disk_image), timeout_s=30)
-        for line in found.stdout.splitlines():
-            device = line.split(":", 1)[0].strip()
-            if device:
-                await run_command("losetup", "-d", device, check=False, timeout_s=30)
-                log.info("rootfs.loop_detached", device=device, disk=str(layout.disk_image))
+    # ``mount -o loop`` sets autoclear, so the device normally went with the unmount; a
+    # worker killed between loop setup and mount leaves one bound.
+    for device in await asyncio.to_thread(_loop_devices_backed_by, layout.disk_image):
+        await run_command("losetup", "-d", device, timeout_s=30)
+        log.info("rootfs.loop_detached", device=device, disk=str(layout.disk_image))
+
+
+def _loop_devices_backed_by(path: Path) -> list[str]:
+    """``/dev/loopN`` devices whose backing file is ``path`` (from sysfs, no subprocess)."""
+    target = os.path.realpath(path)
+    found: list[str] = []
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        try:
+            name = backing.read_text().strip()
+        except OSError:
+            continue
+        if name.removesuffix(" (deleted)") == target:
+            found.append(f"/dev/{backing.parent.parent.name}")
+    return found
