@@ -6,7 +6,10 @@ registered from a tarball the fixture builds.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,16 +18,22 @@ from tests.fixtures.stack import BASE, Stack, StackError, build_busybox_tar, sta
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """A controller with its dev worker on a free loopback port."""
+def stack() -> Iterator[Stack]:
+    """A controller with its dev worker on a free loopback port.
+
+    The data directory is made under /var/tmp, not pytest's 0700 temporary root: bunker ids
+    must be able to traverse every ancestor of the worker's data directory.
+    """
+    data_dir = Path(tempfile.mkdtemp(prefix="scaibunker-e2e-", dir="/var/tmp"))
     try:
-        running = start_stack(tmp_path_factory.mktemp("stack"))
+        running = start_stack(data_dir)
     except StackError as exc:
         pytest.fail(str(exc))
     try:
         yield running
     finally:
         running.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

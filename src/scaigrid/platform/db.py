@@ -8,6 +8,7 @@ can drop or alter them by name).
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -90,7 +91,8 @@ def utcnow() -> datetime:
 def create_engine(url: str, *, foreign_keys: bool = True) -> AsyncEngine:
     """Create an async engine for ``url`` with the settings each dialect needs.
 
-    SQLite: creates the database file's directory (mode 0700), and sets WAL, a busy timeout
+    SQLite: creates the database file's directory (mode 0700) and the file itself (mode 0600,
+    so a data directory shared with a worker never exposes it), and sets WAL, a busy timeout
     and ``foreign_keys`` (on unless ``foreign_keys=False``, which migrations use so that
     batch table rebuilds work). Server databases: connections are pinged before use.
     """
@@ -98,6 +100,7 @@ def create_engine(url: str, *, foreign_keys: bool = True) -> AsyncEngine:
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.close(os.open(parsed.database, os.O_CREAT | os.O_WRONLY, 0o600))
         engine = _create_async_engine(url)
 
         @event.listens_for(engine.sync_engine, "connect")

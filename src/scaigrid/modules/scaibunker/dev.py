@@ -81,8 +81,14 @@ class DevWorker:
         self._process: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
-        """Mint a join token (unless the worker already has a credential) and start it."""
+        """Mint a join token (unless the worker already has a credential) and start it.
+
+        The worker's data directory sits inside the controller's, whose mode becomes 0711:
+        bunkers run under unprivileged host ids that must traverse (never list) it to reach
+        their root filesystems. Everything the controller keeps there has its own 0600 mode.
+        """
         self._data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._data_dir.parent.chmod(0o711)
         env = dict(os.environ)
         if not (self._data_dir / "credential").exists():
             async with self._state.db.sessionmaker() as session:

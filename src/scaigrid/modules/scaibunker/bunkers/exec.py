@@ -14,7 +14,7 @@ from scaigrid.ids import new_id
 from scaigrid.modules.scaibunker.bunkers.models import Bunker
 from scaigrid.modules.scaibunker.bunkers.schemas import ExecRequest
 from scaigrid.modules.scaibunker.state import ModuleState
-from scaigrid.protocol.link import InboundStream, LinkClosed, TaskKind
+from scaigrid.protocol.link import InboundStream, LinkClosed, OutboundStream, TaskKind
 
 log = structlog.get_logger(__name__)
 
@@ -67,6 +67,12 @@ class HeadTail:
 async def _drain(stream: InboundStream, sink: HeadTail) -> None:
     async for chunk in stream:
         sink.feed(chunk)
+
+
+async def _feed(stream: OutboundStream, data: bytes) -> None:
+    """Send stdin; a command that exits without reading it ends the task, which cancels this."""
+    await stream.write(data)
+    await stream.end()
 
 
 def _stdin_bytes(request: ExecRequest) -> bytes | None:
@@ -140,22 +146,26 @@ async def run_foreground(
     handle = await connection.start_task(
         TaskKind.EXEC_START, params, bunker_id=bunker.id, streams=streams
     )
-    drains = [
+    pumps = [
         asyncio.ensure_future(_drain(stdout, out)),
         asyncio.ensure_future(_drain(stderr, err)),
     ]
+    feeder = None
+    if stdin_stream is not None and stdin is not None:
+        feeder = asyncio.ensure_future(_feed(stdin_stream, stdin))
     try:
-        if stdin_stream is not None and stdin is not None:
-            await stdin_stream.write(stdin)
-            await stdin_stream.end()
         result = await handle.result(timeout_s + RESULT_GRACE_S)
-        await asyncio.wait_for(asyncio.gather(*drains), RESULT_GRACE_S)
+        await asyncio.wait_for(asyncio.gather(*pumps), RESULT_GRACE_S)
     except (LinkClosed, errors.AgentUnavailable, TimeoutError) as exc:
         log.warning("exec_agent_lost", bunker_id=bunker.id, exec_id=exec_id, error=str(exc))
         result = {"exec_id": exec_id, "pid": None, "status": "agent_lost", "exit_code": None}
     finally:
-        for drain in drains:
-            drain.cancel()
+        for pump in pumps:
+            pump.cancel()
+        if feeder is not None:
+            feeder.cancel()
+        if stdin_stream is not None:
+            stdin_stream.abandon()
         stdout.close()
         stderr.close()
     return {
