@@ -1212,7 +1212,8 @@ class ContainerDriver:
 
     def _check_spec_paths(self, spec: BunkerSpec) -> None:
         root_st = os.stat(spec.rootfs)
-        if (root_st.st_uid, root_st.st_gid) != (self.id_base, self.id_base):
+        mapped = range(self.id_base, self.id_base + ID_RANGE_SIZE)
+        if root_st.st_uid not in mapped or root_st.st_gid not in mapped:
             raise DriverError(
                 f"image tree {spec.rootfs} is not shifted to id base {self.id_base} "
                 f"(its root is owned by {root_st.st_uid}:{root_st.st_gid})"
