@@ -19,6 +19,8 @@ async def test_the_bunker_has_no_python_and_the_agent_is_pid_1(
     agent: AgentProcess, client: AgentClient
 ) -> None:
     assert not [p for p in agent.root.rglob("*python*") if ".scaibunker" not in p.parts]
+    home = (agent.root / "home/user").stat()
+    assert (home.st_uid, home.st_gid, home.st_mode & 0o7777) == (1000, 1000, 0o755)
     info = await client.ping()
     assert info["pid"] == 1
     assert info["protocol_version"] == 1

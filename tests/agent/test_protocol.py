@@ -16,6 +16,7 @@ from scaigrid.protocol.agent import (
     CHANNEL_GAP,
     CHANNEL_STDERR,
     CHANNEL_STDOUT,
+    MAX_ARGS_BYTES,
     STREAM_WINDOW_BYTES,
     AgentClient,
     AgentConnectionLost,
@@ -117,6 +118,16 @@ async def test_json_request_response_and_path_parameters(pair: Any) -> None:
     assert response.status == 200
     assert response.headers["content-type"] == "application/json"
     assert await response.json() == {"item": "abc"}
+
+
+async def test_large_arguments_fit_in_the_header_block_quickly(pair: Any) -> None:
+    client, _, _ = pair
+    args = {"env": {f"VAR_{i}": "v" * 1000 for i in range(900)}}
+    began = time.monotonic()
+    assert await (await client.request("GET", "/t/args", args, timeout_s=5)).json() == args
+    assert time.monotonic() - began < 2
+    with pytest.raises(ValueError):
+        await client.request("GET", "/t/args", {"x": "y" * MAX_ARGS_BYTES}, timeout_s=5)
 
 
 async def test_errors_carry_code_status_and_details(pair: Any) -> None:
