@@ -24,6 +24,7 @@ async def test_the_bunker_has_no_python_and_the_agent_is_pid_1(
     info = await client.ping()
     assert info["pid"] == 1
     assert info["protocol_version"] == 1
+    assert info["capabilities_missing"] == []
     result, out, _ = await run_exec(client, "echo $$; ls /.scaibunker/bin")
     assert result["status"] == "exited"
     assert b"python3" in out

@@ -116,6 +116,15 @@ async def error_of_put(client: AgentClient, path: str, body: bytes, **args: Any)
     return caught.value
 
 
+async def test_write_errors_for_a_directory_or_a_missing_parent(client: AgentClient) -> None:
+    await call(client, "POST", "/v1/files/mkdir", path="adir")
+    assert (await error_of_put(client, "adir", b"x")).code == "FILE_CONFLICT"
+    error = await error_of_put(client, "missing/parent/f", b"x", parents=False)
+    assert (error.code, error.status) == ("FILE_NOT_FOUND", 404)
+    result = await put(client, "made/on/demand/f", b"x")
+    assert result["path"] == "/home/user/made/on/demand/f"
+
+
 async def test_writing_follows_a_symlink_at_the_path(
     agent: AgentProcess, client: AgentClient
 ) -> None:

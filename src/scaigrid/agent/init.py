@@ -79,6 +79,31 @@ def protect_from_oom() -> int | None:
     return None
 
 
+#: Capabilities the agent needs (bit numbers from linux/capability.h): chown for the
+#: home, dac_override/fowner for file operations as root, kill to signal the user's
+#: processes, setuid/setgid to run execs and file operations as the user.
+REQUIRED_CAPABILITIES = {
+    "CAP_CHOWN": 0,
+    "CAP_DAC_OVERRIDE": 1,
+    "CAP_FOWNER": 3,
+    "CAP_KILL": 5,
+    "CAP_SETGID": 6,
+    "CAP_SETUID": 7,
+}
+
+
+def missing_capabilities() -> list[str]:
+    """Required capabilities absent from the agent's effective set (empty when all held,
+    or when ``/proc`` cannot tell)."""
+    try:
+        with open("/proc/self/status") as fh:
+            line = next(x for x in fh if x.startswith("CapEff:"))
+    except (OSError, StopIteration):
+        return []
+    effective = int(line.split()[1], 16)
+    return [name for name, bit in REQUIRED_CAPABILITIES.items() if not effective >> bit & 1]
+
+
 def ensure_home() -> None:
     """Create ``/home/user`` (uid 1000, gid 1000, 0755) when missing.
 

@@ -27,7 +27,7 @@ import sys
 from collections.abc import Callable
 
 from scaigrid.agent.execs import ExecManager, OomCounter
-from scaigrid.agent.init import ChildReaper, ensure_home, protect_from_oom
+from scaigrid.agent.init import ChildReaper, ensure_home, missing_capabilities, protect_from_oom
 from scaigrid.agent.routes import AgentService
 
 _log = logging.getLogger("scaigrid.agent")
@@ -213,4 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     oom_score_adj = protect_from_oom()
     ensure_home()
     _log.info("agent.starting pid=%d oom_score_adj=%s", os.getpid(), oom_score_adj)
+    missing = missing_capabilities()
+    if missing:
+        _log.warning("agent.capabilities_missing missing=%s", ",".join(missing))
     return asyncio.run(run(options))

@@ -17,6 +17,7 @@ from scaigrid.agent import files
 from scaigrid.agent.clock import rfc3339
 from scaigrid.agent.execs import ExecManager, ExecSpec, stream_output
 from scaigrid.agent.identity import HOME
+from scaigrid.agent.init import missing_capabilities
 from scaigrid.agent.validation import (
     get_bool,
     get_choice,
@@ -76,7 +77,11 @@ class AgentService:
 
     async def ping(self, request: ServerRequest) -> None:
         """``GET /v1/ping`` → ``{agent_version, protocol_version, uptime_s, pid,
-        started_at, running_processes}``."""
+        started_at, running_processes, capabilities_missing}``.
+
+        ``capabilities_missing`` lists required capabilities the agent lacks (execs as
+        ``user`` and file operations fail without them): a driver misconfiguration.
+        """
         running = sum(1 for p in self.execs.processes.values() if p.status == "running")
         await request.send_json(
             {
@@ -86,6 +91,7 @@ class AgentService:
                 "pid": os.getpid(),
                 "started_at": rfc3339(self.started_at),
                 "running_processes": running,
+                "capabilities_missing": missing_capabilities(),
             }
         )
 
