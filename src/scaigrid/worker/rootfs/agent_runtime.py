@@ -104,7 +104,7 @@ import scaigrid.agent.main
 for mod in list(sys.modules.values()):
     f = getattr(mod, "__file__", None) or ""
     if any(f.endswith(s) for s in m.EXTENSION_SUFFIXES):
-        print(f)
+        sys.stdout.write(f + "\n")
 """
 
 
@@ -157,16 +157,12 @@ def ensure_agent_runtime(cache_dir: Path) -> Path:
     Raises:
         AgentRuntimeError: the tree could not be built or does not start the agent.
     """
-    return _ensure(Path(cache_dir).resolve())
-
-
-@functools.cache
-def _ensure(cache_dir: Path) -> Path:
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    sources = _Sources.discover()
-    final = cache_dir / f"agent-runtime-{sources.key()[:20]}"
+    cache_dir = Path(cache_dir).resolve()
+    sources, key = _discover()
+    final = cache_dir / f"agent-runtime-{key[:20]}"
     if (final / "RUNTIME.json").is_file():
         return final
+    cache_dir.mkdir(parents=True, exist_ok=True)
     with open(cache_dir / ".agent-runtime.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (final / "RUNTIME.json").is_file():
@@ -181,6 +177,14 @@ def _ensure(cache_dir: Path) -> Path:
             shutil.rmtree(build, ignore_errors=True)
             raise
     return final
+
+
+@functools.cache
+def _discover() -> tuple[_Sources, str]:
+    # Discovery runs ldd and a probe interpreter and hashes ~25 MB (~0.5 s); the inputs
+    # do not change under a running worker, so once per process is enough.
+    sources = _Sources.discover()
+    return sources, sources.key()
 
 
 class _Sources:
