@@ -98,7 +98,7 @@ _EXTRA_EXTENSIONS = (
 #: Extension modules left out although asyncio imports them: the agent speaks no TLS,
 #: and asyncio runs without ``ssl`` (saving libssl and its load time at start-up).
 _EXCLUDED_EXTENSIONS = ("_ssl",)
-_PROBE = """
+_PROBE = r"""
 import sys, importlib.machinery as m
 import scaigrid.agent.main
 for mod in list(sys.modules.values()):
