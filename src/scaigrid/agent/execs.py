@@ -551,7 +551,10 @@ async def stream_output(
                 continue
             window = await request.writable()
             want = min(max(window - RECORD_HEADER.size, 4096), chunk_bytes)
-            start, data = ring.read(offset, min(want, max(limit - offset, 0)))
+            start, data = ring.read(offset, min(want, limit - offset))
+            # Output written after the exec finished (by a leftover background process)
+            # may have pushed the buffer past the result's end: never send beyond it.
+            data = data[: max(0, limit - start)]
             if start > offset:
                 gap = {"stream": name, "offset": start, "dropped_bytes": start - offset}
                 await request.write(encode_record(CHANNEL_GAP, dumps(gap).encode()))
