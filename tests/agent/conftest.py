@@ -37,11 +37,11 @@ BUSYBOX = Path("/bin/busybox")
 # Runs inside the new mount and pid namespaces as their PID 1, then becomes the agent.
 _LAUNCH = r"""
 set -e
-R=$1; RT=$2; S=$3; CG=$4; shift 4
+R=$1; RT=$2; S=$3; CG=$4; CGMODE=$5; shift 5
 if [ -n "$CG" ]; then
   echo $$ > "$CG/cgroup.procs"
   mount --bind "$CG" "$R/sys/fs/cgroup/memory"
-  mount -o remount,bind,ro "$R/sys/fs/cgroup/memory"
+  mount -o "remount,bind,$CGMODE" "$R/sys/fs/cgroup/memory"
 fi
 mount --bind "$RT" "$R/.scaibunker"
 mount -o remount,bind,ro "$R/.scaibunker"
@@ -103,16 +103,21 @@ class AgentProcess:
         workdir: Path,
         *extra_args: str,
         memory_cgroup: Path | None = None,
+        cgroups_manifest: dict[str, Any] | None = None,
         timeout_s: float = 15.0,
     ) -> AgentProcess:
         """Start an agent in a fresh busybox root under ``workdir``.
 
-        ``memory_cgroup``: a cgroup v1 memory directory the bunker joins; it is mounted
-        read-only at ``/sys/fs/cgroup/memory`` inside, as container runtimes do.
+        ``memory_cgroup``: a cgroup v1 memory directory the bunker joins, mounted at
+        ``/sys/fs/cgroup/memory`` inside: read-only as container runtimes do, or
+        read-write (delegated) when a ``cgroups_manifest`` is given, which is written
+        next to the agent's socket as the container driver does.
         """
         root = make_root(workdir / "root")
         sockdir = workdir / "sock"
         sockdir.mkdir()
+        if cgroups_manifest is not None:
+            (sockdir / "cgroups.json").write_text(json.dumps(cgroups_manifest))
         argv = [*agent_argv(SOCKET_IN_BUNKER), "--shutdown-grace-s", "0.5", *extra_args]
         began = time.monotonic()
         log = open(workdir / "agent.log", "wb")  # noqa: SIM115 - closed with the process
@@ -132,6 +137,7 @@ class AgentProcess:
             str(runtime),
             str(sockdir),
             str(memory_cgroup or ""),
+            "rw" if cgroups_manifest is not None else "ro",
             *argv,
             env=agent_env(),
             stdout=log,

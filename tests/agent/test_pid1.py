@@ -139,3 +139,55 @@ async def test_an_exec_killed_by_the_oom_killer_is_reported_as_oom_killed(
         await connection.close()
     finally:
         await agent.stop()
+
+
+async def test_execs_join_the_workload_cgroup_of_the_manifest(
+    agent_runtime: Path, tmp_path: Path, memory_cgroup: Path
+) -> None:
+    manifest = {
+        "version": 1,
+        "cgroup_version": 1,
+        "controllers": {"memory": "/sys/fs/cgroup/memory"},
+        "workload": {
+            "name": "workload",
+            "oom_score_adj": 500,
+            "setup": [
+                {"op": "mkdir", "path": "/sys/fs/cgroup/memory/workload"},
+                {
+                    "op": "write",
+                    "path": "/sys/fs/cgroup/memory/workload/memory.limit_in_bytes",
+                    "value": str(64 << 20),
+                },
+            ],
+            "procs": ["/sys/fs/cgroup/memory/workload/cgroup.procs"],
+        },
+    }
+    agent = await AgentProcess.start(
+        agent_runtime, tmp_path, memory_cgroup=memory_cgroup, cgroups_manifest=manifest
+    )
+    try:
+        connection = await agent.connect()
+        _, out, _ = await run_exec(
+            connection, "grep memory /proc/self/cgroup; cat /proc/self/oom_score_adj"
+        )
+        cgroup_line, adj = out.decode().split()
+        assert cgroup_line.endswith(f"{memory_cgroup.name}/workload")
+        assert adj == "500"
+        _, out, _ = await run_exec(connection, "grep memory /proc/1/cgroup", user="root")
+        assert out.decode().strip().endswith(memory_cgroup.name)
+        assert (memory_cgroup / "workload/memory.limit_in_bytes").read_text().strip() == str(
+            64 << 20
+        )
+        result, _, _ = await run_exec(connection, "dd if=/dev/zero of=/dev/null bs=200M count=1")
+        assert (result["status"], result["signal"]) == ("oom_killed", "SIGKILL")
+        assert (await connection.ping())["pid"] == 1
+        await connection.close()
+    finally:
+        await agent.stop()
+        workload = memory_cgroup / "workload"
+        for _ in range(100):
+            try:
+                workload.rmdir()
+                break
+            except OSError:
+                await asyncio.sleep(0.05)

@@ -27,6 +27,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
+from scaigrid.agent.cgroups import Workload
 from scaigrid.agent.clock import rfc3339
 from scaigrid.agent.identity import DEFAULT_PATH, Identity
 from scaigrid.agent.init import ChildReaper
@@ -88,6 +89,16 @@ class OomCounter:
     def __init__(self, path: str | None, key: str | None) -> None:
         self.path = path
         self.key = key
+
+    @classmethod
+    def for_workload(cls, workload: Workload) -> OomCounter:
+        """The workload cgroup's counter when the manifest names a readable one, else
+        :meth:`discover`."""
+        if workload.oom_counter is not None:
+            counter = cls(*workload.oom_counter)
+            if counter.read() is not None:
+                return counter
+        return cls.discover()
 
     @classmethod
     def discover(cls) -> OomCounter:
@@ -279,6 +290,7 @@ class ExecManager:
         oom: the bunker's OOM-kill counter.
         retained_output_bytes: budget for output buffers of finished processes.
         base_env: the agent's environment (image env + bunker env vars).
+        workload: the cgroups and ``oom_score_adj`` every exec gets.
     """
 
     def __init__(
@@ -288,9 +300,11 @@ class ExecManager:
         *,
         retained_output_bytes: int,
         base_env: dict[str, str],
+        workload: Workload | None = None,
     ) -> None:
         self._reaper = reaper
         self.oom = oom
+        self.workload = workload or Workload()
         self._retained_output_bytes = retained_output_bytes
         self._base_env = base_env
         self.processes: dict[str, ExecProcess] = {}
@@ -342,6 +356,8 @@ class ExecManager:
                 stdin_fd=in_r,
                 stdout_fd=out_w,
                 stderr_fd=err_w,
+                cgroup_procs=self.workload.procs,
+                oom_score_adj=self.workload.oom_score_adj,
             )
         except OSError as exc:
             for fd in fds:

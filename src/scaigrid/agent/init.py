@@ -5,7 +5,8 @@
   status to whoever watches that pid. asyncio's child watchers are not used (they would
   race with this reaper for the same statuses).
 * Keep the agent alive under memory pressure: its own ``oom_score_adj`` goes as low as
-  the kernel allows; execs reset theirs to 0 (see :mod:`scaigrid.agent.spawn`).
+  the kernel allows; execs reset theirs to 0, or to what the cgroups manifest says
+  (see :mod:`scaigrid.agent.spawn` and :mod:`scaigrid.agent.cgroups`).
 * Make sure the guest user's home exists.
 """
 

@@ -9,6 +9,9 @@ the agent's pid namespace (``SO_PEERCRED``), and a process of an ancestor namesp
 (the worker) shows as pid 0. Any other peer is a process inside the bunker and is
 dropped. ``--trust-any-peer`` turns the check off and exists for tests only.
 
+A ``cgroups.json`` next to the socket places execs in the bunker's workload cgroup
+(:mod:`scaigrid.agent.cgroups`).
+
 Signals: SIGTERM and SIGINT shut down (execs get SIGTERM, then SIGKILL after
 ``--shutdown-grace-s``); SIGHUP, SIGUSR1 and SIGUSR2 are logged and ignored.
 """
@@ -26,6 +29,7 @@ import struct
 import sys
 from collections.abc import Callable
 
+from scaigrid.agent.cgroups import MANIFEST_NAME, load_workload
 from scaigrid.agent.execs import ExecManager, OomCounter
 from scaigrid.agent.init import ChildReaper, ensure_home, missing_capabilities, protect_from_oom
 from scaigrid.agent.routes import AgentService
@@ -137,11 +141,13 @@ async def run(options: Options) -> int:
         loop.add_signal_handler(signum, stopping.set)
     for signum in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
         loop.add_signal_handler(signum, _log.info, "agent.signal_ignored signal=%s", signum)
+    workload = load_workload(os.path.join(os.path.dirname(options.listen), MANIFEST_NAME))
     execs = ExecManager(
         reaper,
-        OomCounter.discover(),
+        OomCounter.for_workload(workload),
         retained_output_bytes=options.retained_output_bytes,
         base_env=dict(os.environ),
+        workload=workload,
     )
     router = AgentService(execs, ring_buffer_bytes=options.ring_buffer_bytes).router()
     connections: set[asyncio.Task[object]] = set()

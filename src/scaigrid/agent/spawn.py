@@ -1,7 +1,8 @@
 """Start one exec's process: fork, set up the child, exec (SPEC §3.2).
 
 The child gets a new session (so its own process group), stdin/stdout/stderr on the
-given fds, ``oom_score_adj`` 0, default signal dispositions and an empty signal mask,
+given fds, the workload cgroup and its ``oom_score_adj`` (0 without a cgroups manifest,
+see :mod:`scaigrid.agent.cgroups`), default signal dispositions and an empty signal mask,
 the acting user's ids, umask 022 and ``cwd``. If the working directory or the
 executable cannot be used, the child writes the reason to its stderr and exits with
 127 (126 when the file exists but cannot be executed), so the exec completes normally
@@ -35,6 +36,8 @@ def spawn(
     stdin_fd: int,
     stdout_fd: int,
     stderr_fd: int,
+    cgroup_procs: tuple[str, ...] = (),
+    oom_score_adj: int = 0,
 ) -> int:
     """Fork and exec ``argv``; return the child's pid.
 
@@ -45,6 +48,9 @@ def spawn(
         cwd: absolute working directory (entered as the acting user).
         identity: the user the child runs as.
         stdin_fd, stdout_fd, stderr_fd: fds that become 0, 1 and 2 in the child.
+        cgroup_procs: ``cgroup.procs`` files the child moves itself into while still
+            root (failures leave it in the agent's cgroup).
+        oom_score_adj: the child's ``oom_score_adj``.
 
     Raises:
         OSError: ``fork()`` failed (e.g. EAGAIN at the bunker's pids limit).
@@ -55,7 +61,16 @@ def spawn(
         try:
             pid = os.fork()
             if pid == 0:
-                _child(argv, search_path, env, cwd, identity, (stdin_fd, stdout_fd, stderr_fd))
+                _child(
+                    argv,
+                    search_path,
+                    env,
+                    cwd,
+                    identity,
+                    (stdin_fd, stdout_fd, stderr_fd),
+                    cgroup_procs,
+                    oom_score_adj,
+                )
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         os.close(ready_w)
@@ -77,6 +92,8 @@ def _child(
     cwd: str,
     identity: Identity,
     fds: tuple[int, int, int],
+    cgroup_procs: tuple[str, ...],
+    oom_score_adj: int,
 ) -> NoReturn:
     try:
         signal.set_wakeup_fd(-1)
@@ -91,11 +108,9 @@ def _child(
         os.setsid()
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
-        try:
-            with open("/proc/self/oom_score_adj", "w") as fh:
-                fh.write("0")
-        except OSError:
-            pass
+        for procs in cgroup_procs:
+            _write_quietly(procs, "0")
+        _write_quietly("/proc/self/oom_score_adj", str(oom_score_adj))
         if can_switch():
             os.setgroups(list(identity.groups))
             os.setresgid(identity.gid, identity.gid, identity.gid)
@@ -116,6 +131,14 @@ def _child(
     except BaseException as exc:
         _fail(f"cannot start process: {exc!r}", 127)
     os._exit(127)
+
+
+def _write_quietly(path: str, value: str) -> None:
+    try:
+        with open(path, "w") as fh:
+            fh.write(value)
+    except OSError:
+        return
 
 
 def _fail(message: str, code: int) -> NoReturn:
