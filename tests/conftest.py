@@ -62,6 +62,7 @@ def make_settings(data_dir: Path, **overrides: Any) -> Settings:
         "data_dir": data_dir,
         "database_url": f"sqlite+aiosqlite:///{data_dir / DB_FILE}",
         "log_level": "WARNING",
+        "auth_cache_ttl_s": 0,
         **overrides,
     }
     return Settings(**values)

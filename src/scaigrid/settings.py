@@ -91,6 +91,12 @@ class Settings(BaseSettings):
         description="Run one local worker beside the controller (the embedded default; "
         "`scaigrid serve --dev` sets it).",
     )
+    auth_cache_ttl_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="Seconds a resolved API key is kept in memory, saving a database round "
+        "trip per request; a key revoked elsewhere keeps working at most this long (0 = off).",
+    )
     migrate_on_start: bool = Field(
         default=True,
         description="Run database migrations when the server starts. With several "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Annotated, Any
 
 import httpx
@@ -12,10 +13,11 @@ import pytest
 from fastapi import Depends, FastAPI
 from sqlalchemy import update
 
+from scaigrid import errors
 from scaigrid.ids import new_secret
 from scaigrid.platform.auth import Principal, require
 from scaigrid.platform.auth.models import ApiKey
-from scaigrid.platform.auth.service import revoke_api_key
+from scaigrid.platform.auth.service import PrincipalCache, authenticate, hash_key, revoke_api_key
 from scaigrid.platform.db import Database, utcnow
 from scaigrid.platform.envelope import ok
 from scaigrid.platform.permissions import Role
@@ -158,3 +160,23 @@ async def test_principal_carries_tenant_partner_and_key(
         alice.api_key_id,
         "tenant_user",
     )
+
+
+async def test_principal_cache_skips_the_database_until_the_entry_expires(
+    tmp_path: Path, make_identity: MakeIdentity, platform_app: FastAPI
+) -> None:
+    db: Database = platform_app.state.db
+    identity = await make_identity()
+    cache = PrincipalCache(ttl_s=60)
+    first = await authenticate(db, identity.key, cache)
+    async with db.sessionmaker() as session:
+        await session.execute(
+            update(ApiKey).where(ApiKey.id == identity.api_key_id).values(revoked_at=utcnow())
+        )
+        await session.commit()
+    assert await authenticate(db, identity.key, cache) == first
+    cache.invalidate(hash_key(identity.key))
+    with pytest.raises(errors.AuthTokenInvalid):
+        await authenticate(db, identity.key, cache)
+    with pytest.raises(errors.AuthTokenInvalid):
+        await authenticate(db, identity.key, PrincipalCache(ttl_s=0))

@@ -38,7 +38,14 @@ def _free_port() -> int:
 
 def _env(data_dir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SCAIGRID_")}
-    return {**env, "SCAIGRID_DATA_DIR": str(data_dir), "SCAIGRID_LOG_LEVEL": "INFO"}
+    # The walkthrough revokes a key from another process (the CLI): no principal cache, so
+    # the revocation is visible to the very next request.
+    return {
+        **env,
+        "SCAIGRID_DATA_DIR": str(data_dir),
+        "SCAIGRID_LOG_LEVEL": "INFO",
+        "SCAIGRID_AUTH_CACHE_TTL_S": "0",
+    }
 
 
 def _cli(env: dict[str, str], *args: str) -> str:

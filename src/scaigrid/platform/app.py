@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry
 from starlette.middleware import Middleware
 
 from scaigrid import __version__
+from scaigrid.platform.auth.service import PrincipalCache
 from scaigrid.platform.bootstrap import bootstrap
 from scaigrid.platform.db import Database
 from scaigrid.platform.handlers import EXCEPTION_HANDLERS
@@ -111,6 +112,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.db = None
     app.state.metrics_registry = registry
+    app.state.principal_cache = PrincipalCache(settings.auth_cache_ttl_s)
     app.state.modules = {module.name: module for module in modules}
     app.include_router(system_router)
     if settings.mode == "full":

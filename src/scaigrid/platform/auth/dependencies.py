@@ -31,7 +31,8 @@ async def current_principal(request: HTTPConnection) -> Principal:
     scheme, _, credential = header.partition(" ")
     if scheme.lower() != "bearer" or not credential.strip():
         raise errors.AuthTokenInvalid("The Authorization header must be 'Bearer <credential>'")
-    principal = await authenticate(get_database(request), credential.strip())
+    cache = getattr(request.app.state, "principal_cache", None)
+    principal = await authenticate(get_database(request), credential.strip(), cache)
     request.state.principal = principal
     return principal
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import re
-from datetime import timedelta
+import time
+from datetime import datetime, timedelta
 
 import structlog
 from sqlalchemy import or_, select, update
@@ -73,8 +74,45 @@ async def revoke_api_key(session: AsyncSession, ref: str) -> ApiKey:
     return key
 
 
-async def authenticate(db: Database, secret: str) -> Principal:
-    """Resolve an API key secret to the :class:`Principal` it acts for.
+class PrincipalCache:
+    """Recently resolved API keys, so a busy key costs no database round trip per request.
+
+    An entry lives ``ttl_s`` seconds (``SCAIGRID_AUTH_CACHE_TTL_S``), so a revoked key stops
+    working within that time; :meth:`invalidate` drops a key at once.
+
+    Args:
+        ttl_s: lifetime of an entry, in seconds.
+        max_entries: entries kept at most; the cache is emptied when it would grow past this.
+    """
+
+    def __init__(self, ttl_s: float = 5.0, max_entries: int = 10_000) -> None:
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self._entries: dict[str, tuple[float, Principal, datetime]] = {}
+
+    def get(self, key_hash: str) -> tuple[Principal, datetime] | None:
+        """The cached ``(principal, last_used_at)`` of ``key_hash`` if not expired."""
+        entry = self._entries.get(key_hash)
+        if entry is None or entry[0] < time.monotonic():
+            return None
+        return entry[1], entry[2]
+
+    def put(self, key_hash: str, principal: Principal, last_used_at: datetime) -> None:
+        """Remember ``principal`` (and when its key was last marked used) for ``ttl_s``."""
+        if self.ttl_s <= 0:
+            return
+        if len(self._entries) >= self.max_entries:
+            self._entries.clear()
+        self._entries[key_hash] = (time.monotonic() + self.ttl_s, principal, last_used_at)
+
+    def invalidate(self, key_hash: str) -> None:
+        """Forget ``key_hash`` (its key was revoked)."""
+        self._entries.pop(key_hash, None)
+
+
+async def authenticate(db: Database, secret: str, cache: PrincipalCache | None = None) -> Principal:
+    """Resolve an API key secret to the :class:`Principal` it acts for (cached, see
+    :class:`PrincipalCache`).
 
     Raises:
         AuthTokenInvalid: malformed, unknown or revoked key, or a credential of another kind
@@ -82,11 +120,19 @@ async def authenticate(db: Database, secret: str) -> Principal:
     """
     if not API_KEY_RE.fullmatch(secret):
         raise errors.AuthTokenInvalid("The credential is not a valid API key")
+    key_hash = hash_key(secret)
+    now = utcnow()
+    if cache is not None and (cached := cache.get(key_hash)) is not None:
+        known, marked_at = cached
+        if now - marked_at >= LAST_USED_RESOLUTION and known.api_key_id is not None:
+            await _touch(db, known.api_key_id)
+            cache.put(key_hash, known, now)
+        return known
     query = (
         select(ApiKey, User, Tenant)
         .join(User, User.id == ApiKey.user_id)
         .join(Tenant, Tenant.id == User.tenant_id)
-        .where(ApiKey.key_hash == hash_key(secret))
+        .where(ApiKey.key_hash == key_hash)
     )
     async with db.sessionmaker() as session:
         row = (await session.execute(query)).first()
@@ -95,11 +141,12 @@ async def authenticate(db: Database, secret: str) -> Principal:
     key, user, tenant = row
     if key.revoked_at is not None:
         raise errors.AuthTokenInvalid("The API key has been revoked")
-    now = utcnow()
-    if key.last_used_at is None or now - key.last_used_at >= LAST_USED_RESOLUTION:
+    last_used_at: datetime | None = key.last_used_at
+    if last_used_at is None or now - last_used_at >= LAST_USED_RESOLUTION:
         await _touch(db, key.id)
+        last_used_at = now
     role = Role(user.role)
-    return Principal(
+    principal = Principal(
         user_id=user.id,
         tenant_id=tenant.id,
         partner_id=tenant.partner_id,
@@ -107,6 +154,9 @@ async def authenticate(db: Database, secret: str) -> Principal:
         api_key_id=key.id,
         permissions=permissions_for_role(role),
     )
+    if cache is not None:
+        cache.put(key_hash, principal, last_used_at)
+    return principal
 
 
 async def _touch(db: Database, key_id: str) -> None:
