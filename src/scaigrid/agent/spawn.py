@@ -98,7 +98,8 @@ def _child(
     try:
         signal.set_wakeup_fd(-1)
         for signum in signal.valid_signals():
-            if signum in _UNBLOCKABLE:
+            # Only dispositions Python changed need a system call; the rest are default.
+            if signum in _UNBLOCKABLE or signal.getsignal(signum) in (signal.SIG_DFL, None):
                 continue
             try:
                 signal.signal(signum, signal.SIG_DFL)
