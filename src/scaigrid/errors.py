@@ -47,7 +47,9 @@ class ScaiGridError(Exception):
 
 
 def _make(name: str, code: str, status: int, base: type[ScaiGridError]) -> type[ScaiGridError]:
-    return type(name, (base,), {"code": code, "status_code": status, "__doc__": f"``{code}`` ({status})."})
+    return type(
+        name, (base,), {"code": code, "status_code": status, "__doc__": f"``{code}`` ({status})."}
+    )
 
 
 class NotFound(ScaiGridError):
@@ -92,7 +94,9 @@ class InternalError(ScaiGridError):
 AuthTokenMissing = _make("AuthTokenMissing", "AUTH_TOKEN_MISSING", 401, Unauthorized)
 AuthTokenInvalid = _make("AuthTokenInvalid", "AUTH_TOKEN_INVALID", 401, Unauthorized)
 SessionExpired = _make("SessionExpired", "SESSION_EXPIRED", 401, Unauthorized)
-AuthzPermissionDenied = _make("AuthzPermissionDenied", "AUTHZ_PERMISSION_DENIED", 403, PermissionDenied)
+AuthzPermissionDenied = _make(
+    "AuthzPermissionDenied", "AUTHZ_PERMISSION_DENIED", 403, PermissionDenied
+)
 ModuleNotEnabled = _make("ModuleNotEnabled", "MODULE_NOT_ENABLED", 403, PermissionDenied)
 ValidationFailed = _make("ValidationFailed", "VALIDATION_ERROR", 422, ScaiGridError)
 RangeNotSatisfiable = _make("RangeNotSatisfiable", "VALIDATION_ERROR", 416, ScaiGridError)
@@ -115,7 +119,9 @@ FileConflict = _make("FileConflict", "FILE_CONFLICT", 409, Conflict)
 FileAccessDenied = _make("FileAccessDenied", "FILE_ACCESS_DENIED", 403, PermissionDenied)
 BunkerDiskFull = _make("BunkerDiskFull", "BUNKER_DISK_FULL", 507, ScaiGridError)
 WorkerNotFound = _make("WorkerNotFound", "WORKER_NOT_FOUND", 404, NotFound)
-NetworkProfileDenied = _make("NetworkProfileDenied", "NETWORK_PROFILE_DENIED", 403, PermissionDenied)
+NetworkProfileDenied = _make(
+    "NetworkProfileDenied", "NETWORK_PROFILE_DENIED", 403, PermissionDenied
+)
 LifecycleModeDenied = _make("LifecycleModeDenied", "LIFECYCLE_MODE_DENIED", 403, PermissionDenied)
 InterfacesNotAllowed = _make("InterfacesNotAllowed", "INTERFACES_NOT_ALLOWED", 422, ScaiGridError)
 TransitMissingInterfaces = _make(
@@ -126,9 +132,13 @@ ObjectNotFound = _make("ObjectNotFound", "OBJECT_NOT_FOUND", 404, NotFound)
 
 _BY_CODE: dict[str, type[ScaiGridError]] = {}
 for _cls in list(globals().values()):
-    if isinstance(_cls, type) and issubclass(_cls, ScaiGridError) and _cls.code not in _BY_CODE:
-        if _cls.status_code not in (413, 416):
-            _BY_CODE[_cls.code] = _cls
+    if (
+        isinstance(_cls, type)
+        and issubclass(_cls, ScaiGridError)
+        and _cls.code not in _BY_CODE
+        and _cls.status_code not in (413, 416)
+    ):
+        _BY_CODE[_cls.code] = _cls
 
 
 def from_code(

@@ -12,7 +12,22 @@ import secrets
 from ulid import ULID
 
 PREFIXES = frozenset(
-    {"bnk", "img", "snp", "wrk", "brg", "avg", "exe", "shs", "wjt", "req", "ten", "usr", "ptn", "key"}
+    {
+        "bnk",
+        "img",
+        "snp",
+        "wrk",
+        "brg",
+        "avg",
+        "exe",
+        "shs",
+        "wjt",
+        "req",
+        "ten",
+        "usr",
+        "ptn",
+        "key",
+    }
 )
 
 _ID_RE = re.compile(r"^(?P<prefix>[a-z]{3})_[0-9A-HJKMNP-TV-Z]{26}$")
