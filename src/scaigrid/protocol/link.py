@@ -59,6 +59,8 @@ class TaskKind:
 
     BUNKER_CREATE = "bunker.create"
     BUNKER_DESTROY = "bunker.destroy"
+    BUNKER_PAUSE = "bunker.pause"
+    BUNKER_RESUME = "bunker.resume"
     IMAGE_BAKE = "image.bake"
     EXEC_START = "exec.start"
     FILES_WRITE = "files.write"
