@@ -11,6 +11,8 @@ DEBIAN_PACKAGES=(
   e2fsprogs            # mkfs.ext4 for the size-capped writable layer
   busybox-static       # busybox-only test images
   zstd                 # .tar.zst image tarballs
+  skopeo umoci         # OCI image sources: registry pull (skopeo) and layer unpack (umoci)
+  docker-registry      # local registry the image tests push to and pull from
   iproute2 util-linux  # ip, mount, losetup, unshare
   python3-venv
 )
