@@ -69,6 +69,7 @@ BAKE_FAILED: Final = "BAKE_FAILED"
 CREATE_DEADLINE_S: Final = 1800.0
 BAKE_DEADLINE_S: Final = 1800.0
 DESTROY_DEADLINE_S: Final = 60.0
+PAUSE_DEADLINE_S: Final = 10.0
 FILES_CALL_DEADLINE_S: Final = 60.0
 FILES_STREAM_DEADLINE_S: Final = 3600.0
 #: Exec timeout assumed for the deadline when the task gives none (SPEC §3.2 maximum).
@@ -144,6 +145,12 @@ class TaskHandlers:
                 self.bunker_create, CREATE_DEADLINE_S, timeout_code="BOOT_FAILED"
             ),
             TaskKind.BUNKER_DESTROY: HandlerSpec(self.bunker_destroy, DESTROY_DEADLINE_S),
+            TaskKind.BUNKER_PAUSE: HandlerSpec(
+                self.bunker_pause, PAUSE_DEADLINE_S, timeout_code="AGENT_UNAVAILABLE"
+            ),
+            TaskKind.BUNKER_RESUME: HandlerSpec(
+                self.bunker_resume, PAUSE_DEADLINE_S, timeout_code="AGENT_UNAVAILABLE"
+            ),
             IMAGE_BAKE: HandlerSpec(self.image_bake, BAKE_DEADLINE_S, timeout_code=BAKE_FAILED),
             TaskKind.EXEC_START: HandlerSpec(
                 _agent_errors(self.exec_start),
@@ -188,6 +195,24 @@ class TaskHandlers:
         except DriverError as exc:
             message = f"bunker {bunker_id} could not be stopped: {exc}"
             raise TaskFailed("INTERNAL_ERROR", message) from exc
+        return {}
+
+    async def bunker_pause(self, task: Task) -> dict[str, Any]:
+        """``bunker.pause`` → ``{}``: freeze every process of the bunker (idempotent)."""
+        bunker_id = task.require_bunker_id()
+        try:
+            await self._bunkers.pause(bunker_id)
+        except DriverError as exc:
+            raise TaskFailed("AGENT_UNAVAILABLE", f"bunker {bunker_id} not paused: {exc}") from exc
+        return {}
+
+    async def bunker_resume(self, task: Task) -> dict[str, Any]:
+        """``bunker.resume`` → ``{}``: thaw a paused bunker (idempotent)."""
+        bunker_id = task.require_bunker_id()
+        try:
+            await self._bunkers.resume(bunker_id)
+        except DriverError as exc:
+            raise TaskFailed("AGENT_UNAVAILABLE", f"bunker {bunker_id} not resumed: {exc}") from exc
         return {}
 
     async def image_bake(self, task: Task) -> dict[str, Any]:
