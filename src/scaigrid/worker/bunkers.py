@@ -68,13 +68,16 @@ class BunkerState(StrEnum):
 
     PROVISIONING = "provisioning"
     RUNNING = "running"
+    PAUSED = "paused"
     STOPPING = "stopping"
     STOPPED = "stopped"
     FAILED = "failed"
 
 
 #: States whose resources count as allocated on this worker.
-_HOLDING = frozenset({BunkerState.PROVISIONING, BunkerState.RUNNING, BunkerState.STOPPING})
+_HOLDING = frozenset(
+    {BunkerState.PROVISIONING, BunkerState.RUNNING, BunkerState.PAUSED, BunkerState.STOPPING}
+)
 
 
 class BootFailed(TaskFailed):
@@ -441,6 +444,49 @@ class BunkerSupervisor:
             await agent.close()
         await record.driver.stop(record.bunker_id)
 
+    # -- pause and resume --------------------------------------------------------------
+
+    async def pause(self, bunker_id: str) -> None:
+        """Freeze every process of a running bunker (idempotent on a paused one).
+
+        Raises:
+            BunkerNotFound: ``BUNKER_NOT_FOUND``, this worker does not hold the bunker.
+            BunkerNotRunning: ``BUNKER_NOT_RUNNING``, the bunker is neither running nor paused.
+            DriverError: the driver could not freeze it.
+        """
+        record = self._live(bunker_id)
+        if record.state is BunkerState.PAUSED:
+            return
+        assert record.handle is not None
+        await record.driver.pause(record.handle)
+        record.state = BunkerState.PAUSED
+        log.info("bunker_paused", bunker_id=bunker_id)
+
+    async def resume(self, bunker_id: str) -> None:
+        """Thaw a paused bunker (idempotent on a running one).
+
+        Raises:
+            BunkerNotFound: ``BUNKER_NOT_FOUND``, this worker does not hold the bunker.
+            BunkerNotRunning: ``BUNKER_NOT_RUNNING``, the bunker is neither running nor paused.
+            DriverError: the driver could not thaw it.
+        """
+        record = self._live(bunker_id)
+        if record.state is BunkerState.RUNNING:
+            return
+        assert record.handle is not None
+        await record.driver.resume(record.handle)
+        record.state = BunkerState.RUNNING
+        log.info("bunker_resumed", bunker_id=bunker_id)
+
+    def _live(self, bunker_id: str) -> _Bunker:
+        record = self._bunkers.get(bunker_id)
+        if record is None:
+            raise BunkerNotFound(f"bunker {bunker_id} is not on this worker")
+        live = (BunkerState.RUNNING, BunkerState.PAUSED)
+        if record.state not in live or record.handle is None:
+            raise BunkerNotRunning(f"bunker {bunker_id} is {record.state}")
+        return record
+
     # -- agent access ------------------------------------------------------------------
 
     async def agent(self, bunker_id: str) -> AgentClient:
@@ -481,7 +527,7 @@ class BunkerSupervisor:
     async def _watch(self, record: _Bunker) -> None:
         assert record.handle is not None
         status = await record.handle.wait_exit()
-        if record.state is not BunkerState.RUNNING:
+        if record.state not in (BunkerState.RUNNING, BunkerState.PAUSED):
             return
         record.state = BunkerState.FAILED
         log.warning("bunker_exited", bunker_id=record.bunker_id, status=status)
