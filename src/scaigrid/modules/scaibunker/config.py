@@ -46,3 +46,14 @@ class ModuleConfig:
         }
     )
     exec_limits: ExecLimits = field(default_factory=ExecLimits)
+    #: Seconds between reaper passes (SPEC §2.5: a bunker leaves ``running``/``paused`` no
+    #: later than 10 s after its deadline).
+    reaper_interval_s: float = 2.0
+    #: Seconds between heartbeat-monitor passes (SPEC §10.6: every 5 s).
+    monitor_interval_s: float = 5.0
+    #: A worker silent this many seconds is lost (SPEC §10.5).
+    worker_lost_after_s: float = 15.0
+    #: A persistent bunker not re-placed within this many seconds fails (SPEC §10.6).
+    reschedule_give_up_s: float = 600.0
+    #: Seconds between usage records of one bunker (SPEC §1.9).
+    usage_interval_s: float = 60.0

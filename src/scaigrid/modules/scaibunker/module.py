@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from fastapi import APIRouter, FastAPI
 
+from scaigrid.modules.scaibunker import lifecycle
 from scaigrid.modules.scaibunker.bunkers.router import router as bunkers_router
 from scaigrid.modules.scaibunker.dev import DevWorker, seed_default_image
 from scaigrid.modules.scaibunker.images.router import router as images_router
@@ -30,6 +31,7 @@ class ScaiBunkerModule:
         settings: Settings = app.state.settings
         state = ModuleState(app.state.db, settings)
         app.state.scaibunker = state
+        lifecycle.start(state)
         if settings.dev_worker:
             await seed_default_image(state)
             worker = DevWorker(state, settings.public_url, settings.data_dir / "worker")

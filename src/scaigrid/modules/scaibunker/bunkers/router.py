@@ -48,8 +48,7 @@ def _require_root(principal: Principal, user: str) -> None:
 
 
 async def _owned_running(state: ModuleState, principal: Principal, bunker_id: str) -> Bunker:
-    async with state.db.sessionmaker() as session:
-        return await service.get_owned_running(session, principal, bunker_id)
+    return await service.ensure_running(state, principal, bunker_id)
 
 
 @router.post("/bunkers", status_code=201)
@@ -110,6 +109,24 @@ async def terminate_bunker(
 ) -> JSONResponse:
     """Terminate a bunker (idempotent on stopping and terminal bunkers)."""
     bunker = await service.terminate_bunker(state, session, principal, bunker_id)
+    return ok(service.bunker_to_dict(bunker))
+
+
+@router.post("/bunkers/{bunker_id}/pause")
+async def pause_bunker(
+    bunker_id: str, principal: CreatorDep, state: StateDep, session: SessionDep
+) -> JSONResponse:
+    """Freeze every process of a running bunker (idempotent on a paused one)."""
+    bunker = await service.pause_bunker(state, session, principal, bunker_id)
+    return ok(service.bunker_to_dict(bunker))
+
+
+@router.post("/bunkers/{bunker_id}/resume")
+async def resume_bunker(
+    bunker_id: str, principal: CreatorDep, state: StateDep, session: SessionDep
+) -> JSONResponse:
+    """Thaw a paused bunker (idempotent on a running one)."""
+    bunker = await service.resume_bunker(state, session, principal, bunker_id)
     return ok(service.bunker_to_dict(bunker))
 
 

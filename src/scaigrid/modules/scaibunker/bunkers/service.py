@@ -32,6 +32,7 @@ log = structlog.get_logger(__name__)
 
 PROVISIONING_TIMEOUT_S = 120.0
 DESTROY_TIMEOUT_S = 30.0
+PAUSE_TIMEOUT_S = 10.0
 MASK = "***"
 
 
@@ -112,24 +113,117 @@ async def get_visible(
     return bunker
 
 
-async def get_owned_running(session: AsyncSession, principal: Principal, bunker_id: str) -> Bunker:
-    """Load a bunker the caller owns, for exec, files and shell (owner-only, SPEC §1.11).
+async def ensure_running(state: ModuleState, principal: Principal, bunker_id: str) -> Bunker:
+    """Load a bunker the caller owns, ready for exec, files and shell (SPEC §1.11, §2.6).
+
+    A bunker its idle timer paused (``status_reason: idle_timeout``) is resumed first and the
+    call proceeds once it runs; ``last_activity_at`` is set to now. Uses its own session.
 
     Raises:
         errors.BunkerNotFound: unknown or not owned by the caller.
-        errors.BunkerNotRunning: the bunker is not ``running``.
+        errors.BunkerNotRunning: not ``running`` (and not idle-paused).
+        errors.AgentUnavailable: the idle-paused bunker's worker did not resume it.
     """
-    bunker = await session.get(Bunker, bunker_id)
-    if (
-        bunker is None
-        or bunker.owner_user_id != principal.user_id
-        or bunker.tenant_id != principal.tenant_id
-    ):
-        raise errors.BunkerNotFound(f"bunker {bunker_id} not found")
+    async with state.db.sessionmaker() as session:
+        bunker = await session.get(Bunker, bunker_id)
+        if (
+            bunker is None
+            or bunker.owner_user_id != principal.user_id
+            or bunker.tenant_id != principal.tenant_id
+        ):
+            raise errors.BunkerNotFound(f"bunker {bunker_id} not found")
+        if bunker.status == "paused" and bunker.status_reason == "idle_timeout":
+            await _resume(state, session, bunker, "activity")
+        if bunker.status != "running":
+            raise errors.BunkerNotRunning(
+                f"bunker {bunker_id} is {bunker.status}", details={"status": bunker.status}
+            )
+        bunker.last_activity_at = utcnow()
+        await session.commit()
+        return bunker
+
+
+async def _worker_call(state: ModuleState, bunker: Bunker, kind: str) -> None:
+    connection = state.hub.get(bunker.worker_id)
+    if connection is None:
+        raise errors.AgentUnavailable(f"the worker of bunker {bunker.id} is not connected")
+    await connection.call(kind, {}, bunker_id=bunker.id, timeout_s=PAUSE_TIMEOUT_S)
+
+
+async def _pause(state: ModuleState, session: AsyncSession, bunker: Bunker, reason: str) -> None:
+    await _worker_call(state, bunker, TaskKind.BUNKER_PAUSE)
+    await session.refresh(bunker)
+    if bunker.status == "running":
+        transition(session, bunker, "paused", reason)
+        await session.commit()
+        state.bunker_changed(bunker.id)
+        log.info("bunker_paused", bunker_id=bunker.id, reason=reason)
+
+
+async def _resume(state: ModuleState, session: AsyncSession, bunker: Bunker, reason: str) -> None:
+    await _worker_call(state, bunker, TaskKind.BUNKER_RESUME)
+    await session.refresh(bunker)
+    if bunker.status == "paused":
+        transition(session, bunker, "running", reason)
+        await session.commit()
+        state.bunker_changed(bunker.id)
+        log.info("bunker_resumed", bunker_id=bunker.id, reason=reason)
+
+
+async def pause_for(state: ModuleState, bunker_id: str, reason: str) -> None:
+    """Pause a ``running`` bunker for ``reason`` (the reaper's ``idle_timeout``); else no-op.
+
+    Raises:
+        errors.AgentUnavailable: the worker did not acknowledge within 10 s.
+    """
+    async with state.db.sessionmaker() as session:
+        bunker = await session.get(Bunker, bunker_id)
+        if bunker is not None and bunker.status == "running":
+            await _pause(state, session, bunker, reason)
+
+
+async def pause_bunker(
+    state: ModuleState, session: AsyncSession, principal: Principal, bunker_id: str
+) -> Bunker:
+    """``POST /bunkers/{id}/pause``: freeze a running bunker; no-op when paused (SPEC §2.3.3).
+
+    Raises:
+        errors.BunkerNotFound: unknown or invisible bunker.
+        errors.BunkerNotRunning: neither ``running`` nor ``paused``.
+        errors.AgentUnavailable: the worker did not acknowledge within 10 s.
+    """
+    bunker = await get_visible(session, principal, bunker_id)
+    if bunker.status == "paused":
+        if bunker.status_reason == "idle_timeout":
+            bunker.status_reason = "api_pause"
+            await session.commit()
+        return bunker
     if bunker.status != "running":
         raise errors.BunkerNotRunning(
             f"bunker {bunker_id} is {bunker.status}", details={"status": bunker.status}
         )
+    await _pause(state, session, bunker, "api_pause")
+    return bunker
+
+
+async def resume_bunker(
+    state: ModuleState, session: AsyncSession, principal: Principal, bunker_id: str
+) -> Bunker:
+    """``POST /bunkers/{id}/resume``: thaw a paused bunker; no-op when running (SPEC §2.3.3).
+
+    Raises:
+        errors.BunkerNotFound: unknown or invisible bunker.
+        errors.BunkerNotRunning: neither ``running`` nor ``paused``.
+        errors.AgentUnavailable: the worker did not acknowledge within 10 s.
+    """
+    bunker = await get_visible(session, principal, bunker_id)
+    if bunker.status == "running":
+        return bunker
+    if bunker.status != "paused":
+        raise errors.BunkerNotRunning(
+            f"bunker {bunker_id} is {bunker.status}", details={"status": bunker.status}
+        )
+    await _resume(state, session, bunker, "api_resume")
     return bunker
 
 
@@ -269,7 +363,7 @@ async def create_bunker(
     return bunker
 
 
-async def _set_state(
+async def set_state(
     state: ModuleState,
     bunker_id: str,
     to: str,
@@ -279,7 +373,11 @@ async def _set_state(
     message: str | None = None,
     fields: dict[str, Any] | None = None,
 ) -> bool:
-    """Apply a transition in its own session if the bunker is in one of ``only_from``."""
+    """Apply a transition in its own session if the bunker is in one of ``only_from``.
+
+    Returns:
+        True when the transition was applied.
+    """
     async with state.db.sessionmaker() as session:
         bunker = await session.get(Bunker, bunker_id)
         if bunker is None or bunker.status not in only_from:
@@ -312,7 +410,7 @@ async def provision(state: ModuleState, bunker_id: str, image: Image) -> None:
         }
     connection = state.hub.get(worker_id)
     if connection is None:
-        await _set_state(
+        await set_state(
             state,
             bunker_id,
             "failed",
@@ -325,13 +423,13 @@ async def provision(state: ModuleState, bunker_id: str, image: Image) -> None:
         handle = await connection.start_task(TaskKind.BUNKER_CREATE, params, bunker_id=bunker_id)
         while (progress := await handle.next_progress(PROVISIONING_TIMEOUT_S)) is not None:
             if progress.get("stage"):
-                await _set_state(
+                await set_state(
                     state, bunker_id, "provisioning", "scheduled", only_from=("pending",)
                 )
         result = await handle.result(PROVISIONING_TIMEOUT_S)
     except errors.ScaiGridError as exc:
         log.warning("bunker_boot_failed", bunker_id=bunker_id, code=exc.code, reason=exc.message)
-        if not await _set_state(
+        if not await set_state(
             state,
             bunker_id,
             "failed",
@@ -341,8 +439,8 @@ async def provision(state: ModuleState, bunker_id: str, image: Image) -> None:
         ):
             await destroy_on_worker(state, worker_id, bunker_id)
         return
-    await _set_state(state, bunker_id, "provisioning", "scheduled", only_from=("pending",))
-    booted = await _set_state(
+    await set_state(state, bunker_id, "provisioning", "scheduled", only_from=("pending",))
+    booted = await set_state(
         state,
         bunker_id,
         "running",
@@ -389,14 +487,14 @@ async def terminate_bunker(
     await session.commit()
     state.bunker_changed(bunker_id)
     await destroy_on_worker(state, bunker.worker_id, bunker_id)
-    await _set_state(state, bunker_id, "terminated", "api_terminate", only_from=("stopping",))
+    await set_state(state, bunker_id, "terminated", "api_terminate", only_from=("stopping",))
     await session.refresh(bunker)
     return bunker
 
 
 async def fail_bunker(state: ModuleState, bunker_id: str, reason: str, message: str) -> None:
     """Move a live bunker to ``failed`` (worker events such as ``vm_exited``)."""
-    await _set_state(
+    await set_state(
         state,
         bunker_id,
         "failed",

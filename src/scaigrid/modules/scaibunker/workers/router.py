@@ -139,6 +139,43 @@ async def get_worker(worker_id: str, principal: PrincipalDep, session: SessionDe
     return ok(worker_service.worker_to_dict(worker, allocated.get(worker.id, {}), detail=True))
 
 
+async def _set_admin_state(
+    worker_id: str, principal: Principal, session: AsyncSession, admin_state: str
+) -> JSONResponse:
+    worker = await session.get(Worker, worker_id)
+    if worker is None or worker.deleted_at is not None:
+        raise errors.WorkerNotFound(f"worker {worker_id} not found")
+    if not _can_manage_workers(principal, worker.tenant_id):
+        if _worker_reader(principal) and worker.tenant_id in (None, principal.tenant_id):
+            raise errors.AuthzPermissionDenied(
+                "managing this worker needs an administrative key",
+                details={"permission": "scaibunker:admin:platform"},
+            )
+        raise errors.WorkerNotFound(f"worker {worker_id} not found")
+    if worker.admin_state != admin_state:
+        worker.admin_state = admin_state
+        await session.commit()
+        log.info("worker_admin_state", worker_id=worker_id, admin_state=admin_state)
+    allocated = await scheduler.allocated_by_worker(session)
+    return ok(worker_service.worker_to_dict(worker, allocated.get(worker.id, {}), detail=True))
+
+
+@router.post("/workers/{worker_id}/drain")
+async def drain_worker(
+    worker_id: str, principal: PrincipalDep, session: SessionDep
+) -> JSONResponse:
+    """Place no new bunkers on the worker; existing ones run on (idempotent, SPEC §10.2)."""
+    return await _set_admin_state(worker_id, principal, session, "draining")
+
+
+@router.post("/workers/{worker_id}/resume")
+async def resume_worker(
+    worker_id: str, principal: PrincipalDep, session: SessionDep
+) -> JSONResponse:
+    """Let the scheduler place bunkers on the worker again (idempotent, SPEC §10.2)."""
+    return await _set_admin_state(worker_id, principal, session, "active")
+
+
 async def _deny(websocket: WebSocket, exc: errors.ScaiGridError) -> None:
     body = {"status": "error", "error": exc.to_dict(), "meta": {"request_id": None}}
     try:

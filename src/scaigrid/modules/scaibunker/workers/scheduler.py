@@ -96,6 +96,7 @@ async def place(session: AsyncSession, connected: list[str], request: Request) -
             select(Worker).where(
                 Worker.id.in_(connected),
                 Worker.admin_state == "active",
+                Worker.connection == "online",
                 Worker.deleted_at.is_(None),
                 (Worker.tenant_id.is_(None)) | (Worker.tenant_id == request.tenant_id),
             )
