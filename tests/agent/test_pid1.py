@@ -171,7 +171,8 @@ async def test_execs_join_the_workload_cgroup_of_the_manifest(
             connection, "grep memory /proc/self/cgroup; cat /proc/self/oom_score_adj"
         )
         cgroup_line, adj = out.decode().split()
-        assert cgroup_line.endswith(f"{memory_cgroup.name}/workload")
+        # Each exec has its own cgroup below workload (tests/agent/test_exec_cgroup.py).
+        assert f"{memory_cgroup.name}/workload/exe_" in cgroup_line
         assert adj == "500"
         _, out, _ = await run_exec(connection, "grep memory /proc/1/cgroup", user="root")
         assert out.decode().strip().endswith(memory_cgroup.name)

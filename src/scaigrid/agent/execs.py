@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import logging
 import os
 import signal
 import time
@@ -31,7 +32,7 @@ from scaigrid.agent.cgroups import Workload
 from scaigrid.agent.clock import rfc3339
 from scaigrid.agent.identity import DEFAULT_PATH, Identity
 from scaigrid.agent.init import ChildReaper
-from scaigrid.agent.proctree import kill_exec_tree
+from scaigrid.agent.proctree import kill_cgroup, kill_exec_tree
 from scaigrid.agent.ringbuffer import RingBuffer
 from scaigrid.agent.spawn import spawn
 from scaigrid.protocol.agent import (
@@ -45,6 +46,8 @@ from scaigrid.protocol.agent import (
     dumps,
     encode_record,
 )
+
+_log = logging.getLogger(__name__)
 
 EOF_GRACE_S = 0.1
 _READ_BYTES = 64 * 1024
@@ -233,6 +236,7 @@ class ExecProcess:
         self.open_pipes: set[int] = set()
         self.final_ends = (0, 0)
         self.timer: asyncio.TimerHandle | None = None
+        self.cgroup: str | None = None
 
     @property
     def exec_id(self) -> str:
@@ -311,6 +315,7 @@ class ExecManager:
         self._by_pid: dict[int, ExecProcess] = {}
         self._retained: deque[ExecProcess] = deque()
         self._retained_bytes = 0
+        self._stale_cgroups: set[str] = set()
 
     def environment(self, spec: ExecSpec) -> dict[str, str]:
         """Defaults, then the agent's environment, the user's identity, the request's."""
@@ -345,6 +350,7 @@ class ExecManager:
                 fds.append(in_r)
             for fd in (out_r, err_r):
                 _grow_pipe(fd)
+            cgroup = self._make_cgroup(spec.exec_id)
             oom_before = self.oom.read()
             started_at, started_mono = time.time(), time.monotonic()
             pid = spawn(
@@ -356,12 +362,14 @@ class ExecManager:
                 stdin_fd=in_r,
                 stdout_fd=out_w,
                 stderr_fd=err_w,
-                cgroup_procs=self.workload.procs,
+                cgroup_procs=self.workload.exec_procs(cgroup),
                 oom_score_adj=self.workload.oom_score_adj,
             )
         except OSError as exc:
             for fd in fds:
                 os.close(fd)
+            if cgroup is not None:
+                self._remove_cgroup(cgroup)
             raise AgentError(
                 "INTERNAL_ERROR", f"cannot start a process: {exc.strerror}", status=503
             ) from exc
@@ -373,6 +381,7 @@ class ExecManager:
             oom_before=oom_before,
             stdin_open=in_w is not None,
         )
+        proc.cgroup = cgroup
         self._reaper.watch(pid, lambda status: self._on_exit(proc, status))
         for fd in (in_r, out_w, err_w):
             os.close(fd)
@@ -455,6 +464,37 @@ class ExecManager:
         for proc in running:
             if proc.wait_status is None:
                 kill_exec_tree(proc.pid)
+                if proc.cgroup is not None:
+                    kill_cgroup(proc.cgroup)
+
+    def _make_cgroup(self, exec_id: str) -> str | None:
+        """Create the exec's own cgroup; None (the exec then joins ``workload`` itself)
+        when there is no manifest or the cgroup cannot be made."""
+        cgroup = self.workload.exec_cgroup(exec_id)
+        if cgroup is None:
+            return None
+        self._sweep_cgroups()
+        try:
+            os.mkdir(cgroup)
+        except OSError as exc:
+            _log.warning("agent.exec_cgroup_failed path=%s error=%s", cgroup, exc.strerror)
+            return None
+        return cgroup
+
+    def _remove_cgroup(self, cgroup: str) -> None:
+        """Remove an exec cgroup, or remember it while processes still live in it."""
+        try:
+            os.rmdir(cgroup)
+        except FileNotFoundError:
+            self._stale_cgroups.discard(cgroup)
+        except OSError:
+            self._stale_cgroups.add(cgroup)
+        else:
+            self._stale_cgroups.discard(cgroup)
+
+    def _sweep_cgroups(self) -> None:
+        for cgroup in list(self._stale_cgroups):
+            self._remove_cgroup(cgroup)
 
     # -- events ----------------------------------------------------------------------
 
@@ -501,7 +541,9 @@ class ExecManager:
             proc.signal_name = _signal_name(signum)
             if proc.timed_out:
                 proc.status, proc.signal_name = "timed_out", "SIGKILL"
-            elif signum == signal.SIGKILL and self._oom_killed_since(proc.oom_before):
+            elif signum == signal.SIGKILL and (
+                self._oom_killed_since(proc.oom_before) or _oom_killed_in(proc.cgroup)
+            ):
                 proc.status = "oom_killed"
             else:
                 proc.status = "signaled"
@@ -520,6 +562,8 @@ class ExecManager:
         if proc.wait_status is None:
             proc.timed_out = True
             kill_exec_tree(proc.pid)
+            if proc.cgroup is not None:
+                kill_cgroup(proc.cgroup)
 
     def _finish(self, proc: ExecProcess) -> None:
         if proc.finished:
@@ -527,6 +571,8 @@ class ExecManager:
         proc.finished = True
         proc.final_ends = (proc.stdout.end, proc.stderr.end)
         proc.changed.notify()
+        if proc.cgroup is not None:
+            self._remove_cgroup(proc.cgroup)
         if not proc.open_pipes:
             self._retire(proc)
 
@@ -583,6 +629,15 @@ async def stream_output(
         if proc.finished:
             return
         await proc.changed.wait()
+
+
+def _oom_killed_in(cgroup: str | None) -> bool:
+    """True when the exec's own cgroup is a v1 memory cgroup that saw an OOM kill (v1
+    counts a kill only in the victim's own memory cgroup, not in its ancestors)."""
+    if cgroup is None:
+        return False
+    count = OomCounter(f"{cgroup}/memory.oom_control", "oom_kill").read()
+    return count is not None and count > 0
 
 
 def _signal_name(signum: int) -> str:

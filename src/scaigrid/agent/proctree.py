@@ -4,7 +4,7 @@ An exec's processes are its own process group and session (the exec leader calls
 ``setsid``), plus any descendant that left them. Descendants are found by following
 parent links in ``/proc``; a process that both left the session and lost its parent
 before the scan (a daemon that double-forked) cannot be told apart from other
-processes and is not found.
+processes: :func:`kill_cgroup` finds those through the exec's own cgroup.
 """
 
 from __future__ import annotations
@@ -100,3 +100,37 @@ def _signal_all(pids: set[int], signum: int) -> None:
     for pid in pids:
         with contextlib.suppress(OSError):
             os.kill(pid, signum)
+
+
+def cgroup_members(directory: str) -> set[int]:
+    """Pids listed in ``directory/cgroup.procs`` (empty when it cannot be read)."""
+    try:
+        with open(f"{directory}/cgroup.procs") as fh:
+            return {int(line) for line in fh if line.strip().isdigit()}
+    except OSError:
+        return set()
+
+
+def kill_cgroup(directory: str) -> int:
+    """SIGKILL every process in the cgroup ``directory``; return how many were signalled.
+
+    Uses ``cgroup.kill`` where the kernel has it (cgroup v2, Linux ≥ 5.14). Otherwise the
+    members are frozen with SIGSTOP, rereading the list until a round finds nothing new
+    (a stopped process cannot fork), then all get SIGKILL.
+    """
+    spared = {1, os.getpid()}
+    try:
+        with open(f"{directory}/cgroup.kill", "w") as fh:
+            fh.write("1")
+        return len(cgroup_members(directory))
+    except OSError:
+        pass
+    frozen: set[int] = set()
+    for _ in range(_MAX_ROUNDS):
+        fresh = cgroup_members(directory) - frozen - spared
+        if not fresh:
+            break
+        _signal_all(fresh, signal.SIGSTOP)
+        frozen |= fresh
+    _signal_all(frozen, signal.SIGKILL)
+    return len(frozen)
