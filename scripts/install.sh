@@ -14,6 +14,7 @@ DEBIAN_PACKAGES=(
   skopeo umoci         # OCI image sources: registry pull (skopeo) and layer unpack (umoci)
   docker-registry      # local registry the image tests push to and pull from
   iproute2 util-linux  # ip, mount, losetup, unshare
+  nftables python3-nftables conntrack  # bunker network policy (libnftables JSON API), flow log
   python3-venv
 )
 
