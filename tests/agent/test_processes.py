@@ -169,3 +169,61 @@ async def test_output_of_old_processes_is_released_beyond_the_retention_budget(
         await connection.close()
     finally:
         await agent.stop()
+
+
+async def test_stdin_of_a_background_process_takes_writes_then_eof(client: AgentClient) -> None:
+    started = await start_background(client, "cat; echo end", stdin="open")
+    ref = started["exec_id"]
+    assert (await record_of(client, ref))["stdin_open"] is True
+    answer = await (
+        await client.request(
+            "POST", f"/v1/processes/{ref}/stdin", {}, b"h\xc3\xa9llo ", timeout_s=5
+        )
+    ).json()
+    assert answer == {"bytes_written": 7, "stdin_open": True}
+    answer = await (
+        await client.request(
+            "POST", f"/v1/processes/{ref}/stdin", {"eof": True}, b"world\n", timeout_s=5
+        )
+    ).json()
+    assert answer == {"bytes_written": 6, "stdin_open": False}
+    record = await wait_ended(client, ref)
+    assert (record["status"], record["exit_code"], record["stdin_open"]) == ("exited", 0, False)
+    response = await client.request("GET", f"/v1/processes/{ref}/output", {}, timeout_s=5)
+    assert await response.read(1 << 20) == "héllo world\nend\n".encode()
+    with pytest.raises(AgentError) as ended:
+        await client.request("POST", f"/v1/processes/{ref}/stdin", {}, b"late", timeout_s=5)
+    assert ended.value.code == "PROCESS_NOT_RUNNING"
+
+
+async def test_stdin_writes_to_a_process_without_open_stdin_are_refused(
+    client: AgentClient,
+) -> None:
+    started = await start_background(client, "sleep 30")
+    with pytest.raises(AgentError) as refused:
+        await client.request(
+            "POST", f"/v1/processes/{started['exec_id']}/stdin", {}, b"x", timeout_s=5
+        )
+    assert refused.value.code == "STDIN_CLOSED"
+    await client.request(
+        "POST", f"/v1/processes/{started['exec_id']}/signal", {"signal": "KILL"}, timeout_s=5
+    )
+    with pytest.raises(AgentError) as foreground:
+        await client.request(
+            "POST",
+            "/v1/exec",
+            {"exec_id": new_exec_id(), "command": "cat", "stdin": "open"},
+            timeout_s=5,
+        )
+    assert foreground.value.code == "VALIDATION_ERROR"
+
+
+async def test_a_process_that_closes_its_stdin_answers_stdin_closed(client: AgentClient) -> None:
+    started = await start_background(client, "exec 0<&-; sleep 30", stdin="open")
+    ref = started["exec_id"]
+    await asyncio.sleep(0.2)
+    with pytest.raises(AgentError) as closed:
+        await client.request("POST", f"/v1/processes/{ref}/stdin", {}, b"x", timeout_s=5)
+    assert closed.value.code == "STDIN_CLOSED"
+    assert (await record_of(client, ref))["stdin_open"] is False
+    await client.request("POST", f"/v1/processes/{ref}/signal", {"signal": "KILL"}, timeout_s=5)

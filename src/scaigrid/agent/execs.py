@@ -167,6 +167,8 @@ class ExecSpec:
         identity: acting user.
         timeout_s: seconds before the exec's processes are killed, or None.
         stdin_body: stdin is the request body (else ``/dev/null``).
+        stdin_open: (background) stdin is a pipe kept open for later writes
+            (:meth:`ExecManager.write_stdin`).
         background: answer at once instead of streaming.
         ring_buffer_bytes: capacity of each output buffer.
     """
@@ -185,6 +187,7 @@ class ExecSpec:
         stdin_body: bool,
         background: bool,
         ring_buffer_bytes: int,
+        stdin_open: bool = False,
     ) -> None:
         self.exec_id = exec_id
         self.argv = argv
@@ -195,6 +198,7 @@ class ExecSpec:
         self.identity = identity
         self.timeout_s = timeout_s
         self.stdin_body = stdin_body
+        self.stdin_open = stdin_open
         self.background = background
         self.ring_buffer_bytes = ring_buffer_bytes
 
@@ -237,6 +241,8 @@ class ExecProcess:
         self.final_ends = (0, 0)
         self.timer: asyncio.TimerHandle | None = None
         self.cgroup: str | None = None
+        self.stdin_fd: int | None = None
+        self.stdin_lock = asyncio.Lock()
 
     @property
     def exec_id(self) -> str:
@@ -341,7 +347,7 @@ class ExecManager:
             fds += [out_r, out_w]
             err_r, err_w = os.pipe()
             fds += [err_r, err_w]
-            if spec.stdin_body:
+            if spec.stdin_body or spec.stdin_open:
                 in_r, in_w = os.pipe()
                 fds += [in_r, in_w]
             else:
@@ -391,6 +397,8 @@ class ExecManager:
             loop.add_reader(fd, self._drain, proc, fd, ring)
         if in_w is not None:
             os.set_blocking(in_w, False)
+            if spec.stdin_open:
+                proc.stdin_fd, in_w = in_w, None
         if spec.timeout_s is not None:
             proc.timer = loop.call_later(spec.timeout_s, self._on_timeout, proc)
         self.processes[spec.exec_id] = proc
@@ -449,6 +457,53 @@ class ExecManager:
         finally:
             os.close(fd)
             proc.stdin_open = False
+
+    async def write_stdin(self, proc: ExecProcess, chunks: AsyncIterator[bytes], eof: bool) -> int:
+        """Write ``chunks`` to a ``stdin_open`` process's stdin; close it after when ``eof``.
+
+        Writers are served one at a time, so concurrent calls never interleave their bytes.
+        A full pipe is waited on (the caller's deadline bounds the wait).
+
+        Returns:
+            The bytes written.
+
+        Raises:
+            AgentError: ``PROCESS_NOT_RUNNING`` once the exec has finished;
+                ``STDIN_CLOSED`` when stdin is not (or no longer) open, including when
+                the process closed its end.
+        """
+        written = 0
+        async with proc.stdin_lock:
+            if proc.finished:
+                raise AgentError("PROCESS_NOT_RUNNING", f"process {proc.exec_id} has ended")
+            fd = proc.stdin_fd
+            if fd is None:
+                raise AgentError("STDIN_CLOSED", f"stdin of process {proc.exec_id} is not open")
+            try:
+                async for chunk in chunks:
+                    view = memoryview(chunk)
+                    while len(view) > 0:
+                        try:
+                            count = os.write(fd, view)
+                        except BlockingIOError:
+                            await _wait_writable(fd)
+                            continue
+                        view = view[count:]
+                        written += count
+            except BrokenPipeError as exc:
+                self._close_stdin(proc)
+                raise AgentError(
+                    "STDIN_CLOSED", f"process {proc.exec_id} closed its stdin"
+                ) from exc
+            if eof:
+                self._close_stdin(proc)
+        return written
+
+    def _close_stdin(self, proc: ExecProcess) -> None:
+        if proc.stdin_fd is not None:
+            os.close(proc.stdin_fd)
+            proc.stdin_fd = None
+        proc.stdin_open = False
 
     async def shutdown(self, grace_s: float) -> None:
         """SIGTERM every running exec's group, wait up to ``grace_s``, then SIGKILL."""
@@ -571,6 +626,8 @@ class ExecManager:
         proc.finished = True
         proc.final_ends = (proc.stdout.end, proc.stderr.end)
         proc.changed.notify()
+        if not proc.stdin_lock.locked():
+            self._close_stdin(proc)
         if proc.cgroup is not None:
             self._remove_cgroup(proc.cgroup)
         if not proc.open_pipes:

@@ -64,6 +64,7 @@ class AgentService:
         router.add("GET", "/v1/processes/{ref}", self.get_process)
         router.add("GET", "/v1/processes/{ref}/output", self.process_output)
         router.add("POST", "/v1/processes/{ref}/signal", self.signal_process)
+        router.add("POST", "/v1/processes/{ref}/stdin", self.process_stdin)
         router.add("PUT", "/v1/files", self.put_file)
         router.add("GET", "/v1/files", self.get_file)
         router.add("DELETE", "/v1/files", self.delete_file)
@@ -102,7 +103,8 @@ class AgentService:
 
         Args (``x-args``): ``exec_id``, ``command`` (str → ``/bin/sh -c``; list → argv
         on PATH), ``cwd`` (default ``/home/user``), ``env``, ``user`` (``user`` |
-        ``root``), ``timeout_s`` (number or null), ``stdin`` (``none`` | ``body``),
+        ``root``), ``timeout_s`` (number or null), ``stdin`` (``none`` | ``body`` |
+        ``open``: a pipe kept open for ``POST /v1/processes/{ref}/stdin``, background only),
         ``background`` (bool; answers ``{exec_id, pid}`` as JSON at once),
         ``ring_buffer_bytes``.
 
@@ -163,10 +165,12 @@ class AgentService:
             or not 0 < timeout_s <= 10_000_000
         ):
             raise invalid("timeout_s must be a positive number or null", "timeout_s")
-        stdin_body = get_choice(args, "stdin", ("none", "body"), "none") == "body"
+        stdin = get_choice(args, "stdin", ("none", "body", "open"), "none")
         background = get_bool(args, "background", False)
-        if background and stdin_body:
+        if background and stdin == "body":
             raise invalid("a background exec cannot take stdin from the body", "stdin")
+        if stdin == "open" and not background:
+            raise invalid("stdin open needs a background exec", "stdin")
         return ExecSpec(
             exec_id=exec_id,
             argv=argv,
@@ -176,7 +180,8 @@ class AgentService:
             env=env,
             identity=get_identity(args),
             timeout_s=float(timeout_s) if timeout_s is not None else None,
-            stdin_body=stdin_body,
+            stdin_body=stdin == "body",
+            stdin_open=stdin == "open",
             background=background,
             ring_buffer_bytes=get_int(
                 args,
@@ -241,6 +246,17 @@ class AgentService:
         signum = parse_signal(request.args.get("signal"))
         self.execs.send_signal(proc, signum, group=get_bool(request.args, "group", False))
         await request.send_json(proc.record())
+
+    async def process_stdin(self, request: ServerRequest) -> None:
+        """``POST /v1/processes/{ref}/stdin`` args ``{eof}``, body = bytes →
+        ``{bytes_written, stdin_open}``.
+
+        Only for execs started with ``stdin: "open"``; otherwise ``STDIN_CLOSED``.
+        """
+        proc = self.execs.get(request.params["ref"])
+        eof = get_bool(request.args, "eof", False)
+        written = await self.execs.write_stdin(proc, request.body(), eof)
+        await request.send_json({"bytes_written": written, "stdin_open": proc.stdin_open})
 
     # -- files -----------------------------------------------------------------------
 
