@@ -39,6 +39,13 @@ from scaigrid.worker.rootfs.errors import ImageBuildError
 from scaigrid.worker.rootfs.guest_user import ensure_guest_user
 from scaigrid.worker.rootfs.idshift import DEFAULT_ID_BASE, shift_tree
 from scaigrid.worker.rootfs.mounts import remove_tree, unmount_all_under
+from scaigrid.worker.rootfs.oci import (
+    OciReference,
+    check_layout_layers,
+    pull,
+    resolve_digest,
+    unpack,
+)
 from scaigrid.worker.rootfs.tar import extract_tar
 
 log = structlog.get_logger()
@@ -88,6 +95,9 @@ class ImageCache:
         cache_dir: directory of the cache (created mode 0700 when missing).
         id_base: host id bunker id 0 maps to; must equal the container driver's ``id_base``.
         debootstrap_timeout_s: deadline of one debootstrap run.
+        pull_timeout_s: deadline of one OCI pull (a registry that stalls is cut off here).
+        insecure_registries: registry hosts (``host:port``) an OCI pull reaches over plain
+            HTTP without certificate checks; every other registry needs valid HTTPS.
     """
 
     def __init__(
@@ -96,10 +106,14 @@ class ImageCache:
         *,
         id_base: int = DEFAULT_ID_BASE,
         debootstrap_timeout_s: float = 1800.0,
+        pull_timeout_s: float = 1800.0,
+        insecure_registries: frozenset[str] = frozenset(),
     ) -> None:
         self.cache_dir = cache_dir
         self.id_base = id_base
         self.debootstrap_timeout_s = debootstrap_timeout_s
+        self.pull_timeout_s = pull_timeout_s
+        self.insecure_registries = insecure_registries
         self._locks: dict[str, asyncio.Lock] = {}
         cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
 
@@ -115,6 +129,19 @@ class ImageCache:
             if not entry.name.startswith(".") and (entry / "image.json").is_file()
         )
 
+    def metadata(self, image_id: str) -> dict[str, Any]:
+        """``image.json`` of a built image: ``{image_id, source, id_base, build_s, entries,
+        source_digest}`` (``source_digest``: the pinned ``sha256:`` manifest digest of an OCI
+        source, else ``None``).
+
+        Raises:
+            FileNotFoundError: the image is not built.
+        """
+        meta: dict[str, Any] = json.loads(
+            (self.cache_dir / _checked_id(image_id) / "image.json").read_text()
+        )
+        return meta
+
     async def ensure(self, image_id: str, source: Mapping[str, Any]) -> Path:
         """Return the tree of ``image_id``, building it from ``source`` first if needed.
 
@@ -123,14 +150,15 @@ class ImageCache:
             source: ``{"kind": "tar", "path": "/abs/rootfs.tar[.gz|.zst|...]"}`` or
                 ``{"kind": "debootstrap", "suite": "bookworm", "variant": "minbase",
                 "packages": ["python3"]}`` (``variant`` defaults to ``minbase``,
-                ``packages`` to none).
+                ``packages`` to none), or ``{"kind": "oci", "ref": "host/repo:tag"}``
+                (see :mod:`.oci`).
 
         Returns:
             The tree directory (``cache_dir/<image_id>/rootfs``), owned by shifted ids.
 
         Raises:
-            ImageBuildError: bad ``source``, unsafe archive, debootstrap failure, or the
-                cached tree was built for another ``id_base``.
+            ImageBuildError: bad ``source``, unsafe archive or layer, debootstrap failure,
+                registry refusal or stall, or the cached tree was built for another ``id_base``.
         """
         path = self.path_for(image_id)
         if not (path.parent / "image.json").is_file():
@@ -190,7 +218,7 @@ class ImageCache:
         tree.mkdir(mode=0o755)
         log.info("rootfs.build_started", image_id=image_id, kind=source.get("kind"))
         try:
-            await self._populate(tree, source)
+            source_digest = await self._populate(tree, source)
             await asyncio.to_thread(ensure_guest_user, tree)
             await asyncio.to_thread(_add_mount_points, tree)
             stats = await asyncio.to_thread(shift_tree, tree, self.id_base)
@@ -200,6 +228,7 @@ class ImageCache:
                 "id_base": self.id_base,
                 "build_s": round(time.monotonic() - started, 3),
                 "entries": stats.entries,
+                "source_digest": source_digest,
             }
             (build_dir / "image.json").write_text(json.dumps(meta, default=str))
             os.rename(build_dir, self.cache_dir / image_id)
@@ -210,8 +239,11 @@ class ImageCache:
             raise
         log.info("rootfs.build_done", image_id=image_id, build_s=meta["build_s"])
 
-    async def _populate(self, tree: Path, source: Mapping[str, Any]) -> None:
+    async def _populate(self, tree: Path, source: Mapping[str, Any]) -> str | None:
+        """Fill ``tree``; return the pinned manifest digest of an OCI source, else ``None``."""
         kind = source.get("kind")
+        if kind == "oci":
+            return await self._populate_oci(tree, str(source.get("ref", "")))
         if kind == "tar":
             archive = Path(str(source.get("path", "")))
             if not archive.is_absolute():
@@ -234,6 +266,27 @@ class ImageCache:
             await asyncio.to_thread(_drop_downloaded_packages, tree)
         else:
             raise ImageBuildError(f"unknown image source kind {kind!r}")
+        return None
+
+    async def _populate_oci(self, tree: Path, ref_text: str) -> str:
+        ref = OciReference(ref_text)
+        insecure = self.insecure_registries
+        digest = await resolve_digest(ref, insecure_hosts=insecure)
+        layout, bundle = tree.parent / "layout", tree.parent / "bundle"
+        await pull(ref, digest, layout, insecure_hosts=insecure, timeout_s=self.pull_timeout_s)
+        members = await asyncio.to_thread(check_layout_layers, layout)
+        rootfs = await unpack(layout, bundle, timeout_s=self.pull_timeout_s)
+        await asyncio.to_thread(_replace_dir, tree, rootfs)
+        await asyncio.to_thread(remove_tree, bundle)
+        await asyncio.to_thread(remove_tree, layout)
+        log.info("rootfs.oci_unpacked", ref=ref_text, digest=digest, members=members)
+        return digest
+
+
+def _replace_dir(empty: Path, replacement: Path) -> None:
+    """Put the directory ``replacement`` where the empty directory ``empty`` is."""
+    empty.rmdir()
+    os.rename(replacement, empty)
 
 
 def _checked_id(image_id: str) -> str:
