@@ -70,6 +70,12 @@ class TaskKind:
     FILES_DELETE = "files.delete"
     FILES_MKDIR = "files.mkdir"
     FILES_MOVE = "files.move"
+    EXEC_BACKGROUND = "exec.background"
+    PROCESS_LIST = "process.list"
+    PROCESS_GET = "process.get"
+    PROCESS_OUTPUT = "process.output"
+    PROCESS_SIGNAL = "process.signal"
+    PROCESS_STDIN = "process.stdin"
 
 
 class LinkClosed(ConnectionError):
