@@ -93,7 +93,7 @@ async def test_full_history_upgrades_and_matches_every_model(
 
 async def test_platform_branch_alone_upgrades_and_downgrades(empty_database_url: str) -> None:
     platform = _platform_tables()
-    assert platform == {"partners", "tenants", "users", "api_keys"}
+    assert platform == {"partners", "tenants", "users", "api_keys", "audit_records"}
     upgrade = _platform_branch_only(lambda config: command.upgrade(config, "heads"))
     downgrade = _platform_branch_only(lambda config: command.downgrade(config, "base"))
 

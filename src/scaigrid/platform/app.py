@@ -9,6 +9,8 @@ engine), so tests can run several in one process. What the app holds in ``app.st
 * ``metrics_registry`` — the :class:`prometheus_client.CollectorRegistry` served at /metrics;
   modules register their metrics here
 * ``modules`` — ``{name: PlatformModule}`` of the loaded modules
+* ``audit`` — :class:`~scaigrid.platform.audit.service.AuditLog` (set by the lifespan in
+  ``full`` mode; every POST/PUT/PATCH/DELETE is appended by the audit middleware)
 
 Start-up order (lifespan): schema (migrate, or require it migrated — see
 ``Settings.migrate_on_start``), bootstrap of the first administrator, then each module's
@@ -27,6 +29,9 @@ from prometheus_client import CollectorRegistry
 from starlette.middleware import Middleware
 
 from scaigrid import __version__
+from scaigrid.platform.audit.middleware import AuditMiddleware
+from scaigrid.platform.audit.router import router as audit_router
+from scaigrid.platform.audit.service import AuditLog
 from scaigrid.platform.auth.service import PrincipalCache
 from scaigrid.platform.bootstrap import bootstrap
 from scaigrid.platform.db import Database
@@ -55,6 +60,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             await prepare_schema(settings)
             db = Database(settings.database_url)
             app.state.db = db
+            app.state.audit = AuditLog(db)
             await bootstrap(db, settings)
         for module in modules.values():
             await module.startup(app)
@@ -106,16 +112,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         exception_handlers=EXCEPTION_HANDLERS,
         middleware=[
             Middleware(RequestContextMiddleware, metrics=HttpMetrics(registry)),
+            Middleware(AuditMiddleware),
             Middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes),
         ],
     )
     app.state.settings = settings
     app.state.db = None
+    app.state.audit = None
     app.state.metrics_registry = registry
     app.state.principal_cache = PrincipalCache(settings.auth_cache_ttl_s)
     app.state.modules = {module.name: module for module in modules}
     app.include_router(system_router)
     if settings.mode == "full":
         app.include_router(modules_router)
+        app.include_router(audit_router)
     _mount_modules(app, settings, modules)
     return app

@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from scaigrid import errors
 from scaigrid.platform.app import create_app
+from scaigrid.platform.audit.service import verify_chain
 from scaigrid.platform.auth.service import create_api_key, revoke_api_key
 from scaigrid.platform.bootstrap import bootstrap
 from scaigrid.platform.db import Database
@@ -178,6 +179,34 @@ def revoke_key(key: str) -> None:
         return (await revoke_api_key(session, key)).id
 
     click.echo(_run_in_session(_settings(), work))
+
+
+@admin.command("audit-verify")
+def audit_verify() -> None:
+    """Check the audit log's hash chain; print the first broken link and exit 1, or
+    ``ok <n> records`` and exit 0."""
+
+    settings = _settings()
+
+    async def run() -> str | None:
+        await prepare_schema(settings)
+        db = Database(settings.database_url)
+        try:
+            report = await verify_chain(db)
+        finally:
+            await db.dispose()
+        if report.broken_seq is None:
+            click.echo(f"ok {report.checked} records")
+            return None
+        return f"broken at seq {report.broken_seq}: {report.reason}"
+
+    try:
+        broken = asyncio.run(run())
+    except DatabaseNotMigrated as exc:
+        raise click.ClickException(str(exc)) from exc
+    if broken is not None:
+        click.echo(broken)
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from scaigrid.platform.modules.loader import KNOWN_MODULES, module_file_exists
 PLATFORM_MODEL_MODULES: tuple[str, ...] = (
     "scaigrid.platform.tenancy.models",
     "scaigrid.platform.auth.models",
+    "scaigrid.platform.audit.models",
 )
 
 

@@ -1,0 +1,1 @@
+"""Tamper-evident audit log of mutating requests (SPEC §1.7)."""
