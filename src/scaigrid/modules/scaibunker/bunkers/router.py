@@ -79,6 +79,9 @@ async def list_bunkers(
     cursor: str | None = None,
     status: str | None = None,
     label: Annotated[list[str] | None, Query()] = None,
+    lifecycle: Literal["ephemeral", "session", "persistent"] | None = None,
+    session_type: Literal["standalone", "scaicore", "scaiwave", "api"] | None = None,
+    session_ref: Annotated[str | None, Query(min_length=1, max_length=255)] = None,
 ) -> JSONResponse:
     """List the caller's bunkers (or the tenant's, for tenant admins), newest first."""
     labels: dict[str, str] = {}
@@ -91,7 +94,15 @@ async def list_bunkers(
         labels[key] = value
     statuses = [s for s in (status or "").split(",") if s] or None
     page, next_cursor = await service.list_bunkers(
-        session, principal, status=statuses, labels=labels, limit=limit, cursor=cursor
+        session,
+        principal,
+        status=statuses,
+        labels=labels,
+        limit=limit,
+        cursor=cursor,
+        lifecycle=lifecycle,
+        session_type=session_type,
+        session_ref=session_ref,
     )
     return ok_list([service.bunker_to_dict(b) for b in page], next_cursor)
 

@@ -235,6 +235,9 @@ async def list_bunkers(
     labels: dict[str, str],
     limit: int,
     cursor: str | None,
+    lifecycle: str | None = None,
+    session_type: str | None = None,
+    session_ref: str | None = None,
 ) -> tuple[list[Bunker], str | None]:
     """List visible bunkers newest first; return ``(page, next_cursor)``.
 
@@ -249,6 +252,12 @@ async def list_bunkers(
         query = query.where(Bunker.status.in_(status))
     if cursor:
         query = query.where(Bunker.id < cursor)
+    if lifecycle is not None:
+        query = query.where(Bunker.lifecycle_mode == lifecycle)
+    if session_type is not None:
+        query = query.where(Bunker.session_type == session_type)
+    if session_ref is not None:
+        query = query.where(Bunker.session_ref == session_ref)
     page: list[Bunker] = []
     async for bunker in await session.stream_scalars(query):
         if all(bunker.label_set.get(k) == v for k, v in labels.items()):
