@@ -144,6 +144,21 @@ class MoveRequest(_Strict):
     overwrite: bool = False
 
 
+class SignalRequest(_Strict):
+    """Body of ``POST /bunkers/{id}/processes/{pid}/signal`` (SPEC §3.6)."""
+
+    signal: str | int
+    group: bool = False
+
+
+class StdinRequest(_Strict):
+    """Body of ``POST /bunkers/{id}/processes/{pid}/stdin`` (SPEC §3.6)."""
+
+    data: str | None = None
+    data_b64: str | None = None
+    eof: bool = False
+
+
 def as_utc(value: datetime) -> datetime:
     """Return ``value`` as an aware UTC datetime (SQLite hands back naive UTC values)."""
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
