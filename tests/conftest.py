@@ -28,6 +28,7 @@ from typing import Any
 
 import httpx
 import pytest
+import structlog
 from fastapi import FastAPI
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
@@ -54,6 +55,14 @@ SERVER_ADMIN_URLS = {
     ),
 }
 SERVER_CONNECT_TIMEOUT_S = 10
+
+
+@pytest.fixture(autouse=True)
+def _default_structlog() -> Any:
+    """Undo a test app's logging configuration (its level filter would hide events from
+    ``structlog.testing.capture_logs`` in later tests)."""
+    yield
+    structlog.reset_defaults()
 
 
 def make_settings(data_dir: Path, **overrides: Any) -> Settings:
