@@ -7,9 +7,11 @@ from dataclasses import dataclass, field
 from fastapi import APIRouter, FastAPI
 
 from scaigrid.modules.scaibunker import lifecycle
+from scaigrid.modules.scaibunker.bunkers.process_router import router as processes_router
 from scaigrid.modules.scaibunker.bunkers.router import router as bunkers_router
 from scaigrid.modules.scaibunker.dev import DevWorker, seed_default_image
 from scaigrid.modules.scaibunker.images.router import router as images_router
+from scaigrid.modules.scaibunker.quotas.router import router as quotas_router
 from scaigrid.modules.scaibunker.state import ModuleState
 from scaigrid.modules.scaibunker.workers.router import router as workers_router
 from scaigrid.settings import Settings
@@ -23,7 +25,13 @@ class ScaiBunkerModule:
     router: APIRouter = field(default_factory=APIRouter)
 
     def __post_init__(self) -> None:
-        for sub in (workers_router, bunkers_router, images_router):
+        for sub in (
+            workers_router,
+            bunkers_router,
+            processes_router,
+            images_router,
+            quotas_router,
+        ):
             self.router.include_router(sub)
 
     async def startup(self, app: FastAPI) -> None:

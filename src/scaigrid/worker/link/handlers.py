@@ -26,7 +26,19 @@ their SPEC code, a lost or silent agent is ``AGENT_UNAVAILABLE``).
     ``timeout_s`` + 30 s) the result is ``{exec_id, pid, status: "agent_lost", exit_code: null,
     signal: null, duration_ms, started_at}``. An exec that cannot be started answers
     ``AGENT_UNAVAILABLE`` (or the agent's error, e.g. ``VALIDATION_ERROR``).
-    Foreground only: ``background`` execs are not part of this task.
+    Foreground only: ``background`` execs are ``exec.background``.
+``exec.background``
+    params as ``exec.start`` (``stdin`` ``"none"`` | ``"open"``), sent with ``background:
+    true``; result ``{exec_id, pid}`` at once.
+``process.list`` / ``process.get`` / ``process.signal``
+    params ``{status?}`` / ``{ref}`` / ``{ref, signal, group}`` (``ref``: exec id or pid);
+    result ``{entries: [record, ...]}`` / the record / the record (SPEC §3.6).
+``process.output``
+    params ``{ref, stream, offset, max_bytes}`` (``max_bytes`` ≤ 256 KiB); result the agent's
+    ``x-meta`` ``{stream, offset, next_offset, dropped_bytes, eof}`` plus ``data_b64``.
+``process.stdin``
+    params ``{ref, data_b64, eof}`` (decoded data ≤ 256 KiB); result ``{bytes_written,
+    stdin_open}``.
 ``files.write``
     params ``{path, mode, parents, user}``; stream ``body`` (controller → worker) streamed to the
     agent's ``PUT /v1/files``; result ``{path, size, sha256, mode}``.
@@ -44,6 +56,8 @@ their SPEC code, a lost or silent agent is ``AGENT_UNAVAILABLE``).
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import json
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -77,6 +91,8 @@ EXEC_DEFAULT_TIMEOUT_S: Final = 3600.0
 #: How long after ``timeout_s`` the worker waits for the agent's exec result.
 EXEC_GRACE_S: Final = 30.0
 _AGENT_CALL_TIMEOUT_S: Final = FILES_CALL_DEADLINE_S - 5.0
+#: Most bytes one ``process.output`` or ``process.stdin`` task carries (inside one message).
+PROCESS_CHUNK_BYTES: Final = 256 * 1024
 
 
 def _agent_errors(handler: TaskHandler) -> TaskHandler:
@@ -172,6 +188,18 @@ class TaskHandlers:
                 outbound_roles=frozenset({"body"}),
             ),
         }
+        process_calls = {
+            TaskKind.EXEC_BACKGROUND: self.exec_background,
+            TaskKind.PROCESS_LIST: self.process_list,
+            TaskKind.PROCESS_GET: self.process_get,
+            TaskKind.PROCESS_SIGNAL: self.process_signal,
+            TaskKind.PROCESS_OUTPUT: self.process_output,
+            TaskKind.PROCESS_STDIN: self.process_stdin,
+        }
+        for kind, call in process_calls.items():
+            specs[kind] = HandlerSpec(
+                _agent_errors(call), FILES_CALL_DEADLINE_S, timeout_code="AGENT_UNAVAILABLE"
+            )
         for kind, (method, path, read_only) in files_call.items():
             specs[kind] = HandlerSpec(
                 _agent_errors(self._files_call(method, path, read_only=read_only)),
@@ -276,6 +304,85 @@ class TaskHandlers:
         await stderr.end()
         return result if isinstance(result, dict) else {"value": result}
 
+    # -- background processes ----------------------------------------------------------
+
+    async def exec_background(self, task: Task) -> dict[str, Any]:
+        """``exec.background`` → ``{exec_id, pid}``."""
+        args = {**task.params, "background": True}
+        if args.get("stdin", "none") not in ("none", "open"):
+            raise TaskFailed("VALIDATION_ERROR", "a background exec takes stdin none or open")
+        return await self._agent_json(task, "POST", "/v1/exec", args, retry=False)
+
+    async def process_list(self, task: Task) -> dict[str, Any]:
+        """``process.list`` → ``{entries}``."""
+        args = {k: v for k, v in task.params.items() if k == "status"}
+        return await self._agent_json(task, "GET", "/v1/processes", args, retry=True)
+
+    async def process_get(self, task: Task) -> dict[str, Any]:
+        """``process.get`` → the process record."""
+        path = f"/v1/processes/{_process_ref(task.params)}"
+        return await self._agent_json(task, "GET", path, {}, retry=True)
+
+    async def process_signal(self, task: Task) -> dict[str, Any]:
+        """``process.signal`` → the process record."""
+        path = f"/v1/processes/{_process_ref(task.params)}/signal"
+        args = {k: v for k, v in task.params.items() if k in ("signal", "group")}
+        return await self._agent_json(task, "POST", path, args, retry=False)
+
+    async def process_output(self, task: Task) -> dict[str, Any]:
+        """``process.output`` → ``{stream, offset, next_offset, dropped_bytes, eof, data_b64}``."""
+        path = f"/v1/processes/{_process_ref(task.params)}/output"
+        args = {k: v for k, v in task.params.items() if k in ("stream", "offset")}
+        max_bytes = task.params.get("max_bytes", PROCESS_CHUNK_BYTES)
+        if not isinstance(max_bytes, int) or isinstance(max_bytes, bool):
+            raise TaskFailed("VALIDATION_ERROR", "max_bytes must be an integer")
+        args["max_bytes"] = max(1, min(max_bytes, PROCESS_CHUNK_BYTES))
+        response = await self._request(
+            task.require_bunker_id(),
+            "GET",
+            path,
+            args,
+            retry=True,
+            timeout_s=_AGENT_CALL_TIMEOUT_S,
+        )
+        async with response:
+            data = await response.read(PROCESS_CHUNK_BYTES)
+            meta = _json_header(response, "x-meta")
+        return {**meta, "data_b64": base64.b64encode(data).decode()}
+
+    async def process_stdin(self, task: Task) -> dict[str, Any]:
+        """``process.stdin`` → ``{bytes_written, stdin_open}``."""
+        path = f"/v1/processes/{_process_ref(task.params)}/stdin"
+        try:
+            data = base64.b64decode(str(task.params.get("data_b64", "")), validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise TaskFailed("VALIDATION_ERROR", "data_b64 is not valid base64") from exc
+        if len(data) > PROCESS_CHUNK_BYTES:
+            raise TaskFailed("VALIDATION_ERROR", f"at most {PROCESS_CHUNK_BYTES} bytes per call")
+
+        async def body() -> AsyncIterator[bytes]:
+            yield data
+
+        client = await self._bunkers.agent(task.require_bunker_id())
+        args = {"eof": bool(task.params.get("eof", False))}
+        response = await client.request("POST", path, args, body(), timeout_s=_AGENT_CALL_TIMEOUT_S)
+        async with response:
+            return _as_object(await response.json())
+
+    async def _agent_json(
+        self, task: Task, method: str, path: str, args: Mapping[str, Any], *, retry: bool
+    ) -> dict[str, Any]:
+        response = await self._request(
+            task.require_bunker_id(),
+            method,
+            path,
+            args,
+            retry=retry,
+            timeout_s=_AGENT_CALL_TIMEOUT_S,
+        )
+        async with response:
+            return _as_object(await response.json())
+
     # -- files -------------------------------------------------------------------------
 
     async def files_write(self, task: Task) -> dict[str, Any]:
@@ -341,6 +448,14 @@ class TaskHandlers:
                 raise
         client = await self._bunkers.agent(bunker_id)
         return await client.request(method, path, dict(args), timeout_s=timeout_s)
+
+
+def _process_ref(params: Mapping[str, Any]) -> str:
+    """The ``ref`` param as a path segment: an exec id or a pid, nothing else."""
+    ref = params.get("ref")
+    if not isinstance(ref, str) or not 0 < len(ref) <= 128 or not ref.replace("_", "").isalnum():
+        raise TaskFailed("VALIDATION_ERROR", "ref must be an exec id or a pid")
+    return ref
 
 
 def _as_object(value: Any) -> dict[str, Any]:

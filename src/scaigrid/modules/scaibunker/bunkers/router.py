@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from scaigrid import errors
 from scaigrid.modules.scaibunker.bunkers import exec as exec_service
 from scaigrid.modules.scaibunker.bunkers import files as files_service
-from scaigrid.modules.scaibunker.bunkers import service
+from scaigrid.modules.scaibunker.bunkers import processes, service
 from scaigrid.modules.scaibunker.bunkers.models import Bunker
 from scaigrid.modules.scaibunker.bunkers.schemas import (
     CreateBunkerRequest,
@@ -145,9 +145,15 @@ async def resume_bunker(
 async def exec_command(
     bunker_id: str, body: ExecRequest, principal: ExecutorDep, state: StateDep
 ) -> JSONResponse:
-    """Run a command in the bunker and answer with its result (foreground)."""
+    """Run a command in the bunker and answer with its result (foreground), or with
+    ``{exec_id, pid}`` at once for ``background``."""
     _require_root(principal, body.user)
     bunker = await _owned_running(state, principal, bunker_id)
+    if body.background:
+        max_timeout_s = state.config.exec_limits.max_timeout_s
+        return ok(
+            await processes.start_background(state, bunker, body, max_timeout_s=max_timeout_s)
+        )
     return ok(await exec_service.run_foreground(state, bunker, body))
 
 
