@@ -62,6 +62,8 @@ class TaskKind:
     BUNKER_PAUSE = "bunker.pause"
     BUNKER_RESUME = "bunker.resume"
     IMAGE_BAKE = "image.bake"
+    IMAGE_SCAN = "image.scan"
+    IMAGE_EVICT = "image.evict"
     EXEC_START = "exec.start"
     FILES_WRITE = "files.write"
     FILES_READ = "files.read"

@@ -21,6 +21,8 @@ from typing import Any
 import structlog
 
 from scaigrid.worker.rootfs import ImageBuildError, ImageCache
+from scaigrid.worker.rootfs.mounts import overlays_using
+from scaigrid.worker.scan import ScanResult, scan_tree
 
 log = structlog.get_logger(__name__)
 
@@ -35,6 +37,14 @@ class ImageState(StrEnum):
 
 class ImagePrepareFailed(Exception):
     """An image could not be prepared; the message is safe to show to the image's owner."""
+
+
+class ImageNotCached(Exception):
+    """The image is not (completely) in this worker's cache."""
+
+
+class ImageInUse(Exception):
+    """The image cannot be evicted: bunkers on this worker run on it."""
 
 
 class ImageStore:
@@ -80,6 +90,38 @@ class ImageStore:
             self._builds[image_id] = build
             build.add_done_callback(lambda _t: self._builds.pop(image_id, None))
         return await asyncio.shield(build)
+
+    def source_digest(self, image_id: str) -> str | None:
+        """The pinned manifest digest of a built OCI image (``None`` for other sources)."""
+        digest = self._cache.metadata(image_id).get("source_digest")
+        return digest if isinstance(digest, str) else None
+
+    async def scan(self, image_id: str) -> ScanResult:
+        """Scan the cached tree of ``image_id`` (SPEC §7.7).
+
+        Raises:
+            ImageNotCached: the image is not ready on this worker.
+        """
+        if self._states.get(image_id) != ImageState.READY:
+            raise ImageNotCached(f"image {image_id} is not ready on this worker")
+        return await scan_tree(self._cache.path_for(image_id))
+
+    async def evict(self, image_id: str) -> bool:
+        """Delete the cached tree of ``image_id``; ``False`` when it was not cached.
+
+        Raises:
+            ImageInUse: a bunker's overlay root still uses the tree.
+        """
+        path = self._cache.path_for(image_id)
+        users = overlays_using(path)
+        if users:
+            raise ImageInUse(f"image {image_id} is used by {len(users)} bunker root(s)")
+        if image_id in self._builds:
+            raise ImageInUse(f"image {image_id} is being built")
+        present = image_id in self._states
+        await self._cache.evict(image_id)
+        self._states.pop(image_id, None)
+        return present
 
     async def _build(self, image_id: str, source: dict[str, Any]) -> Path:
         if self._states.get(image_id) != ImageState.READY:

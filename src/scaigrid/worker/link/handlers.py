@@ -12,8 +12,16 @@ their SPEC code, a lost or silent agent is ``AGENT_UNAVAILABLE``).
 ``bunker.destroy``
     params ``{}``; result ``{}``; idempotent, also for ids the worker does not hold.
 ``image.bake``
-    params ``{image: {id, name, source}}``; result ``{digest: null}`` once the cache holds the
-    image; error ``BAKE_FAILED`` with the reason. Deadline 1800 s.
+    params ``{image: {id, name, source}}``; result ``{digest: null, source_digest}`` once the
+    cache holds the image (``source_digest``: the pinned ``sha256:`` manifest digest of an OCI
+    source, else null); error ``BAKE_FAILED`` with the reason. Deadline 1800 s.
+``image.scan``
+    params ``{image_id}``; result ``{status, scanner, scanner_version, counts, findings,
+    error}`` (see :mod:`scaigrid.worker.scan`); error ``IMAGE_NOT_READY`` when the image is
+    not ready on this worker. Deadline 900 s.
+``image.evict``
+    params ``{image_id}``; result ``{evicted: bool}``; error ``IMAGE_IN_USE`` while a
+    bunker's root uses the image.
 ``exec.start``
     params ``{exec_id, command, cwd, env, user, timeout_s, stdin: "none" | "body"}`` (passed to
     the agent's ``POST /v1/exec`` unchanged); streams ``stdout``, ``stderr`` (worker →
@@ -71,9 +79,10 @@ from scaigrid.protocol.agent import AgentConnectionLost, AgentError, AgentRespon
 from scaigrid.protocol.link import InboundStream, TaskKind
 from scaigrid.worker.bunkers import BunkerSupervisor, CreateRequest
 from scaigrid.worker.drivers.base import DriverError
-from scaigrid.worker.images import ImagePrepareFailed
+from scaigrid.worker.images import ImageInUse, ImageNotCached, ImagePrepareFailed
 from scaigrid.worker.link.client import utc_timestamp
 from scaigrid.worker.link.tasks import HandlerSpec, Task, TaskFailed, TaskHandler
+from scaigrid.worker.rootfs import ImageBuildError
 
 log = structlog.get_logger(__name__)
 
@@ -82,6 +91,8 @@ BAKE_FAILED: Final = "BAKE_FAILED"
 
 CREATE_DEADLINE_S: Final = 1800.0
 BAKE_DEADLINE_S: Final = 1800.0
+SCAN_DEADLINE_S: Final = 900.0
+EVICT_DEADLINE_S: Final = 300.0
 DESTROY_DEADLINE_S: Final = 60.0
 PAUSE_DEADLINE_S: Final = 10.0
 FILES_CALL_DEADLINE_S: Final = 60.0
@@ -168,6 +179,8 @@ class TaskHandlers:
                 self.bunker_resume, PAUSE_DEADLINE_S, timeout_code="AGENT_UNAVAILABLE"
             ),
             IMAGE_BAKE: HandlerSpec(self.image_bake, BAKE_DEADLINE_S, timeout_code=BAKE_FAILED),
+            TaskKind.IMAGE_SCAN: HandlerSpec(self.image_scan, SCAN_DEADLINE_S),
+            TaskKind.IMAGE_EVICT: HandlerSpec(self.image_evict, EVICT_DEADLINE_S),
             TaskKind.EXEC_START: HandlerSpec(
                 _agent_errors(self.exec_start),
                 _exec_deadline,
@@ -255,7 +268,30 @@ class TaskHandlers:
             await self._bunkers.images.ensure(image["id"], source)
         except ImagePrepareFailed as exc:
             raise TaskFailed(BAKE_FAILED, str(exc)) from exc
-        return {"digest": None}
+        return {"digest": None, "source_digest": self._bunkers.images.source_digest(image["id"])}
+
+    async def image_scan(self, task: Task) -> dict[str, Any]:
+        """``image.scan`` → the scan result of the cached image."""
+        image_id = task.params.get("image_id")
+        if not isinstance(image_id, str):
+            raise TaskFailed("VALIDATION_ERROR", "image.scan needs image_id")
+        try:
+            result = await self._bunkers.images.scan(image_id)
+        except ImageNotCached as exc:
+            raise TaskFailed("IMAGE_NOT_READY", str(exc)) from exc
+        return result.to_dict()
+
+    async def image_evict(self, task: Task) -> dict[str, Any]:
+        """``image.evict`` → ``{evicted}``; refused while a bunker uses the image."""
+        image_id = task.params.get("image_id")
+        if not isinstance(image_id, str):
+            raise TaskFailed("VALIDATION_ERROR", "image.evict needs image_id")
+        try:
+            return {"evicted": await self._bunkers.images.evict(image_id)}
+        except ImageInUse as exc:
+            raise TaskFailed("IMAGE_IN_USE", str(exc)) from exc
+        except ImageBuildError as exc:
+            raise TaskFailed("VALIDATION_ERROR", str(exc)) from exc
 
     # -- exec --------------------------------------------------------------------------
 

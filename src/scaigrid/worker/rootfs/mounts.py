@@ -30,6 +30,27 @@ def mount_points() -> list[str]:
         return [_unescape(line.split(" ", 5)[4]) for line in fh if line.strip()]
 
 
+def overlays_using(lower: Path) -> list[str]:
+    """Mount points of overlay filesystems whose ``lowerdir`` includes ``lower``.
+
+    Source: ``/proc/self/mountinfo`` (the super options after the `` - `` separator).
+    """
+    wanted = os.path.realpath(lower)
+    found = []
+    with open("/proc/self/mountinfo") as fh:
+        for line in fh:
+            head, _, tail = line.partition(" - ")
+            fields = tail.split()
+            if len(fields) < 3 or fields[0] != "overlay":
+                continue
+            for option in fields[2].split(","):
+                if option.startswith("lowerdir="):
+                    lowers = [_unescape(p) for p in option[len("lowerdir=") :].split(":")]
+                    if wanted in lowers:
+                        found.append(_unescape(head.split(" ", 5)[4]))
+    return found
+
+
 def mounts_under(path: Path) -> list[str]:
     """Mount points at or below ``path``, deepest (last mounted) first."""
     prefix = os.path.realpath(path)
