@@ -1,0 +1,446 @@
+"""Per-worker bunker networking (SPEC §8, HOST-NOTES §3).
+
+Layout on one worker (``<tag>`` = 12 hex digits derived from the worker's data directory, so
+workers sharing a host never collide):
+
+* **Router namespace** ``sb<tag>-rtr`` holds the host side of every bunker's veth, the
+  nftables table (:mod:`scaigrid.worker.net.nft`) and the DNS resolver sockets. The root
+  namespace's firewall is never touched. Its ``uplink`` veth leads to the uplink namespace
+  (the root namespace unless ``uplink_netns`` names another); bunker egress is masqueraded
+  out of it.
+* **Bunker namespace** ``sb<tag>-<bunker_id>`` with ``lo`` and ``eth0`` (the bunker's end
+  of veth ``v<slot>``), IPv6 disabled. Bunkers join it through ``BunkerSpec.netns_path``.
+* **Addresses** from a pool of /30 blocks: block 0 is the uplink (``.1`` uplink side,
+  ``.2`` router), block ``n`` is bunker slot ``n`` (``.1`` gateway and resolver, ``.2``
+  bunker).
+
+``isolated`` bunkers get nothing here (the driver gives them a private loopback-only
+namespace). :meth:`NetworkManager.start` removes every namespace of a previous run of the
+same worker (which removes its links and rules with it) before building the router afresh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import ipaddress
+import socket
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+import structlog
+from pyroute2 import IPRoute, netns
+from pyroute2.netlink.exceptions import NetlinkError
+
+from scaigrid.worker.net import nft
+from scaigrid.worker.net.nsexec import NetnsExecutor
+from scaigrid.worker.net.policy import NamePolicy
+from scaigrid.worker.net.resolver import BunkerResolver, QueryRecord, parse_upstream
+
+log = structlog.get_logger(__name__)
+
+NETNS_DIR: Final = Path("/run/netns")
+#: Profiles that get a namespace and egress from this manager.
+EGRESS_PROFILES: Final = frozenset({"registry", "allowlisted", "unrestricted", "transit"})
+#: Destinations no bunker reaches under any profile (SPEC §8.1), besides the pool itself and
+#: the worker's own addresses.
+ALWAYS_DENIED: Final = (
+    "0.0.0.0/8",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "224.0.0.0/4",
+    "240.0.0.0/4",
+)
+_CGNAT = ipaddress.IPv4Network("100.64.0.0/10")
+
+T = TypeVar("T")
+
+
+class NetworkError(RuntimeError):
+    """Bunker networking could not be set up or torn down."""
+
+
+def worker_tag(data_dir: Path) -> str:
+    """12 hex digits of the SHA-256 of the resolved data directory (as the cgroup parent)."""
+    return hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:12]
+
+
+def default_pool(tag: str) -> ipaddress.IPv4Network:
+    """A /20 of ``100.64.0.0/10`` chosen by ``tag`` (1024 choices)."""
+    index = int(tag, 16) % 1024
+    return ipaddress.IPv4Network((int(_CGNAT.network_address) + index * 4096, 20))
+
+
+@dataclass(frozen=True)
+class NetRequest:
+    """The network part of ``bunker.create``.
+
+    Attributes:
+        profile: SPEC §8 profile.
+        allowlist: names for ``registry``/``allowlisted`` (normalised by the controller).
+        upstreams: ``ip[:port]`` DNS resolvers the bunker's resolver asks.
+        bandwidth_mbit: egress cap in Mbit/s, ``None`` for none.
+    """
+
+    profile: str
+    allowlist: tuple[str, ...] | None = None
+    upstreams: tuple[str, ...] = ()
+    bandwidth_mbit: int | None = None
+
+
+@dataclass
+class Attachment:
+    """One bunker's network.
+
+    Attributes:
+        bunker_id: ``bnk_`` id.
+        slot: address block index.
+        netns: namespace name (under ``/run/netns``).
+        address: the bunker's ``eth0`` address.
+        gateway: its gateway and DNS resolver address.
+        ifname: the router-side interface name.
+    """
+
+    bunker_id: str
+    slot: int
+    netns: str
+    address: str
+    gateway: str
+    ifname: str
+    resolver: BunkerResolver | None = None
+
+    @property
+    def netns_path(self) -> str:
+        """Path a driver joins."""
+        return str(NETNS_DIR / self.netns)
+
+
+QuerySink = Callable[[str, QueryRecord], None]
+
+
+def run_in_netns(name: str, fn: Callable[[], T]) -> T:
+    """Run ``fn`` on a short-lived thread inside namespace ``name``."""
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            netns.setns(name, flags=0)
+            result.append(fn())
+        except BaseException as exc:
+            error.append(exc)
+
+    thread = threading.Thread(target=target, name=f"netns-{name}")
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    return result[0]
+
+
+def _write_sysctl(key: str, value: str) -> None:
+    Path("/proc/sys", *key.split(".")).write_text(value)
+
+
+class NetworkManager:
+    """Creates and removes bunker networks on one worker.
+
+    Args:
+        tag: worker tag (:func:`worker_tag`); prefixes every namespace name.
+        pool: IPv4 network of /30 blocks (at least a /29).
+        uplink_netns: namespace the router's uplink leads to; ``None`` for the root namespace.
+        deny: extra CIDRs no bunker may reach (control plane, storage, databases).
+        on_query: ``(bunker_id, record)`` for every DNS query a bunker makes.
+    """
+
+    def __init__(
+        self,
+        *,
+        tag: str,
+        pool: ipaddress.IPv4Network,
+        uplink_netns: str | None = None,
+        deny: Sequence[str] = (),
+        on_query: QuerySink | None = None,
+    ) -> None:
+        if pool.prefixlen > 29:
+            raise ValueError("the address pool must be at least a /29")
+        self.tag = tag
+        self.pool = pool
+        self.uplink_netns = uplink_netns
+        self.deny = tuple(deny)
+        self.router = f"sb{tag}-rtr"
+        self.uplink_peer = f"sbu{tag[:10]}"
+        self._on_query = on_query
+        self._exec: NetnsExecutor | None = None
+        self._nft: nft.Nft | None = None
+        self._attached: dict[str, Attachment] = {}
+        self._lock = asyncio.Lock()
+
+    # -- addresses ---------------------------------------------------------------------
+
+    def _block(self, slot: int) -> tuple[str, str]:
+        base = int(self.pool.network_address) + slot * 4
+        return str(ipaddress.IPv4Address(base + 1)), str(ipaddress.IPv4Address(base + 2))
+
+    def _free_slot(self) -> int:
+        used = {a.slot for a in self._attached.values()}
+        for slot in range(1, self.pool.num_addresses // 4):
+            if slot not in used:
+                return slot
+        raise NetworkError("the bunker address pool is exhausted")
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def leftovers(self) -> list[str]:
+        """Namespaces of this worker that exist now (router and bunkers)."""
+        prefix = f"sb{self.tag}-"
+        return sorted(n for n in netns.listnetns() if n.startswith(prefix))
+
+    async def start(self) -> list[str]:
+        """Remove a previous run's namespaces, then build the router; return what was removed.
+
+        Raises:
+            NetworkError: the router could not be built (nothing is left behind).
+        """
+        removed = await asyncio.to_thread(self._reconcile)
+        try:
+            await asyncio.to_thread(self._build_router)
+            self._exec = NetnsExecutor(self.router)
+            self._nft = await self._exec.run(nft.Nft)
+            deny = [*ALWAYS_DENIED, str(self.pool), *self.deny, *await self._worker_addresses()]
+            await self._exec.run(self._nft.run, nft.base_ruleset(deny))
+        except (OSError, NetlinkError, nft.NftError) as exc:
+            await self.close()
+            raise NetworkError(f"router namespace {self.router}: {exc}") from exc
+        log.info("net_router_ready", router=self.router, pool=str(self.pool), removed=removed)
+        return removed
+
+    def _reconcile(self) -> list[str]:
+        removed = self.leftovers()
+        for name in removed:
+            netns.remove(name)
+        self._delete_uplink_peer()
+        for name in removed:
+            log.info("net_leftover_removed", netns=name)
+        return removed
+
+    def _uplink_ipr(self) -> IPRoute:
+        return IPRoute(netns=self.uplink_netns) if self.uplink_netns else IPRoute()
+
+    def _delete_uplink_peer(self) -> None:
+        with self._uplink_ipr() as ipr:
+            found = ipr.link_lookup(ifname=self.uplink_peer)
+            if found:
+                ipr.link("del", index=found[0])
+
+    def _build_router(self) -> None:
+        netns.create(self.router)
+        run_in_netns(self.router, lambda: _write_sysctl("net.ipv4.ip_forward", "1"))
+        run_in_netns(self.router, lambda: _write_sysctl("net.ipv6.conf.all.disable_ipv6", "1"))
+        run_in_netns(self.router, lambda: _write_sysctl("net.ipv4.conf.all.rp_filter", "1"))
+        outer, inner = self._block(0)
+        with self._uplink_ipr() as ipr:
+            ipr.link(
+                "add",
+                ifname=self.uplink_peer,
+                kind="veth",
+                peer={"ifname": nft.UPLINK_IF, "net_ns_fd": self.router},
+            )
+            index = ipr.link_lookup(ifname=self.uplink_peer)[0]
+            ipr.addr("add", index=index, address=outer, prefixlen=30)
+            ipr.link("set", index=index, state="up")
+        with IPRoute(netns=self.router) as ipr:
+            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+            index = ipr.link_lookup(ifname=nft.UPLINK_IF)[0]
+            ipr.addr("add", index=index, address=inner, prefixlen=30)
+            ipr.link("set", index=index, state="up")
+            ipr.route("add", dst="0.0.0.0/0", gateway=outer)
+
+    async def _worker_addresses(self) -> list[str]:
+        def collect() -> list[str]:
+            with IPRoute() as ipr:
+                return [
+                    str(a.get("IFA_ADDRESS"))
+                    for a in ipr.get_addr(family=socket.AF_INET)
+                    if a.get("IFA_ADDRESS")
+                ]
+
+        outer, _ = self._block(0)
+        return sorted({*await asyncio.to_thread(collect), outer})
+
+    async def close(self) -> None:
+        """Detach every bunker and remove the router namespace (worker shutdown)."""
+        for bunker_id in list(self._attached):
+            with contextlib.suppress(NetworkError):
+                await self.detach(bunker_id)
+        if self._exec is not None:
+            self._exec.close()
+            self._exec = None
+        self._nft = None
+        await asyncio.to_thread(self._reconcile)
+
+    # -- bunkers -----------------------------------------------------------------------
+
+    async def attach(self, bunker_id: str, request: NetRequest) -> Attachment:
+        """Build ``bunker_id``'s namespace, addresses, rules and resolver.
+
+        Raises:
+            NetworkError: not started, pool exhausted, or a netlink/nftables failure (whatever
+                was built is removed again).
+            ValueError: an upstream resolver is not ``ip[:port]``.
+        """
+        if request.profile not in EGRESS_PROFILES:
+            raise ValueError(f"profile {request.profile!r} gets no network from the worker")
+        upstreams = [parse_upstream(u) for u in request.upstreams]
+        if self._exec is None or self._nft is None:
+            raise NetworkError("bunker networking is not started")
+        async with self._lock:
+            if bunker_id in self._attached:
+                return self._attached[bunker_id]
+            slot = self._free_slot()
+            gateway, address = self._block(slot)
+            attachment = Attachment(
+                bunker_id, slot, f"sb{self.tag}-{bunker_id}", address, gateway, f"v{slot}"
+            )
+            self._attached[bunker_id] = attachment
+        try:
+            await asyncio.to_thread(self._build_bunker, attachment, request.bandwidth_mbit)
+            open_egress = request.profile in ("unrestricted", "transit")
+            await self._exec.run(
+                self._nft.run,
+                nft.bunker_add(slot, attachment.ifname, gateway, open_egress=open_egress),
+            )
+            policy = NamePolicy(None if open_egress else (request.allowlist or ()))
+            attachment.resolver = await self._start_resolver(attachment, policy, upstreams)
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.detach(bunker_id))
+            if isinstance(exc, (OSError, NetlinkError, nft.NftError)):
+                raise NetworkError(f"network of bunker {bunker_id}: {exc}") from exc
+            raise
+        log.info(
+            "net_bunker_attached",
+            bunker_id=bunker_id,
+            profile=request.profile,
+            address=address,
+            slot=slot,
+        )
+        return attachment
+
+    def _build_bunker(self, a: Attachment, bandwidth_mbit: int | None) -> None:
+        netns.create(a.netns)
+        run_in_netns(a.netns, lambda: _write_sysctl("net.ipv6.conf.all.disable_ipv6", "1"))
+        run_in_netns(a.netns, lambda: _write_sysctl("net.ipv6.conf.default.disable_ipv6", "1"))
+        with IPRoute(netns=self.router) as ipr:
+            ipr.link(
+                "add", ifname=a.ifname, kind="veth", peer={"ifname": "eth0", "net_ns_fd": a.netns}
+            )
+            index = ipr.link_lookup(ifname=a.ifname)[0]
+            ipr.addr("add", index=index, address=a.gateway, prefixlen=30)
+            ipr.link("set", index=index, state="up")
+        with IPRoute(netns=a.netns) as ipr:
+            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+            index = ipr.link_lookup(ifname="eth0")[0]
+            ipr.addr("add", index=index, address=a.address, prefixlen=30)
+            ipr.link("set", index=index, state="up")
+            ipr.route("add", dst="0.0.0.0/0", gateway=a.gateway)
+            if bandwidth_mbit is not None:
+                ipr.tc(
+                    "add",
+                    "tbf",
+                    index,
+                    0x10000,
+                    rate=f"{bandwidth_mbit}mbit",
+                    burst=max(16 * 1024, bandwidth_mbit * 1_000_000 // 8 // 100),
+                    latency="50ms",
+                )
+
+    async def _start_resolver(
+        self,
+        a: Attachment,
+        policy: NamePolicy,
+        upstreams: list[tuple[str, int]],
+    ) -> BunkerResolver:
+        assert self._exec is not None and self._nft is not None
+        executor, rules = self._exec, self._nft
+
+        def bound() -> socket.socket:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                sock.bind((a.gateway, 53))
+                sock.setblocking(False)
+            except OSError:
+                sock.close()
+                raise
+            return sock
+
+        async def new_socket() -> socket.socket:
+            return await executor.run(socket.socket, socket.AF_INET, socket.SOCK_DGRAM)
+
+        async def on_answer(addresses: list[str], ttl_s: int) -> None:
+            await executor.run(rules.run, nft.allow_addresses(a.slot, addresses, ttl_s))
+
+        def on_query(record: QueryRecord) -> None:
+            log.info(
+                "dns_query",
+                bunker_id=a.bunker_id,
+                name=record.name,
+                qtype=record.qtype,
+                verdict=record.verdict,
+                rcode=record.rcode,
+                addresses=list(record.addresses),
+            )
+            if self._on_query is not None:
+                self._on_query(a.bunker_id, record)
+
+        resolver = BunkerResolver(
+            policy=policy,
+            upstreams=upstreams,
+            new_socket=new_socket,
+            on_answer=on_answer,
+            on_query=on_query,
+        )
+        await resolver.serve(await executor.run(bound))
+        return resolver
+
+    async def detach(self, bunker_id: str) -> None:
+        """Remove ``bunker_id``'s resolver, rules and namespace (idempotent).
+
+        Raises:
+            NetworkError: the namespace or rules could not be removed.
+        """
+        async with self._lock:
+            attachment = self._attached.pop(bunker_id, None)
+        if attachment is None:
+            name = f"sb{self.tag}-{bunker_id}"
+            if (NETNS_DIR / name).exists():
+                await asyncio.to_thread(netns.remove, name)
+            return
+        if attachment.resolver is not None:
+            await attachment.resolver.close()
+        try:
+            if self._exec is not None and self._nft is not None:
+                with contextlib.suppress(nft.NftError):
+                    await self._exec.run(
+                        self._nft.run,
+                        nft.bunker_delete(attachment.slot, attachment.ifname, attachment.gateway),
+                    )
+            if (NETNS_DIR / attachment.netns).exists():
+                await asyncio.to_thread(netns.remove, attachment.netns)
+        except OSError as exc:
+            raise NetworkError(f"network of bunker {bunker_id}: {exc}") from exc
+        log.info("net_bunker_detached", bunker_id=bunker_id)
+
+    def attachment(self, bunker_id: str) -> Attachment | None:
+        """The attachment of ``bunker_id``, if it has one."""
+        return self._attached.get(bunker_id)
+
+    async def ruleset(self) -> list[dict[str, Any]]:
+        """The worker's nftables table as JSON objects (for inspection and tests)."""
+        if self._exec is None or self._nft is None:
+            return []
+        return await self._exec.run(self._nft.ruleset)

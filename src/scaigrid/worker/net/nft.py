@@ -1,0 +1,254 @@
+"""nftables through libnftables' JSON API (``libnftables-json(5)``), via Debian's
+``python3-nftables`` binding.
+
+The binding lives in ``/usr/lib/python3/dist-packages`` (Debian package ``python3-nftables``)
+and is not on PyPI. Only that one module is loaded from its file, so nothing else from Debian's
+``dist-packages`` can shadow the virtualenv's packages.
+
+The ruleset of a worker lives in its router namespace, table ``inet scaibunker``:
+
+* ``set deny4`` (intervals): always-dropped destinations (SPEC §8.1).
+* ``chain forward`` (policy drop): established/related accepted, then ``iifname vmap
+  @bunkers`` jumps to the per-bunker chain ``b_<slot>``.
+* ``chain input`` (policy drop): loopback, established/related, and UDP DNS to a bunker's gateway
+  address from that bunker's interface (``set dns``: ``ifname . ipv4_addr``).
+* ``chain postrouting`` (nat): masquerade out of the uplink.
+* Per bunker: ``chain b_<slot>`` (deny4 → drop; profile rule; reject) and ``set allow_<slot>``
+  (ipv4 with timeouts) that the DNS resolver fills.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import ipaddress
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Final
+
+TABLE: Final = "scaibunker"
+FAMILY: Final = "inet"
+UPLINK_IF: Final = "uplink"
+NFT_BINDING = Path("/usr/lib/python3/dist-packages/nftables/nftables.py")
+
+
+class NftError(RuntimeError):
+    """libnftables rejected a command; the message is its error output."""
+
+
+def _load_binding() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("_debian_nftables", NFT_BINDING)
+    if spec is None or spec.loader is None:
+        raise NftError(f"{NFT_BINDING} is missing: install the Debian package python3-nftables")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class Nft:
+    """One libnftables context. Not thread-safe: use it from one thread (the one in the
+    namespace whose ruleset it edits, see :class:`~scaigrid.worker.net.nsexec.NetnsExecutor`).
+    """
+
+    def __init__(self) -> None:
+        binding = _load_binding()
+        self._ctx = binding.Nftables()
+        self._ctx.set_json_output(True)
+        self._ctx.set_handle_output(True)
+
+    def run(self, commands: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """Apply ``commands`` (``libnftables-json`` command objects) atomically.
+
+        Returns:
+            The decoded JSON output (empty dict when there is none).
+
+        Raises:
+            NftError: the batch was rejected; nothing of it was applied.
+        """
+        rc, output, error = self._ctx.json_cmd({"nftables": list(commands)})
+        if rc != 0:
+            raise NftError(str(error).strip() or f"nft failed with rc {rc}")
+        return output if isinstance(output, dict) else {}
+
+    def ruleset(self) -> list[dict[str, Any]]:
+        """The ``list table inet scaibunker`` objects, ``[]`` if the table does not exist."""
+        rc, output, _ = self._ctx.cmd(f"list table {FAMILY} {TABLE}")
+        if rc != 0:
+            return []
+        decoded = json.loads(output) if isinstance(output, str) and output else output
+        return list(decoded.get("nftables", [])) if isinstance(decoded, dict) else []
+
+
+def _obj(kind: str, **fields: Any) -> dict[str, Any]:
+    return {kind: {"family": FAMILY, "table": TABLE, **fields}}
+
+
+def _prefixes(cidrs: Iterable[str]) -> list[Any]:
+    """Merge overlapping CIDRs (an interval set rejects overlaps) into nft prefixes."""
+    networks = ipaddress.collapse_addresses(ipaddress.IPv4Network(c, strict=False) for c in cidrs)
+    out: list[Any] = []
+    for net in networks:
+        if net.prefixlen == 32:
+            out.append(str(net.network_address))
+        else:
+            out.append({"prefix": {"addr": str(net.network_address), "len": net.prefixlen}})
+    return out
+
+
+def _match(left: dict[str, Any], right: Any, op: str = "==") -> dict[str, Any]:
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+def _meta(key: str) -> dict[str, Any]:
+    return {"meta": {"key": key}}
+
+
+def _daddr() -> dict[str, Any]:
+    return {"payload": {"protocol": "ip", "field": "daddr"}}
+
+
+def _rule(chain: str, *expr: dict[str, Any]) -> dict[str, Any]:
+    return {"add": {"rule": {"family": FAMILY, "table": TABLE, "chain": chain, "expr": list(expr)}}}
+
+
+def base_ruleset(deny: Iterable[str]) -> list[dict[str, Any]]:
+    """Commands creating the worker's table (see the module docstring).
+
+    Args:
+        deny: IPv4 CIDRs or addresses that no bunker may reach.
+    """
+    established = _match({"ct": {"key": "state"}}, ["established", "related"], "in")
+    return [
+        {"add": {"table": {"family": FAMILY, "name": TABLE}}},
+        {"add": _obj("set", name="deny4", type="ipv4_addr", flags=["interval"])},
+        {
+            "add": {
+                "element": {
+                    "family": FAMILY,
+                    "table": TABLE,
+                    "name": "deny4",
+                    "elem": _prefixes(deny),
+                }
+            }
+        },
+        {"add": _obj("map", name="bunkers", type="ifname", map="verdict")},
+        {"add": _obj("set", name="dns", type=["ifname", "ipv4_addr"])},
+        {
+            "add": _obj(
+                "chain", name="forward", type="filter", hook="forward", prio=0, policy="drop"
+            )
+        },
+        {"add": _obj("chain", name="input", type="filter", hook="input", prio=0, policy="drop")},
+        {
+            "add": _obj(
+                "chain",
+                name="postrouting",
+                type="nat",
+                hook="postrouting",
+                prio=100,
+                policy="accept",
+            )
+        },
+        _rule("forward", established, {"accept": None}),
+        _rule("forward", {"vmap": {"key": _meta("iifname"), "data": "@bunkers"}}),
+        _rule("input", _match(_meta("iifname"), "lo"), {"accept": None}),
+        _rule("input", established, {"accept": None}),
+        _rule(
+            "input",
+            _match(_meta("l4proto"), "udp"),
+            _match({"payload": {"protocol": "th", "field": "dport"}}, 53),
+            _match({"concat": [_meta("iifname"), _daddr()]}, "@dns"),
+            {"accept": None},
+        ),
+        _rule("postrouting", _match(_meta("oifname"), UPLINK_IF), {"masquerade": None}),
+    ]
+
+
+def bunker_add(slot: int, ifname: str, gateway: str, *, open_egress: bool) -> list[dict[str, Any]]:
+    """Commands adding one bunker's chain, allow set and map entries.
+
+    Args:
+        slot: the bunker's address slot (names ``b_<slot>`` and ``allow_<slot>``).
+        ifname: router-side interface of the bunker's veth.
+        gateway: the bunker's gateway (and DNS resolver) address.
+        open_egress: ``True`` for ``unrestricted``/``transit`` (any destination but deny4),
+            ``False`` for ``registry``/``allowlisted`` (only ``allow_<slot>``).
+    """
+    chain, allow = f"b_{slot}", f"allow_{slot}"
+    to_uplink = _match(_meta("oifname"), UPLINK_IF)
+    egress = (
+        _rule(chain, to_uplink, {"counter": None}, {"accept": None})
+        if open_egress
+        else _rule(
+            chain, to_uplink, _match(_daddr(), f"@{allow}"), {"counter": None}, {"accept": None}
+        )
+    )
+    return [
+        {"add": _obj("set", name=allow, type="ipv4_addr", flags=["timeout"])},
+        {"add": _obj("chain", name=chain)},
+        _rule(chain, _match(_daddr(), "@deny4"), {"counter": None}, {"drop": None}),
+        egress,
+        _rule(chain, {"counter": None}, {"reject": {"type": "icmpx", "expr": "admin-prohibited"}}),
+        {
+            "add": {
+                "element": {
+                    "family": FAMILY,
+                    "table": TABLE,
+                    "name": "bunkers",
+                    "elem": [[ifname, {"jump": {"target": chain}}]],
+                }
+            }
+        },
+        {
+            "add": {
+                "element": {
+                    "family": FAMILY,
+                    "table": TABLE,
+                    "name": "dns",
+                    "elem": [{"concat": [ifname, gateway]}],
+                }
+            }
+        },
+    ]
+
+
+def bunker_delete(slot: int, ifname: str, gateway: str) -> list[dict[str, Any]]:
+    """Commands removing what :func:`bunker_add` created (the map entries first)."""
+    return [
+        {
+            "delete": {
+                "element": {"family": FAMILY, "table": TABLE, "name": "bunkers", "elem": [ifname]}
+            }
+        },
+        {
+            "delete": {
+                "element": {
+                    "family": FAMILY,
+                    "table": TABLE,
+                    "name": "dns",
+                    "elem": [{"concat": [ifname, gateway]}],
+                }
+            }
+        },
+        {"flush": _obj("chain", name=f"b_{slot}")},
+        {"delete": _obj("chain", name=f"b_{slot}")},
+        {"delete": _obj("set", name=f"allow_{slot}")},
+    ]
+
+
+def allow_addresses(slot: int, addresses: Iterable[str], timeout_s: int) -> list[dict[str, Any]]:
+    """Commands adding ``addresses`` to ``allow_<slot>`` for ``timeout_s`` seconds."""
+    elems = [{"elem": {"val": addr, "timeout": timeout_s}} for addr in addresses]
+    return [
+        {
+            "add": {
+                "element": {
+                    "family": FAMILY,
+                    "table": TABLE,
+                    "name": f"allow_{slot}",
+                    "elem": elems,
+                }
+            }
+        }
+    ]
