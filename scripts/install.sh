@@ -15,6 +15,7 @@ DEBIAN_PACKAGES=(
   docker-registry      # local registry the image tests push to and pull from
   iproute2 util-linux  # ip, mount, losetup, unshare
   nftables python3-nftables conntrack  # bunker network policy (libnftables JSON API), flow log
+  qemu-system-x86 qemu-utils linux-image-cloud-amd64 cpio lz4  # qemu microVM driver (TCG/KVM)
   python3-venv
 )
 
