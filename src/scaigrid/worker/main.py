@@ -260,7 +260,9 @@ async def build_daemon(settings: WorkerSettings) -> WorkerDaemon:
     settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     drivers = await asyncio.to_thread(make_drivers, settings)
     launch = await asyncio.to_thread(prepare_agent_launch, settings)
-    images = ImageStore(ImageCache(settings.data_dir / "images"))
+    images = ImageStore(
+        ImageCache(settings.data_dir / "images", insecure_registries=settings.insecure_registries)
+    )
     supervisor = BunkerSupervisor(drivers=drivers, images=images, agent_launch=launch)
     return WorkerDaemon(settings, supervisor, host_capacity(settings))
 
@@ -329,6 +331,9 @@ async def serve(settings: WorkerSettings) -> int:
 @click.option("--labels", help="Extra labels, k=v,k=v.")
 @click.option("--hostname", help="Name to register under (default: the host name).")
 @click.option("--cgroup-parent", help="Cgroup directory of this worker's bunkers.")
+@click.option(
+    "--insecure-registries", help="Registry hosts pulled over plain HTTP, host:port,host:port."
+)
 @click.option(
     "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help="Log level."
 )

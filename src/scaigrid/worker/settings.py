@@ -23,6 +23,9 @@ Every setting is read from an environment variable with the prefix ``SCAIBUNKER_
   there as a leftover of its previous run.
 - ``log_level`` (``SCAIBUNKER_LOG_LEVEL``, default ``info``): ``debug``, ``info``,
   ``warning`` or ``error``.
+- ``insecure_registries`` (``SCAIBUNKER_INSECURE_REGISTRIES``, default none): registry
+  hosts (``host:port``, comma-separated) that OCI image pulls reach over plain HTTP without
+  certificate checks, e.g. a registry on 127.0.0.1; every other registry needs valid HTTPS.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ class WorkerSettings(BaseSettings):
         default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)*$"
     )
     log_level: LogLevel = "info"
+    insecure_registries: Annotated[frozenset[str], NoDecode] = Field(default_factory=frozenset)
 
     @field_validator("controller_url")
     @classmethod
@@ -73,6 +77,13 @@ class WorkerSettings(BaseSettings):
     def _split_drivers(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [name.strip() for name in value.split(",") if name.strip()]
+        return value
+
+    @field_validator("insecure_registries", mode="before")
+    @classmethod
+    def _split_registries(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return frozenset(host.strip() for host in value.split(",") if host.strip())
         return value
 
     @field_validator("labels", mode="before")
