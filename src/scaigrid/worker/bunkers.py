@@ -46,6 +46,7 @@ from scaigrid.worker.drivers.base import (
 )
 from scaigrid.worker.images import ImagePrepareFailed, ImageStore
 from scaigrid.worker.link.tasks import TaskFailed
+from scaigrid.worker.net.manager import NetRequest, NetworkError, NetworkManager
 
 log = structlog.get_logger(__name__)
 
@@ -113,6 +114,7 @@ class CreateRequest:
         resources: CPU (millicores), memory (MiB) and writable disk (MiB).
         env_vars: bunker environment variables.
         network_profile: SPEC §8 profile name.
+        network: the network request (profile, allowlist, upstream resolvers, bandwidth).
         image_id: ``img_`` id.
         image_name: image name (for messages).
         image_source: SPEC §7.2 build source.
@@ -125,6 +127,7 @@ class CreateRequest:
     image_id: str
     image_name: str
     image_source: Mapping[str, Any]
+    network: NetRequest | None = None
 
     @classmethod
     def from_params(cls, bunker_id: str | None, params: Mapping[str, Any]) -> CreateRequest:
@@ -155,15 +158,51 @@ class CreateRequest:
         image_id, source = image.get("id"), image.get("source")
         if not isinstance(image_id, str) or not image_id or not isinstance(source, Mapping):
             raise TaskFailed("VALIDATION_ERROR", "image needs 'id' and 'source'")
+        profile = str(bunker.get("network_profile") or "isolated")
         return cls(
             bunker_id=bid,
             resources=Resources(**numbers),
             env_vars=dict(env_vars),
-            network_profile=str(bunker.get("network_profile") or "isolated"),
+            network_profile=profile,
+            network=_net_request(profile, bunker, params.get("network")),
             image_id=image_id,
             image_name=str(image.get("name") or image_id),
             image_source=dict(source),
         )
+
+
+def _net_request(profile: str, bunker: Mapping[str, Any], network: Any) -> NetRequest | None:
+    """Parse the network part of ``bunker.create``: ``bunker.{network_allowlist,
+    bandwidth_mbit}`` and ``network.dns_upstreams``; ``None`` for ``isolated``.
+
+    Raises:
+        TaskFailed: ``VALIDATION_ERROR`` naming the bad field.
+    """
+    if profile == "isolated":
+        return None
+    if profile not in ("registry", "allowlisted", "unrestricted", "transit"):
+        raise TaskFailed("VALIDATION_ERROR", f"unknown network profile {profile!r}")
+    allowlist = bunker.get("network_allowlist")
+    if profile in ("registry", "allowlisted") and (
+        not isinstance(allowlist, list) or not all(isinstance(n, str) for n in allowlist)
+    ):
+        raise TaskFailed("VALIDATION_ERROR", "bunker.network_allowlist must list names")
+    bandwidth = bunker.get("bandwidth_mbit")
+    if bandwidth is not None and (
+        not isinstance(bandwidth, int) or isinstance(bandwidth, bool) or not 1 <= bandwidth <= 10000
+    ):
+        raise TaskFailed("VALIDATION_ERROR", "bunker.bandwidth_mbit must be 1-10000")
+    upstreams = (network or {}).get("dns_upstreams") if isinstance(network, Mapping) else None
+    if not isinstance(upstreams, list) or not all(isinstance(u, str) for u in upstreams):
+        raise TaskFailed("VALIDATION_ERROR", "network.dns_upstreams must list resolvers")
+    return NetRequest(
+        profile=profile,
+        allowlist=tuple(str(n) for n in allowlist or ())
+        if profile in ("registry", "allowlisted")
+        else None,
+        upstreams=tuple(upstreams),
+        bandwidth_mbit=bandwidth,
+    )
 
 
 @dataclass
@@ -192,6 +231,7 @@ class BunkerSupervisor:
         agent_launch: how the agent is started in each bunker.
         on_event: coroutine ``(bunker_id, event)`` sending ``bunker_event``; ``event`` is
             ``"vm_exited"``, ``"agent_lost"`` or ``"agent_ready"``.
+        network: bunker networking; ``None`` allows only ``isolated`` bunkers.
     """
 
     def __init__(
@@ -201,6 +241,7 @@ class BunkerSupervisor:
         images: ImageStore,
         agent_launch: AgentLaunch,
         on_event: EventSink | None = None,
+        network: NetworkManager | None = None,
     ) -> None:
         if not drivers:
             raise ValueError("a bunker supervisor needs at least one driver")
@@ -208,6 +249,7 @@ class BunkerSupervisor:
         self.images = images
         self._launch = agent_launch
         self._on_event = on_event
+        self.network = network
         self._bunkers: dict[str, _Bunker] = {}
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -251,6 +293,8 @@ class BunkerSupervisor:
                     continue
                 log.info("bunker_leftover_stopped", bunker_id=bunker_id, driver=driver.info.name)
                 stopped.append(bunker_id)
+        if self.network is not None:
+            await self.network.start()
         return stopped
 
     async def close(self) -> None:
@@ -260,6 +304,8 @@ class BunkerSupervisor:
         for bunker_id, outcome in zip(ids, outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 log.error("bunker_stop_failed", bunker_id=bunker_id, error=str(outcome))
+        if self.network is not None:
+            await self.network.close()
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -289,7 +335,8 @@ class BunkerSupervisor:
             rootfs = await self._prepare_image(request, progress)
             await progress({"stage": "booting"})
             started = time.monotonic()
-            record.handle = await driver.start(self._spec(request, rootfs))
+            netns_path = await self._attach_network(request)
+            record.handle = await driver.start(self._spec(request, rootfs, netns_path))
             record.agent = await self._first_contact(record.handle)
             record.boot_ms = round((time.monotonic() - started) * 1000)
         except BaseException as exc:
@@ -303,6 +350,9 @@ class BunkerSupervisor:
                 raise BootFailed(
                     f"image {request.image_name} could not be prepared: {exc}"
                 ) from exc
+            if isinstance(exc, NetworkError):
+                bound.warning("bunker_boot_failed", stage="network", reason=str(exc))
+                raise BootFailed(f"network setup failed: {exc}") from exc
             if isinstance(exc, DriverError):
                 bound.warning("bunker_boot_failed", stage="driver", reason=str(exc))
                 raise BootFailed(f"{driver.info.name} driver failed: {exc}") from exc
@@ -317,10 +367,6 @@ class BunkerSupervisor:
         record.creator = None
         record.booted.set()
         record.watcher = self._spawn(self._watch(record), f"watch:{record.bunker_id}")
-        if request.network_profile != "isolated":
-            # Networking is not wired on this worker yet: every bunker gets a private
-            # loopback-only namespace, which is stricter than any other profile.
-            bound.warning("bunker_network_profile_not_applied", profile=request.network_profile)
         bound.info("bunker_running", driver=driver.info.name, boot_ms=record.boot_ms)
         return self._result(record)
 
@@ -338,11 +384,21 @@ class BunkerSupervisor:
             "boot_ms": record.boot_ms,
         }
 
-    def _spec(self, request: CreateRequest, rootfs: Path) -> BunkerSpec:
+    async def _attach_network(self, request: CreateRequest) -> str | None:
+        """The namespace path a non-``isolated`` bunker joins (``None`` for ``isolated``)."""
+        if request.network is None:
+            return None
+        if self.network is None:
+            raise NetworkError("this worker runs without bunker networking")
+        attachment = await self.network.attach(request.bunker_id, request.network)
+        return attachment.netns_path
+
+    def _spec(self, request: CreateRequest, rootfs: Path, netns_path: str | None) -> BunkerSpec:
         return BunkerSpec(
             bunker_id=request.bunker_id,
             rootfs=rootfs,
             resources=request.resources,
+            netns_path=netns_path,
             env={**self._launch.env, **request.env_vars},
             agent_runtime=self._launch.runtime_dir,
             init_argv=self._launch.argv,
@@ -415,6 +471,8 @@ class BunkerSupervisor:
         if record is None:
             for driver in self.drivers:
                 await driver.stop(bunker_id)
+            if self.network is not None:
+                await self.network.detach(bunker_id)
             return
         creator = record.creator
         if creator is not None and not creator.done() and creator is not asyncio.current_task():
@@ -443,6 +501,8 @@ class BunkerSupervisor:
         if agent is not None:
             await agent.close()
         await record.driver.stop(record.bunker_id)
+        if self.network is not None:
+            await self.network.detach(record.bunker_id)
 
     # -- pause and resume --------------------------------------------------------------
 

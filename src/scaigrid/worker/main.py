@@ -41,6 +41,7 @@ from scaigrid.worker.drivers.container import ContainerDriver
 from scaigrid.worker.images import ImageStore
 from scaigrid.worker.link import LinkAuthRejected, LinkClient, LinkConfigError
 from scaigrid.worker.link.handlers import build_handlers
+from scaigrid.worker.net.manager import NetworkManager, default_pool, worker_tag
 from scaigrid.worker.rootfs import ImageCache
 from scaigrid.worker.rootfs.agent_runtime import (
     AgentRuntimeError,
@@ -251,6 +252,19 @@ class WorkerDaemon:
             await self.supervisor.close()
 
 
+def make_network(settings: WorkerSettings) -> NetworkManager | None:
+    """The worker's bunker networking (started by the supervisor), ``None`` when disabled."""
+    if not settings.network:
+        return None
+    tag = worker_tag(settings.data_dir)
+    return NetworkManager(
+        tag=tag,
+        pool=settings.net_pool or default_pool(tag),
+        uplink_netns=settings.net_uplink_netns,
+        deny=[str(cidr) for cidr in settings.net_deny],
+    )
+
+
 async def build_daemon(settings: WorkerSettings) -> WorkerDaemon:
     """Probe the host and assemble a :class:`WorkerDaemon` (blocking parts in threads).
 
@@ -263,7 +277,9 @@ async def build_daemon(settings: WorkerSettings) -> WorkerDaemon:
     images = ImageStore(
         ImageCache(settings.data_dir / "images", insecure_registries=settings.insecure_registries)
     )
-    supervisor = BunkerSupervisor(drivers=drivers, images=images, agent_launch=launch)
+    supervisor = BunkerSupervisor(
+        drivers=drivers, images=images, agent_launch=launch, network=make_network(settings)
+    )
     return WorkerDaemon(settings, supervisor, host_capacity(settings))
 
 

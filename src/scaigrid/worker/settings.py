@@ -21,6 +21,16 @@ Every setting is read from an environment variable with the prefix ``SCAIBUNKER_
   the data directory's SHA-256>``): cgroup directory holding this worker's bunkers. It must
   differ between workers sharing a host: at start a worker destroys every bunker it finds
   there as a leftover of its previous run.
+- ``network`` (``SCAIBUNKER_NETWORK``, default ``true``): bunker networking (every profile but
+  ``isolated``, SPEC §8); ``false`` leaves only ``isolated`` bunkers.
+- ``net_pool`` (``SCAIBUNKER_NET_POOL``, default a /20 of ``100.64.0.0/10`` chosen by the data
+  directory's hash): IPv4 range cut into /30 blocks for the router uplink and every bunker.
+- ``net_uplink_netns`` (``SCAIBUNKER_NET_UPLINK_NETNS``, default the root namespace): named
+  network namespace the router namespace's uplink veth leads to. In the root namespace the
+  operator routes (and NATs) ``net_pool`` onward; the worker never edits the host firewall.
+- ``net_deny`` (``SCAIBUNKER_NET_DENY``): extra IPv4 CIDRs no bunker may reach, comma
+  separated (the control plane, storage proxy, Redis, databases); the worker's own addresses,
+  link-local, multicast and the pool are always denied.
 - ``log_level`` (``SCAIBUNKER_LOG_LEVEL``, default ``info``): ``debug``, ``info``,
   ``warning`` or ``error``.
 - ``insecure_registries`` (``SCAIBUNKER_INSECURE_REGISTRIES``, default none): registry
@@ -32,6 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import socket
+from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -57,6 +68,10 @@ class WorkerSettings(BaseSettings):
     cgroup_parent: str | None = Field(
         default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)*$"
     )
+    network: bool = True
+    net_pool: IPv4Network | None = None
+    net_uplink_netns: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    net_deny: Annotated[list[IPv4Network], NoDecode] = Field(default_factory=list)
     log_level: LogLevel = "info"
     insecure_registries: Annotated[frozenset[str], NoDecode] = Field(default_factory=frozenset)
 
@@ -84,6 +99,13 @@ class WorkerSettings(BaseSettings):
     def _split_registries(cls, value: Any) -> Any:
         if isinstance(value, str):
             return frozenset(host.strip() for host in value.split(",") if host.strip())
+        return value
+
+    @field_validator("net_deny", mode="before")
+    @classmethod
+    def _split_deny(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [cidr.strip() for cidr in value.split(",") if cidr.strip()]
         return value
 
     @field_validator("labels", mode="before")
