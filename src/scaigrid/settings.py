@@ -97,6 +97,24 @@ class Settings(BaseSettings):
         description="Seconds a resolved API key is kept in memory, saving a database round "
         "trip per request; a key revoked elsewhere keeps working at most this long (0 = off).",
     )
+    rate_limit_key_per_min: int = Field(
+        default=60, ge=1, description="Requests per sliding 60 s window per API key (SPEC §1.6)."
+    )
+    rate_limit_user_per_min: int = Field(
+        default=120, ge=1, description="Requests per sliding 60 s window per user."
+    )
+    rate_limit_tenant_per_min: int = Field(
+        default=1000, ge=1, description="Requests per sliding 60 s window per tenant."
+    )
+    rate_limit_partner_per_min: int = Field(
+        default=5000, ge=1, description="Requests per sliding 60 s window per partner."
+    )
+    redis_prefix: str = Field(
+        default="scaigrid:",
+        max_length=100,
+        description="Prefix of every Redis key this controller writes (several deployments "
+        "may share one Redis).",
+    )
     migrate_on_start: bool = Field(
         default=True,
         description="Run database migrations when the server starts. With several "

@@ -9,6 +9,8 @@ engine), so tests can run several in one process. What the app holds in ``app.st
 * ``metrics_registry`` — the :class:`prometheus_client.CollectorRegistry` served at /metrics;
   modules register their metrics here
 * ``modules`` — ``{name: PlatformModule}`` of the loaded modules
+* ``rate_limiter`` — :class:`~scaigrid.platform.ratelimit.RateLimiter` (Redis when
+  ``SCAIGRID_REDIS_URL`` is set, in-process otherwise), applied on authentication
 * ``audit`` — :class:`~scaigrid.platform.audit.service.AuditLog` (set by the lifespan in
   ``full`` mode; every POST/PUT/PATCH/DELETE is appended by the audit middleware)
 
@@ -41,6 +43,7 @@ from scaigrid.platform.middleware import BodyLimitMiddleware, HttpMetrics, Reque
 from scaigrid.platform.migrate import prepare_schema
 from scaigrid.platform.modules.loader import PlatformModule, ProxyCapableModule, load_modules
 from scaigrid.platform.modules.router import router as modules_router
+from scaigrid.platform.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from scaigrid.platform.system.router import router as system_router
 from scaigrid.settings import Settings, get_settings
 
@@ -76,6 +79,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
                 log.exception("module.shutdown_failed", module=module.name)
         if db is not None:
             await db.dispose()
+        await app.state.rate_limiter.close()
         log.info("app.stopped")
 
 
@@ -88,6 +92,12 @@ def _mount_modules(app: FastAPI, settings: Settings, modules: list[PlatformModul
             app.include_router(module.proxy_router, prefix=prefix)
         else:
             log.warning("module.no_proxy_router", module=module.name)
+
+
+def _rate_limiter(settings: Settings) -> RateLimiter:
+    if settings.redis_url:
+        return RedisRateLimiter(settings.redis_url, settings.redis_prefix)
+    return MemoryRateLimiter()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -121,6 +131,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.audit = None
     app.state.metrics_registry = registry
     app.state.principal_cache = PrincipalCache(settings.auth_cache_ttl_s)
+    app.state.rate_limiter = _rate_limiter(settings)
     app.state.modules = {module.name: module for module in modules}
     app.include_router(system_router)
     if settings.mode == "full":

@@ -109,7 +109,10 @@ class RequestContextMiddleware:
             if message["type"] == "http.response.start":
                 response_started = True
                 status = message["status"]
-                MutableHeaders(scope=message).append("X-Request-Id", request_id)
+                headers = MutableHeaders(scope=message)
+                headers.append("X-Request-Id", request_id)
+                for name, value in scope.get("state", {}).get("ratelimit_headers", ()):
+                    headers.raw.append((name, value))
             await send(message)
 
         try:

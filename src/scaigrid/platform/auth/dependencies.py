@@ -12,6 +12,8 @@ from scaigrid import errors
 from scaigrid.platform.auth.principal import Principal
 from scaigrid.platform.auth.service import authenticate
 from scaigrid.platform.db import get_database
+from scaigrid.platform.ratelimit import Level, RateLimiter
+from scaigrid.settings import Settings
 
 
 async def current_principal(request: HTTPConnection) -> Principal:
@@ -24,6 +26,8 @@ async def current_principal(request: HTTPConnection) -> Principal:
         AuthTokenMissing: no ``Authorization`` header (401 ``AUTH_TOKEN_MISSING``).
         AuthTokenInvalid: not a bearer credential, or a malformed, unknown, revoked or
             non-user credential (401 ``AUTH_TOKEN_INVALID``).
+        RateLimited: a rate limit of SPEC §1.6 is reached (429 ``RATE_LIMITED``); the
+            ``X-Scaigrid-Ratelimit-*`` headers go on every authenticated response.
     """
     header = request.headers.get("authorization")
     if not header:
@@ -34,7 +38,25 @@ async def current_principal(request: HTTPConnection) -> Principal:
     cache = getattr(request.app.state, "principal_cache", None)
     principal = await authenticate(get_database(request), credential.strip(), cache)
     request.state.principal = principal
+    limiter: RateLimiter | None = getattr(request.app.state, "rate_limiter", None)
+    if limiter is not None:
+        decision = await limiter.hit(rate_limit_levels(request.app.state.settings, principal))
+        request.state.ratelimit_headers = decision.headers()
+        decision.raise_if_denied()
     return principal
+
+
+def rate_limit_levels(settings: Settings, principal: Principal) -> list[Level]:
+    """The SPEC §1.6 levels that apply to ``principal``: its API key (when it used one), its
+    user, tenant and partner, with the configured limits."""
+    levels = [
+        Level(f"rl:usr:{principal.user_id}", settings.rate_limit_user_per_min),
+        Level(f"rl:ten:{principal.tenant_id}", settings.rate_limit_tenant_per_min),
+        Level(f"rl:ptn:{principal.partner_id}", settings.rate_limit_partner_per_min),
+    ]
+    if principal.api_key_id is not None:
+        levels.insert(0, Level(f"rl:key:{principal.api_key_id}", settings.rate_limit_key_per_min))
+    return levels
 
 
 CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
