@@ -27,6 +27,12 @@ PREFIXES = frozenset(
         "usr",
         "ptn",
         "key",
+        "rol",
+        "grp",
+        "rmp",
+        "whk",
+        "evt",
+        "dlv",
     }
 )
 
