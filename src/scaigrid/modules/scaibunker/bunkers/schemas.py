@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
+
+from scaigrid.modules.scaibunker.network.allowlist import dedupe, normalize_entry
 
 LifecycleMode = Literal["ephemeral", "session", "persistent"]
 NetworkProfile = Literal["isolated", "registry", "allowlisted", "unrestricted", "transit"]
 SessionType = Literal["standalone", "scaicore", "scaiwave", "api"]
 ExecUser = Literal["user", "root"]
 
+#: One ``network_allowlist`` entry (SPEC §8.4), normalised; errors name ``network_allowlist[i]``.
+AllowlistEntry = Annotated[str, AfterValidator(normalize_entry)]
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 ENV_TOTAL_MAX_BYTES = 32 * 1024
 
@@ -29,7 +40,9 @@ class CreateBunkerRequest(_Strict):
     name: str | None = Field(default=None, min_length=1, max_length=128)
     lifecycle_mode: LifecycleMode = "ephemeral"
     network_profile: NetworkProfile = "isolated"
-    network_allowlist: list[str] | None = None
+    network_allowlist: list[AllowlistEntry] | None = Field(
+        default=None, min_length=1, max_length=256
+    )
     cpu_millicores: int | None = Field(default=None, ge=100)
     memory_mb: int | None = Field(default=None, ge=128)
     disk_mb: int | None = Field(default=None, ge=64)
@@ -44,6 +57,11 @@ class CreateBunkerRequest(_Strict):
     env_vars: dict[str, str] = Field(default_factory=dict, max_length=128)
     interfaces: list[dict[str, Any]] | None = Field(default=None, max_length=8)
     isolation: Literal["microvm", "container"] | None = None
+
+    @field_validator("network_allowlist")
+    @classmethod
+    def _dedupe_allowlist(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else dedupe(value)
 
     @field_validator("label_set")
     @classmethod

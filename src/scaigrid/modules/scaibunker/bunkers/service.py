@@ -22,6 +22,8 @@ from scaigrid.modules.scaibunker.config import (
 )
 from scaigrid.modules.scaibunker.images.models import Image
 from scaigrid.modules.scaibunker.images.service import resolve_image
+from scaigrid.modules.scaibunker.network import admission
+from scaigrid.modules.scaibunker.network.config import network_config
 from scaigrid.modules.scaibunker.state import ModuleState
 from scaigrid.modules.scaibunker.workers import scheduler
 from scaigrid.platform.auth import Principal
@@ -310,13 +312,7 @@ async def create_bunker(
         )
     if request.gpu_count:
         raise errors.WorkerUnavailable("no worker offers GPUs")
-    if request.network_profile != "isolated":
-        raise errors.ValidationFailed(
-            "only the isolated network profile is available on this controller",
-            details=[{"field": "network_profile", "message": "must be isolated"}],
-        )
-    if request.interfaces is not None:
-        raise errors.InterfacesNotAllowed("interfaces need the transit profile")
+    admission.check_profile(principal, request.network_profile, request.interfaces)
     max_lifetime_s, idle_timeout_s = _timers(state, request)
     if request.lifecycle_mode == "session" and not principal.has("scaibunker:create:session"):
         raise errors.LifecycleModeDenied("session bunkers need scaibunker:create:session")
@@ -414,8 +410,13 @@ async def provision(state: ModuleState, bunker_id: str, image: Image) -> None:
                 "disk_mb": bunker.disk_mb,
                 "env_vars": bunker.env_vars,
                 "network_profile": bunker.network_profile,
+                "network_allowlist": admission.worker_allowlist(
+                    network_config(), bunker.network_profile, bunker.network_allowlist
+                ),
+                "bandwidth_mbit": bunker.bandwidth_mbit,
             },
             "image": {"id": image.id, "name": image.name, "source": image.source},
+            "network": admission.worker_network(network_config()),
         }
     connection = state.hub.get(worker_id)
     if connection is None:
