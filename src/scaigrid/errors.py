@@ -111,6 +111,9 @@ NoSuitableWorker = _make("NoSuitableWorker", "NO_SUITABLE_WORKER", 503, Unavaila
 AgentUnavailable = _make("AgentUnavailable", "AGENT_UNAVAILABLE", 502, Unavailable)
 ImageNotFound = _make("ImageNotFound", "IMAGE_NOT_FOUND", 404, NotFound)
 ImageNotReady = _make("ImageNotReady", "IMAGE_NOT_READY", 409, Conflict)
+AvailabilityGroupNotFound = _make(
+    "AvailabilityGroupNotFound", "AVAILABILITY_GROUP_NOT_FOUND", 404, NotFound
+)
 ProcessNotFound = _make("ProcessNotFound", "PROCESS_NOT_FOUND", 404, NotFound)
 ProcessNotRunning = _make("ProcessNotRunning", "PROCESS_NOT_RUNNING", 409, Conflict)
 StdinClosed = _make("StdinClosed", "STDIN_CLOSED", 409, Conflict)
