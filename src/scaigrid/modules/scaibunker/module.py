@@ -13,16 +13,21 @@ from scaigrid.modules.scaibunker.dev import DevWorker, seed_default_image
 from scaigrid.modules.scaibunker.images.router import router as images_router
 from scaigrid.modules.scaibunker.quotas.router import router as quotas_router
 from scaigrid.modules.scaibunker.state import ModuleState
+from scaigrid.modules.scaibunker.storage.router import router as storage_router
+from scaigrid.modules.scaibunker.storage.service import StorageService, open_storage
+from scaigrid.modules.scaibunker.storage.settings import StorageSettings
 from scaigrid.modules.scaibunker.workers.router import router as workers_router
 from scaigrid.settings import Settings
 
 
 @dataclass
 class ScaiBunkerModule:
-    """Module descriptor: ``router`` is mounted at ``/v1/modules/scaibunker``."""
+    """Module descriptor: ``router`` is mounted at ``/v1/modules/scaibunker``; in
+    ``bunker_proxy`` mode ``proxy_router`` (the storage object routes only) instead."""
 
     name: str = "scaibunker"
     router: APIRouter = field(default_factory=APIRouter)
+    proxy_router: APIRouter = field(default_factory=APIRouter)
 
     def __post_init__(self) -> None:
         for sub in (
@@ -31,12 +36,20 @@ class ScaiBunkerModule:
             processes_router,
             images_router,
             quotas_router,
+            storage_router,
         ):
             self.router.include_router(sub)
+        self.proxy_router.include_router(storage_router)
 
     async def startup(self, app: FastAPI) -> None:
-        """Create the module state; in dev mode seed the default image and start a worker."""
+        """Open the object store; in ``full`` mode also create the module state, and in dev
+        mode seed the default image and start a worker."""
         settings: Settings = app.state.settings
+        app.state.scaibunker_storage = await open_storage(
+            StorageSettings(), settings.data_dir, proxy=settings.mode == "bunker_proxy"
+        )
+        if settings.mode == "bunker_proxy":
+            return
         state = ModuleState(app.state.db, settings)
         app.state.scaibunker = state
         lifecycle.start(state)
@@ -54,6 +67,9 @@ class ScaiBunkerModule:
         state: ModuleState | None = getattr(app.state, "scaibunker", None)
         if state is not None:
             await state.close()
+        storage: StorageService | None = getattr(app.state, "scaibunker_storage", None)
+        if storage is not None:
+            await storage.close()
 
 
 MODULE = ScaiBunkerModule()
