@@ -1,4 +1,5 @@
-"""Entry point of the guest agent: ``python -m scaigrid.agent --listen PATH``.
+"""Entry point of the guest agent: ``python -m scaigrid.agent --listen PATH`` (containers)
+or ``python -m scaigrid.agent --serial NAME`` (microVMs).
 
 Runs as PID 1 of the bunker. Listens on a unix socket (mode 0600) in a directory the
 worker bind-mounts from the host, and serves the protocol of
@@ -11,6 +12,12 @@ dropped. ``--trust-any-peer`` turns the check off and exists for tests only.
 
 A ``cgroups.json`` next to the socket places execs in the bunker's workload cgroup
 (:mod:`scaigrid.agent.cgroups`).
+
+In a microVM (``--serial NAME``) the agent serves ONE connection at a time on the
+virtio-serial port whose ``/sys/class/virtio-ports/*/name`` is ``NAME``: the port is a
+single byte stream the host side (the worker, through the VMM's unix socket) connects to.
+When the host side goes away the port reads EOF; the agent closes it and reopens it for
+the next connection. Only the host can reach the port, so there is no peer check.
 
 Signals: SIGTERM and SIGINT shut down (execs get SIGTERM, then SIGKILL after
 ``--shutdown-grace-s``); SIGHUP, SIGUSR1 and SIGUSR2 are logged and ignored.
@@ -27,7 +34,8 @@ import socket
 import stat
 import struct
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 
 from scaigrid.agent.cgroups import MANIFEST_NAME, load_workload
 from scaigrid.agent.execs import ExecManager, OomCounter
@@ -38,7 +46,7 @@ _log = logging.getLogger("scaigrid.agent")
 _PEERCRED = struct.Struct("3i")
 
 
-_USAGE = """usage: python -m scaigrid.agent --listen PATH [--trust-any-peer]
+_USAGE = """usage: python -m scaigrid.agent (--listen PATH | --serial NAME) [--trust-any-peer]
        [--ring-buffer-bytes N] [--retained-output-bytes N] [--shutdown-grace-s S]
        [--log-level LEVEL]"""
 
@@ -47,7 +55,8 @@ class Options:
     """Command-line options of the agent.
 
     Attributes:
-        listen: unix socket path to listen on (required).
+        listen: unix socket path to listen on (this or ``serial`` is required).
+        serial: name of the virtio-serial port to serve on (microVMs).
         trust_any_peer: accept peers inside the bunker's pid namespace (tests only).
         ring_buffer_bytes: default capacity of each exec output buffer (1 MiB).
         retained_output_bytes: output budget of finished processes (64 MiB).
@@ -57,6 +66,7 @@ class Options:
 
     def __init__(self) -> None:
         self.listen = ""
+        self.serial = ""
         self.trust_any_peer = False
         self.ring_buffer_bytes = 1 << 20
         self.retained_output_bytes = 64 << 20
@@ -73,6 +83,7 @@ def parse_args(argv: list[str]) -> Options:
     options = Options()
     converters: dict[str, tuple[str, Callable[[str], object]]] = {
         "--listen": ("listen", str),
+        "--serial": ("serial", str),
         "--ring-buffer-bytes": ("ring_buffer_bytes", int),
         "--retained-output-bytes": ("retained_output_bytes", int),
         "--shutdown-grace-s": ("shutdown_grace_s", float),
@@ -94,8 +105,8 @@ def parse_args(argv: list[str]) -> Options:
                 _usage(f"{name}: {exc}")
         else:
             _usage(f"unknown argument {arg!r}")
-    if not options.listen:
-        _usage("--listen is required")
+    if bool(options.listen) == bool(options.serial):
+        _usage("exactly one of --listen and --serial is required")
     return options
 
 
@@ -141,7 +152,11 @@ async def run(options: Options) -> int:
         loop.add_signal_handler(signum, stopping.set)
     for signum in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
         loop.add_signal_handler(signum, _log.info, "agent.signal_ignored signal=%s", signum)
-    workload = load_workload(os.path.join(os.path.dirname(options.listen), MANIFEST_NAME))
+    workload = (
+        load_workload(os.path.join(os.path.dirname(options.listen), MANIFEST_NAME))
+        if options.listen
+        else load_workload("")
+    )
     execs = ExecManager(
         reaper,
         OomCounter.for_workload(workload),
@@ -169,25 +184,121 @@ async def run(options: Options) -> int:
                 connections.discard(task)
             _log.info("agent.peer_disconnected peer_pid=%s", pid)
 
-    sock = listen_socket(options.listen)
-    server = await asyncio.start_unix_server(on_connect, sock=sock)
-    _log.info(
-        "agent.ready listen=%s pid=%d oom_counter=%s",
-        options.listen,
-        os.getpid(),
-        execs.oom.path,
-    )
-    await stopping.wait()
-    _log.info("agent.stopping")
-    server.close()
-    with contextlib.suppress(OSError):
-        os.unlink(options.listen)
+    if options.serial:
+        serial = loop.create_task(serve_serial(options.serial, router.serve))
+        _log.info("agent.ready serial=%s pid=%d", options.serial, os.getpid())
+        await stopping.wait()
+        _log.info("agent.stopping")
+        serial.cancel()
+        await asyncio.gather(serial, return_exceptions=True)
+    else:
+        sock = listen_socket(options.listen)
+        server = await asyncio.start_unix_server(on_connect, sock=sock)
+        _log.info(
+            "agent.ready listen=%s pid=%d oom_counter=%s",
+            options.listen,
+            os.getpid(),
+            execs.oom.path,
+        )
+        await stopping.wait()
+        _log.info("agent.stopping")
+        server.close()
+        with contextlib.suppress(OSError):
+            os.unlink(options.listen)
     await execs.shutdown(options.shutdown_grace_s)
     for task in list(connections):
         task.cancel()
     if connections:
         await asyncio.wait(connections, timeout=1.0)
     return 0
+
+
+VIRTIO_PORTS = "/sys/class/virtio-ports"
+#: Seconds between looks for the port, and between reopens while no host side is connected.
+SERIAL_RETRY_S = 0.05
+
+Serve = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+def find_virtio_port(name: str, sysfs: str = VIRTIO_PORTS) -> str | None:
+    """``/dev/vportNpM`` of the virtio-serial port called ``name``, or ``None`` if absent."""
+    try:
+        entries = sorted(os.listdir(sysfs))
+    except OSError:
+        return None
+    for entry in entries:
+        try:
+            with open(os.path.join(sysfs, entry, "name")) as fh:
+                if fh.read().strip() == name:
+                    return f"/dev/{entry}"
+        except OSError:
+            continue
+    return None
+
+
+async def open_char_stream(
+    path: str,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, asyncio.BaseTransport]:
+    """asyncio streams over a character device opened read-write (two fds, one per side).
+
+    Returns ``(reader, writer, read_transport)``; close both the writer and the read
+    transport to release the device.
+
+    Raises:
+        OSError: the device cannot be opened.
+    """
+    loop = asyncio.get_running_loop()
+    read_fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        write_fd = os.dup(read_fd)
+    except OSError:
+        os.close(read_fd)
+        raise
+    reader = asyncio.StreamReader(limit=1 << 20)
+    read_protocol = asyncio.StreamReaderProtocol(reader)
+    read_transport, _ = await loop.connect_read_pipe(
+        lambda: read_protocol, os.fdopen(read_fd, "rb", buffering=0)
+    )
+    write_transport, write_protocol = await loop.connect_write_pipe(
+        lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()),
+        os.fdopen(write_fd, "wb", buffering=0),
+    )
+    writer = asyncio.StreamWriter(write_transport, write_protocol, reader, loop)
+    return reader, writer, read_transport
+
+
+async def serve_serial(name: str, serve: Serve) -> None:
+    """Serve connections on the virtio-serial port ``name`` one after another, forever.
+
+    Each open of the port carries one host-side connection; EOF means the host side is
+    gone, and the port is reopened for the next one.
+    """
+    announced = False
+    while True:
+        path = find_virtio_port(name)
+        if path is None:
+            if not announced:
+                _log.warning("agent.serial_port_missing name=%s", name)
+                announced = True
+            await asyncio.sleep(SERIAL_RETRY_S)
+            continue
+        try:
+            reader, writer, read_transport = await open_char_stream(path)
+        except OSError as exc:
+            _log.warning("agent.serial_open_failed path=%s error=%s", path, exc)
+            await asyncio.sleep(SERIAL_RETRY_S)
+            continue
+        started = time.monotonic()
+        try:
+            await serve(reader, writer)
+        except (OSError, ConnectionError) as exc:
+            _log.info("agent.serial_connection_broken error=%s", exc)
+        finally:
+            writer.close()
+            read_transport.close()
+        if time.monotonic() - started > 1.0:
+            _log.info("agent.peer_disconnected serial=%s", path)
+        await asyncio.sleep(SERIAL_RETRY_S)
 
 
 def ensure_std_fds() -> None:

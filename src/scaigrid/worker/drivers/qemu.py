@@ -1,0 +1,562 @@
+"""The ``qemu`` driver: one QEMU ``microvm`` per bunker (isolation class ``microvm``).
+
+Machine (HOST-NOTES §1): ``qemu-system-x86_64 -M microvm,acpi=on`` with virtio-mmio
+devices found through ACPI, the PVH ``vmlinux`` and initramfs of
+:mod:`scaigrid.worker.vm.artifacts`, and ``tsc_early_khz=<host TSC kHz>`` on the kernel
+command line (without it oversubscribed guests hang calibrating the TSC). Acceleration is
+KVM when ``/dev/kvm`` really runs a guest (probed once by booting the guest kernel into a
+trivial init that powers off), TCG otherwise.
+
+Devices are data (:class:`Drive`, :class:`SerialPort`) turned into arguments in one place
+(:func:`qemu_argv`), so later device kinds (VFIO GPUs) are added as more data:
+
+* ``/dev/vda`` the image's base ext4 (read-only, shared), ``/dev/vdb`` the bunker's sparse
+  scratch ext4 of ``disk_mb`` MiB, ``/dev/vdc`` the agent runtime ext4 (read-only); the
+  initramfs assembles the overlay root (:mod:`scaigrid.worker.vm.disks`).
+* The agent channel is the virtio-serial port ``agent`` backed by a unix socket in the
+  bunker's state directory: the single byte stream the agent protocol was built for (the
+  agent runs with ``--serial agent``).
+* Control is QMP (``qemu.qmp``) on a second unix socket: ``stop``/``cont`` for
+  pause/resume, ``query-status``, ``quit``.
+* The serial console (and QEMU's own stderr) is read from a pipe into a bounded tail; the
+  agent's ``agent.ready`` line on the console ends the boot wait, and the tail is the
+  reason of a failed boot.
+
+No network device is attached yet: the guest has loopback only (the ``isolated`` profile).
+
+State per bunker: ``data_dir/qemu/<bunker_id>/`` (0700) with the sockets, the scratch
+disk and ``qemu.pid``; :meth:`QemuDriver.stop` works from the id alone and kills a QEMU
+left by an earlier worker process (its command line must name the directory).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import hashlib
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+from qemu.qmp import QMPClient, QMPError
+
+from scaigrid.ids import is_id
+from scaigrid.worker.drivers.base import BunkerHandle, BunkerSpec, DriverError, DriverInfo
+from scaigrid.worker.rootfs.idshift import DEFAULT_ID_BASE
+from scaigrid.worker.vm.artifacts import (
+    VmArtifactError,
+    VmArtifacts,
+    ensure_vm_artifacts,
+    host_tsc_khz,
+)
+from scaigrid.worker.vm.disks import (
+    DiskError,
+    bake_ext4,
+    boot_script,
+    make_scratch_disk,
+    remove_tree,
+)
+
+log = structlog.get_logger(__name__)
+
+QEMU_BINARY = "qemu-system-x86_64"
+AGENT_PORT_NAME = "agent"
+#: Console line (from the agent's log) that ends the boot wait.
+READY_MARKER = b"agent.ready"
+#: Seconds from QEMU start to ``agent.ready`` before the boot counts as failed.
+BOOT_TIMEOUT_S = 90.0
+#: Seconds the KVM probe may take before KVM counts as unusable.
+KVM_PROBE_TIMEOUT_S = 10.0
+QMP_TIMEOUT_S = 10.0
+#: Seconds ``quit`` may take before QEMU is killed.
+QUIT_TIMEOUT_S = 3.0
+#: Lines of console kept per bunker (the tail reported on a failed boot).
+CONSOLE_TAIL_LINES = 40
+CONSOLE_LINE_MAX = 512
+#: Guest RAM floor in MiB: the kernel plus the Python agent need this much to boot.
+MIN_MEMORY_MB = 192
+_CONTROL = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+@dataclass(frozen=True)
+class Drive:
+    """A virtio-blk disk (``/dev/vdX`` in attach order)."""
+
+    id: str
+    path: Path
+    readonly: bool = False
+
+
+@dataclass(frozen=True)
+class SerialPort:
+    """A virtio-serial port backed by a unix socket QEMU listens on."""
+
+    name: str
+    socket: Path
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    """Everything :func:`qemu_argv` turns into a command line.
+
+    Attributes:
+        accel: ``kvm`` or ``tcg``.
+        vcpus: virtual CPUs.
+        memory_mb: guest RAM in MiB.
+        kernel: PVH ``vmlinux``; initramfs: its initramfs.
+        cmdline: kernel command line.
+        qmp_socket: QMP unix socket QEMU listens on.
+        drives: disks, in ``/dev/vdX`` order.
+        ports: virtio-serial ports.
+    """
+
+    accel: str
+    vcpus: int
+    memory_mb: int
+    kernel: Path
+    initramfs: Path
+    cmdline: str
+    qmp_socket: Path | None = None
+    drives: tuple[Drive, ...] = ()
+    ports: tuple[SerialPort, ...] = ()
+    extra: tuple[str, ...] = field(default=())
+
+
+def kernel_cmdline(tsc_khz: int, *extra: str) -> str:
+    """Guest kernel command line: console on ttyS0, no reboot on panic, the host TSC."""
+    return " ".join(("console=ttyS0", "quiet", "panic=-1", f"tsc_early_khz={tsc_khz}", *extra))
+
+
+def qemu_argv(machine: MachineConfig, binary: str = QEMU_BINARY) -> list[str]:
+    """The QEMU command line for ``machine`` (serial console on stdout)."""
+    argv = [
+        binary,
+        "-accel",
+        machine.accel,
+        "-M",
+        "microvm,acpi=on",
+        "-m",
+        str(machine.memory_mb),
+        "-smp",
+        str(machine.vcpus),
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-kernel",
+        str(machine.kernel),
+        "-initrd",
+        str(machine.initramfs),
+        "-append",
+        machine.cmdline,
+        "-serial",
+        "stdio",
+    ]
+    if machine.qmp_socket is not None:
+        argv += ["-qmp", f"unix:{machine.qmp_socket},server=on,wait=off"]
+    for drive in machine.drives:
+        options = [f"id={drive.id}", f"file={drive.path}", "format=raw", "if=none"]
+        options += ["readonly=on"] if drive.readonly else ["cache=unsafe"]
+        argv += ["-drive", ",".join(options), "-device", f"virtio-blk-device,drive={drive.id}"]
+    if machine.ports:
+        argv += ["-device", "virtio-serial-device"]
+    for index, port in enumerate(machine.ports):
+        chardev = f"port{index}"
+        argv += [
+            "-chardev",
+            f"socket,id={chardev},path={port.socket},server=on,wait=off",
+            "-device",
+            f"virtserialport,chardev={chardev},name={port.name}",
+        ]
+    return [*argv, *machine.extra]
+
+
+def probe_accel(artifacts: VmArtifacts, binary: str = QEMU_BINARY) -> str:
+    """``kvm`` when ``/dev/kvm`` boots the guest kernel to a trivial init that powers off
+    within :data:`KVM_PROBE_TIMEOUT_S`, else ``tcg`` (blocking)."""
+    if not os.path.exists("/dev/kvm"):
+        return "tcg"
+    machine = MachineConfig(
+        accel="kvm",
+        vcpus=1,
+        memory_mb=256,
+        kernel=artifacts.kernel,
+        initramfs=artifacts.initramfs,
+        cmdline=kernel_cmdline(host_tsc_khz(), "rdinit=/bin/busybox", "--", "poweroff", "-f"),
+    )
+    try:
+        result = subprocess.run(
+            qemu_argv(machine, binary),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=KVM_PROBE_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired:
+        log.info("qemu.kvm_unusable", reason="the probe guest did not power off in time")
+        return "tcg"
+    if result.returncode != 0:
+        log.info("qemu.kvm_unusable", reason=_clean(result.stdout + result.stderr)[-300:])
+        return "tcg"
+    return "kvm"
+
+
+def _clean(raw: bytes) -> str:
+    return _CONTROL.sub(b"", raw).decode("utf-8", errors="replace")
+
+
+class QemuHandle:
+    """A running QEMU microVM (see :class:`~scaigrid.worker.drivers.base.BunkerHandle`)."""
+
+    def __init__(self, bunker_id: str, state_dir: Path, process: asyncio.subprocess.Process):
+        self.bunker_id = bunker_id
+        self.state_dir = state_dir
+        self.process = process
+        self.console: collections.deque[str] = collections.deque(maxlen=CONSOLE_TAIL_LINES)
+        self.ready = asyncio.Event()
+        self.qmp: QMPClient | None = None
+        self._reader: asyncio.Task[None] | None = None
+
+    @property
+    def agent_socket(self) -> Path:
+        """Unix socket of the agent's virtio-serial port."""
+        return self.state_dir / "agent.sock"
+
+    @property
+    def qmp_socket(self) -> Path:
+        """QMP unix socket."""
+        return self.state_dir / "qmp.sock"
+
+    def start_console(self) -> None:
+        """Start reading the console into the tail (and watching for the ready line)."""
+        self._reader = asyncio.get_running_loop().create_task(self._read_console())
+
+    async def _read_console(self) -> None:
+        stream = self.process.stdout
+        if stream is None:
+            return
+        while True:
+            try:
+                line = await stream.readuntil(b"\n")
+            except asyncio.IncompleteReadError as exc:
+                line = exc.partial
+                if not line:
+                    return
+            except asyncio.LimitOverrunError as exc:
+                line = await stream.readexactly(exc.consumed)
+            if READY_MARKER in line and not self.ready.is_set():
+                self.ready.set()
+            self.console.append(_clean(line[:CONSOLE_LINE_MAX]).rstrip())
+
+    def console_tail(self, lines: int = 15) -> str:
+        """The last ``lines`` console lines, joined by `` | ``."""
+        return " | ".join(list(self.console)[-lines:])
+
+    async def open_agent_stream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Connect to the agent's port socket.
+
+        Raises:
+            ConnectionError: QEMU is gone or not listening.
+        """
+        if self.process.returncode is not None:
+            raise ConnectionError(f"the VM of {self.bunker_id} has exited")
+        try:
+            return await asyncio.open_unix_connection(str(self.agent_socket))
+        except OSError as exc:
+            raise ConnectionError(f"the agent port of {self.bunker_id}: {exc}") from exc
+
+    async def wait_exit(self) -> int:
+        """Wait until QEMU exits (guest power-off, panic or kill); return its status."""
+        status = await self.process.wait()
+        if self._reader is not None:
+            await asyncio.gather(self._reader, return_exceptions=True)
+        return status
+
+    async def qmp_execute(self, command: str) -> object:
+        """Run one QMP command (connecting on first use).
+
+        Raises:
+            DriverError: QMP is unreachable or the command failed.
+        """
+        try:
+            async with asyncio.timeout(QMP_TIMEOUT_S):
+                if self.qmp is None:
+                    client = QMPClient(self.bunker_id)
+                    await client.connect(str(self.qmp_socket))
+                    self.qmp = client
+                return await self.qmp.execute(command)
+        except (QMPError, OSError, TimeoutError) as exc:
+            raise DriverError(f"QMP {command} failed for {self.bunker_id}: {exc}") from exc
+
+    async def close_qmp(self) -> None:
+        """Disconnect QMP, if connected."""
+        if self.qmp is not None:
+            # After ``quit`` the server hangs up first; the client reports that as EOF.
+            with contextlib.suppress(QMPError, OSError, EOFError):
+                await self.qmp.disconnect()
+            self.qmp = None
+
+
+class QemuDriver:
+    """Runs bunkers as QEMU microVMs (see the module docstring).
+
+    Args:
+        data_dir: worker data directory (state under ``qemu/``, baked disks under
+            ``vm-cache/``).
+        kernel: configured guest ``vmlinux``; initramfs: its initramfs (both or neither;
+            derived from Debian's cloud kernel when unset).
+        accel: ``kvm`` or ``tcg``; probed when ``None``.
+        id_base: host id of the image trees' root owner (their owners are shifted back).
+        boot_timeout_s: seconds from QEMU start to the agent's ready line.
+
+    Raises:
+        DriverError: QEMU is not installed or the guest kernel/initramfs is unavailable.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        kernel: Path | None = None,
+        initramfs: Path | None = None,
+        accel: str | None = None,
+        id_base: int = DEFAULT_ID_BASE,
+        boot_timeout_s: float = BOOT_TIMEOUT_S,
+        binary: str = QEMU_BINARY,
+    ) -> None:
+        if shutil.which(binary) is None:
+            raise DriverError(f"{binary} is not installed (Debian package qemu-system-x86)")
+        self.data_dir = Path(data_dir).resolve()
+        self.binary = binary
+        self.cache_dir = self.data_dir / "vm-cache"
+        try:
+            self.artifacts = ensure_vm_artifacts(self.cache_dir, kernel=kernel, initramfs=initramfs)
+            self.tsc_khz = host_tsc_khz()
+        except VmArtifactError as exc:
+            raise DriverError(str(exc)) from exc
+        self.accel = accel or probe_accel(self.artifacts, binary)
+        self.id_base = id_base
+        self.boot_timeout_s = boot_timeout_s
+        self.info = DriverInfo(name="qemu", isolation="microvm", accel=self.accel)
+        self._bunkers_dir = self.data_dir / "qemu"
+        self._bunkers_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._handles: dict[str, QemuHandle] = {}
+        log.info("qemu.driver_ready", accel=self.accel, kernel=str(self.artifacts.kernel))
+
+    def _state_dir(self, bunker_id: str) -> Path:
+        if not is_id(bunker_id, "bnk"):
+            raise DriverError(f"not a bunker id: {bunker_id!r}")
+        return self._bunkers_dir / bunker_id
+
+    async def start(self, spec: BunkerSpec) -> QemuHandle:
+        """Boot a microVM for ``spec``; return once its agent logged ``agent.ready``.
+
+        Raises:
+            DriverError: a disk could not be made, QEMU failed, or the agent was not ready
+                within ``boot_timeout_s`` (the message ends with the console tail);
+                nothing is left behind.
+        """
+        state_dir = self._state_dir(spec.bunker_id)
+        if spec.agent_runtime is None:
+            raise DriverError("the qemu driver needs the agent runtime")
+        await asyncio.to_thread(remove_tree, state_dir)
+        await asyncio.to_thread(state_dir.mkdir, 0o700)
+        try:
+            machine = await self._prepare(spec, state_dir)
+            handle = await self._launch(spec.bunker_id, state_dir, machine)
+        except BaseException:
+            await self.stop(spec.bunker_id)
+            raise
+        return handle
+
+    async def _prepare(self, spec: BunkerSpec, state_dir: Path) -> MachineConfig:
+        assert spec.agent_runtime is not None
+        try:
+            base = await bake_ext4(
+                spec.rootfs, self._base_disk_path(spec.rootfs), id_base=self.id_base
+            )
+            runtime = await bake_ext4(
+                spec.agent_runtime, self.cache_dir / f"{spec.agent_runtime.name}.ext4"
+            )
+            scratch = state_dir / "scratch.ext4"
+            boot = boot_script(agent_argv(spec.init_argv), spec.env, spec.hostname)
+            await make_scratch_disk(scratch, max(64, spec.resources.disk_mb), boot)
+        except DiskError as exc:
+            raise DriverError(str(exc)) from exc
+        return MachineConfig(
+            accel=self.accel,
+            vcpus=max(1, math.ceil(spec.resources.cpu_millicores / 1000)),
+            memory_mb=max(MIN_MEMORY_MB, spec.resources.memory_mb),
+            kernel=self.artifacts.kernel,
+            initramfs=self.artifacts.initramfs,
+            cmdline=kernel_cmdline(self.tsc_khz),
+            qmp_socket=state_dir / "qmp.sock",
+            drives=(
+                Drive("base", base, readonly=True),
+                Drive("scratch", scratch),
+                Drive("runtime", runtime, readonly=True),
+            ),
+            ports=(SerialPort(AGENT_PORT_NAME, state_dir / "agent.sock"),),
+        )
+
+    def _base_disk_path(self, rootfs: Path) -> Path:
+        st = rootfs.stat()
+        key = hashlib.sha256(
+            f"{rootfs.resolve()}\0{st.st_ino}\0{st.st_mtime_ns}\0{self.id_base}".encode()
+        ).hexdigest()[:24]
+        return self.cache_dir / "base" / f"{key}.ext4"
+
+    async def _launch(self, bunker_id: str, state_dir: Path, machine: MachineConfig) -> QemuHandle:
+        started = time.monotonic()
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *qemu_argv(machine, self.binary),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=state_dir,
+            )
+        except OSError as exc:
+            raise DriverError(f"cannot start {self.binary}: {exc}") from exc
+        (state_dir / "qemu.pid").write_text(f"{process.pid}\n")
+        handle = QemuHandle(bunker_id, state_dir, process)
+        self._handles[bunker_id] = handle
+        handle.start_console()
+        ready = asyncio.ensure_future(handle.ready.wait())
+        exited = asyncio.ensure_future(process.wait())
+        try:
+            await asyncio.wait(
+                {ready, exited}, timeout=self.boot_timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            ready.cancel()
+            exited.cancel()
+        if not handle.ready.is_set():
+            if process.returncode is None:
+                reason = f"the guest agent was not ready within {self.boot_timeout_s:.0f} s"
+            else:
+                await handle.wait_exit()
+                reason = f"the VM exited during boot (status {process.returncode})"
+            raise DriverError(f"{reason}; console: {handle.console_tail()}")
+        log.info(
+            "qemu.booted",
+            bunker_id=bunker_id,
+            accel=machine.accel,
+            boot_ms=round((time.monotonic() - started) * 1000),
+        )
+        return handle
+
+    def _own(self, handle: BunkerHandle) -> QemuHandle:
+        own = self._handles.get(handle.bunker_id)
+        if own is None:
+            raise DriverError(f"bunker {handle.bunker_id} is not running on this worker")
+        return own
+
+    async def status(self, handle: BunkerHandle) -> str:
+        """QMP run state: ``running``, ``paused``, ``shutdown``, ...
+
+        Raises:
+            DriverError: QMP is unreachable.
+        """
+        reply = await self._own(handle).qmp_execute("query-status")
+        if not isinstance(reply, dict) or not isinstance(reply.get("status"), str):
+            raise DriverError(f"unexpected query-status reply: {reply!r}")
+        return str(reply["status"])
+
+    async def pause(self, handle: BunkerHandle) -> None:
+        """Stop the vCPUs (QMP ``stop``; idempotent).
+
+        Raises:
+            DriverError: the bunker is not running here or QMP failed.
+        """
+        await self._own(handle).qmp_execute("stop")
+
+    async def resume(self, handle: BunkerHandle) -> None:
+        """Restart the vCPUs (QMP ``cont``; idempotent).
+
+        Raises:
+            DriverError: the bunker is not running here or QMP failed.
+        """
+        await self._own(handle).qmp_execute("cont")
+
+    async def stop(self, bunker_id: str) -> None:
+        """Quit (or kill) the VM and remove its state directory (idempotent; works from the
+        id alone, also for a QEMU left by an earlier worker process).
+
+        Raises:
+            DriverError: ``bunker_id`` is not a bunker id.
+        """
+        state_dir = self._state_dir(bunker_id)
+        handle = self._handles.pop(bunker_id, None)
+        if handle is not None:
+            if handle.process.returncode is None:
+                with contextlib.suppress(DriverError):
+                    async with asyncio.timeout(QUIT_TIMEOUT_S):
+                        await handle.qmp_execute("quit")
+                        await handle.process.wait()
+            await handle.close_qmp()
+            if handle.process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    handle.process.kill()
+            await handle.wait_exit()
+        else:
+            await asyncio.to_thread(_kill_leftover, state_dir)
+        await asyncio.to_thread(remove_tree, state_dir)
+        log.info("qemu.stopped", bunker_id=bunker_id)
+
+    async def list_leftovers(self) -> list[str]:
+        """Ids with a state directory but no live handle (pass each to :meth:`stop`)."""
+        if not self._bunkers_dir.is_dir():
+            return []
+        return sorted(
+            entry.name
+            for entry in self._bunkers_dir.iterdir()
+            if is_id(entry.name, "bnk") and entry.name not in self._handles
+        )
+
+
+def agent_argv(init_argv: tuple[str, ...]) -> list[str]:
+    """The container agent argv with ``--listen PATH`` replaced by ``--serial agent``.
+
+    Raises:
+        DriverError: ``init_argv`` is empty.
+    """
+    if not init_argv:
+        raise DriverError("the qemu driver needs the agent's argv")
+    argv: list[str] = []
+    args = iter(init_argv)
+    for arg in args:
+        if arg == "--listen":
+            next(args, None)
+        elif not arg.startswith("--listen="):
+            argv.append(arg)
+    return [*argv, "--serial", AGENT_PORT_NAME]
+
+
+def _kill_leftover(state_dir: Path) -> None:
+    """SIGKILL the QEMU recorded in ``state_dir/qemu.pid`` if it still runs for this
+    directory (its command line names it), and wait until it is gone."""
+    try:
+        pid = int((state_dir / "qemu.pid").read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return
+    if str(state_dir).encode() not in cmdline:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    for _ in range(200):
+        if not os.path.exists(f"/proc/{pid}"):
+            return
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.01)

@@ -1,0 +1,1 @@
+"""Shared plumbing of the microVM drivers: guest kernel, initramfs, disks, host probes."""

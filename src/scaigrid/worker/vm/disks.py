@@ -1,0 +1,226 @@
+"""Disks of a microVM: the image's read-only base ext4, the agent runtime ext4 and a
+per-bunker scratch disk.
+
+* **Base disk** (``/dev/vda``, read-only, shared by every VM of the image): baked once per
+  image tree with ``mkfs.ext4 -d`` (:func:`scaigrid.worker.rootfs.ext4.make_ext4`). The
+  worker's image trees are owned by ids shifted by ``id_base`` for the container driver
+  (:mod:`scaigrid.worker.rootfs.idshift`); a guest must see its own ids, so the bake runs
+  inside a user namespace that maps host ``id_base..id_base+65535`` to ``0..65535``
+  (``unshare --user`` holds the namespace, the worker writes its ``uid_map``/``gid_map``
+  as root, ``nsenter`` runs ``mkfs.ext4`` in it). The guest then reads unshifted owners.
+* **Runtime disk** (``/dev/vdc``, read-only): the self-contained agent runtime tree
+  (:mod:`scaigrid.worker.rootfs.agent_runtime`), baked once per runtime.
+* **Scratch disk** (``/dev/vdb``): a sparse file of ``disk_mb`` MiB formatted as ext4
+  holding ``boot.sh`` (what the initramfs sources: environment, hostname, agent argv) at
+  its top; the overlay's upper and work directories are created beside it at boot. Data a
+  guest writes lands only in this file, so a full scratch disk fails inside the guest and
+  never touches the host's free space beyond ``disk_mb``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import structlog
+
+from scaigrid.worker.rootfs.commands import CommandError, run_command
+from scaigrid.worker.rootfs.idshift import ID_RANGE_SIZE
+
+log = structlog.get_logger(__name__)
+
+#: Free room added on top of a tree's size when baking its ext4, in MiB (inodes, journal).
+BAKE_SLACK_MIB = 64
+#: Factor over the tree's apparent size (ext4 metadata, block rounding of small files).
+BAKE_FACTOR = 1.25
+MKFS_TIMEOUT_S = 600.0
+
+
+class DiskError(Exception):
+    """A disk could not be made; the message says why."""
+
+
+def tree_size_mib(tree: Path) -> int:
+    """Apparent size of ``tree`` in MiB (``du -s --apparent-size`` of regular files, plus
+    4 KiB per entry), rounded up."""
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(tree):
+        for name in (*dirnames, *filenames):
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            total += 4096 + (st.st_size if name in filenames else 0)
+    return -(-total // (1 << 20))
+
+
+def bake_size_mib(tree: Path) -> int:
+    """ext4 size to bake ``tree`` into (at least 64 MiB, the floor of ``make_ext4``)."""
+    return max(64, int(tree_size_mib(tree) * BAKE_FACTOR) + BAKE_SLACK_MIB)
+
+
+async def _mkfs(tree: Path, output: Path, size_mib: int, *, id_base: int | None) -> None:
+    """``mkfs.ext4 -d tree output`` (``output`` exists with its final size), in a user
+    namespace mapping ``id_base`` to 0 when ``id_base`` is given."""
+    argv = ["mkfs.ext4", "-F", "-q", "-E", "lazy_itable_init=0", "-d", str(tree), str(output)]
+    if id_base is None:
+        await run_command(*argv, timeout_s=MKFS_TIMEOUT_S)
+        return
+    holder = await asyncio.create_subprocess_exec(
+        "unshare",
+        "--user",
+        "sleep",
+        "3600",
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        mapping = f"0 {id_base} {ID_RANGE_SIZE}\n"
+        await _write_maps(holder.pid, mapping)
+        os.chown(output, id_base, id_base)
+        await run_command(
+            "nsenter",
+            "--user",
+            f"--target={holder.pid}",
+            "--",
+            *argv,
+            timeout_s=MKFS_TIMEOUT_S,
+        )
+        os.chown(output, 0, 0)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            holder.send_signal(signal.SIGKILL)
+        await holder.wait()
+
+
+async def _write_maps(pid: int, mapping: str) -> None:
+    """Write ``uid_map`` and ``gid_map`` of ``pid`` once its ``unshare`` took effect."""
+    own = os.readlink("/proc/self/ns/user")
+    for _ in range(200):
+        try:
+            if os.readlink(f"/proc/{pid}/ns/user") != own:
+                break
+        except OSError:
+            pass
+        await asyncio.sleep(0.005)
+    else:
+        raise DiskError("the id-mapping user namespace did not come up")
+    for name in ("uid_map", "gid_map"):
+        await asyncio.to_thread(Path(f"/proc/{pid}/{name}").write_text, mapping)
+
+
+def _sparse_file(path: Path, size_mib: int) -> None:
+    with path.open("wb") as fh:
+        fh.truncate(size_mib << 20)
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def _open_lock(output: Path) -> int:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(output.with_name(f".{output.name}.lock"), os.O_WRONLY | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+async def bake_ext4(tree: Path, output: Path, *, id_base: int | None = None) -> Path:
+    """Bake ``tree`` into the ext4 ``output`` once (an existing ``output`` is reused).
+
+    Args:
+        tree: root tree to copy in.
+        output: final path; written beside it and renamed into place when complete.
+        id_base: host id of the tree's root owner when the tree is id-shifted (owners are
+            shifted back to the guest's ids); ``None`` keeps owners as they are.
+
+    Raises:
+        DiskError: ``mkfs.ext4`` failed or the id mapping could not be set up.
+    """
+    if await asyncio.to_thread(output.is_file):
+        return output
+    lock = await asyncio.to_thread(_open_lock, output)
+    try:
+        if await asyncio.to_thread(output.is_file):
+            return output
+        size_mib = await asyncio.to_thread(bake_size_mib, tree)
+        partial = output.with_name(f".{output.name}.partial")
+        await asyncio.to_thread(_sparse_file, partial, size_mib)
+        try:
+            await _mkfs(tree, partial, size_mib, id_base=id_base)
+        except (CommandError, OSError) as exc:
+            await asyncio.to_thread(_unlink, partial)
+            raise DiskError(f"cannot bake {tree} into ext4: {exc}") from exc
+        os.replace(partial, output)
+    finally:
+        os.close(lock)
+    log.info("vm.disk_baked", tree=str(tree), output=str(output), size_mib=size_mib)
+    return output
+
+
+def boot_script(
+    argv: Sequence[str], env: Mapping[str, str], hostname: str, *, network: Sequence[str] = ()
+) -> str:
+    """The ``boot.sh`` the initramfs sources before ``switch_root``: exports ``env``, sets
+    the hostname and the positional parameters to the agent's ``argv``; every value is
+    shell-quoted.
+
+    Args:
+        argv: the agent's argv inside the guest.
+        env: the agent's environment (the initramfs starts from an empty one).
+        hostname: guest hostname.
+        network: extra shell commands for the guest's network (busybox ``ip``), run before
+            ``switch_root``; built by the driver from checked values only.
+
+    Raises:
+        DiskError: a variable name is not a shell identifier.
+    """
+    lines = []
+    for key, value in env.items():
+        if not key.isidentifier() or not key.isascii():
+            raise DiskError(f"environment variable name {key!r} is not allowed in a microVM")
+        lines.append(f"export {key}={shlex.quote(value)}")
+    lines.append(f"/bin/hostname {shlex.quote(hostname)}")
+    lines.extend(network)
+    lines.append("set -- " + " ".join(shlex.quote(arg) for arg in argv))
+    return "\n".join(lines) + "\n"
+
+
+async def make_scratch_disk(path: Path, size_mib: int, boot_sh: str) -> None:
+    """Create the sparse scratch ext4 of ``size_mib`` MiB at ``path`` with ``boot.sh``.
+
+    Raises:
+        DiskError: ``mkfs.ext4`` failed.
+    """
+    top = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="scratch-"))
+    try:
+        await asyncio.to_thread(_write_boot, top, boot_sh)
+        await asyncio.to_thread(_sparse_file, path, size_mib)
+        await _mkfs(top, path, size_mib, id_base=None)
+    except (CommandError, OSError) as exc:
+        await asyncio.to_thread(_unlink, path)
+        raise DiskError(f"cannot make the scratch disk: {exc}") from exc
+    finally:
+        await asyncio.to_thread(shutil.rmtree, top, True)
+
+
+def _write_boot(top: Path, boot_sh: str) -> None:
+    fd = os.open(top / "boot.sh", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(boot_sh)
+
+
+def remove_tree(path: Path) -> None:
+    """Remove ``path`` and everything below it, if present."""
+    shutil.rmtree(path, ignore_errors=True)
