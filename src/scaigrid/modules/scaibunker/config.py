@@ -35,6 +35,16 @@ class ExecLimits:
 
 
 @dataclass(frozen=True)
+class PlatformCeilings:
+    """``PLATFORM_MAX_*``: per-bunker ceilings no profile can grant past (SPEC §9.3)."""
+
+    cpu_millicores: int = 16000
+    memory_mb: int = 65536
+    disk_mb: int = 102400
+    gpu_count: int = 8
+
+
+@dataclass(frozen=True)
 class ModuleConfig:
     """Effective module configuration."""
 
@@ -46,6 +56,7 @@ class ModuleConfig:
         }
     )
     exec_limits: ExecLimits = field(default_factory=ExecLimits)
+    platform_max: PlatformCeilings = field(default_factory=PlatformCeilings)
     #: Seconds between reaper passes (SPEC §2.5: a bunker leaves ``running``/``paused`` no
     #: later than 10 s after its deadline).
     reaper_interval_s: float = 2.0
@@ -55,5 +66,3 @@ class ModuleConfig:
     worker_lost_after_s: float = 15.0
     #: A persistent bunker not re-placed within this many seconds fails (SPEC §10.6).
     reschedule_give_up_s: float = 600.0
-    #: Seconds between usage records of one bunker (SPEC §1.9).
-    usage_interval_s: float = 60.0

@@ -2,6 +2,22 @@
 
 from scaigrid.modules.scaibunker.bunkers.models import Bunker, BunkerStatusEvent
 from scaigrid.modules.scaibunker.images.models import Image
+from scaigrid.modules.scaibunker.quotas.models import (
+    QuotaAssignment,
+    QuotaBucketLock,
+    QuotaContribution,
+    QuotaProfile,
+)
 from scaigrid.modules.scaibunker.workers.models import Worker, WorkerJoinToken
 
-__all__ = ["Bunker", "BunkerStatusEvent", "Image", "Worker", "WorkerJoinToken"]
+__all__ = [
+    "Bunker",
+    "BunkerStatusEvent",
+    "Image",
+    "QuotaAssignment",
+    "QuotaBucketLock",
+    "QuotaContribution",
+    "QuotaProfile",
+    "Worker",
+    "WorkerJoinToken",
+]

@@ -24,6 +24,7 @@ from scaigrid.modules.scaibunker.images.models import Image
 from scaigrid.modules.scaibunker.images.service import resolve_image
 from scaigrid.modules.scaibunker.network import admission
 from scaigrid.modules.scaibunker.network.config import network_config
+from scaigrid.modules.scaibunker.quotas import service as quotas
 from scaigrid.modules.scaibunker.state import ModuleState
 from scaigrid.modules.scaibunker.workers import scheduler
 from scaigrid.platform.auth import Principal
@@ -296,6 +297,7 @@ async def create_bunker(
         errors.ImageNotFound, errors.ImageNotReady: the image cannot be used.
         errors.ValidationFailed: snapshots, GPUs or interfaces (later issues), or timers.
         errors.AuthzPermissionDenied: lifecycle mode or network profile not allowed.
+        errors.BunkerQuotaExceeded: a platform ceiling or quota profile cap (SPEC §9.4).
         errors.WorkerUnavailable, errors.NoSuitableWorker: no worker can take it.
     """
     if request.snapshot_id is not None:
@@ -323,7 +325,11 @@ async def create_bunker(
     memory = request.memory_mb or image.default_memory_mb or DEFAULT_MEMORY_MB
     disk = request.disk_mb or image.default_disk_mb or DEFAULT_DISK_MB
     now = utcnow()
+    ask = quotas.Ask(cpu, memory, disk, 0, request.lifecycle_mode == "persistent")
     async with state.placement_lock:
+        contributions = await quotas.admit(
+            session, principal.tenant_id, principal.user_id, ask, state.config.platform_max
+        )
         placement = await scheduler.place(
             session,
             state.hub.connected_ids(),
@@ -361,6 +367,8 @@ async def create_bunker(
             expires_at=now + timedelta(seconds=max_lifetime_s) if max_lifetime_s else None,
         )
         session.add(bunker)
+        await session.flush()
+        quotas.record(session, bunker.id, contributions)
         record_creation(session, bunker)
         await session.commit()
     log.info("bunker_created", bunker_id=bunker.id, worker_id=bunker.worker_id, image=image.name)
