@@ -11,6 +11,7 @@ from scaigrid.modules.scaibunker.bunkers.process_router import router as process
 from scaigrid.modules.scaibunker.bunkers.router import router as bunkers_router
 from scaigrid.modules.scaibunker.dev import DevWorker, seed_default_image
 from scaigrid.modules.scaibunker.images.router import router as images_router
+from scaigrid.modules.scaibunker.images.service import rescan_loop, seed_builtin_images
 from scaigrid.modules.scaibunker.quotas.router import router as quotas_router
 from scaigrid.modules.scaibunker.state import ModuleState
 from scaigrid.modules.scaibunker.storage.router import router as storage_router
@@ -53,6 +54,8 @@ class ScaiBunkerModule:
         state = ModuleState(app.state.db, settings)
         app.state.scaibunker = state
         lifecycle.start(state)
+        await seed_builtin_images(state)
+        state.spawn(rescan_loop(state), name="image-rescan")
         if settings.dev_worker:
             await seed_default_image(state)
             worker = DevWorker(state, settings.public_url, settings.data_dir / "worker")

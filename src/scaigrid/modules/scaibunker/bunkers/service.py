@@ -333,7 +333,15 @@ async def create_bunker(
         placement = await scheduler.place(
             session,
             state.hub.connected_ids(),
-            scheduler.Request(principal.tenant_id, cpu, memory, disk, request.isolation),
+            scheduler.Request(
+                principal.tenant_id,
+                cpu,
+                memory,
+                disk,
+                request.isolation,
+                image_id=image.id,
+                lazy_pull=image.lazy_pull,
+            ),
         )
         bunker = Bunker(
             id=new_id("bnk"),

@@ -10,6 +10,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 _SUITE = re.compile(r"^[a-z][a-z0-9-]*$")
 _PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.-]*$")
+#: ``[host[:port]/]repo[:tag][@sha256:hex]`` (the worker checks the full grammar again).
+_OCI_REF = re.compile(
+    r"^[a-z0-9][a-z0-9._-]*(?::[0-9]{1,5})?(?:/[a-z0-9][a-z0-9._-]*)*"
+    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?$"
+)
 
 
 class _Strict(BaseModel):
@@ -27,6 +32,20 @@ class TarSource(_Strict):
     def _absolute(cls, value: str) -> str:
         if not value.startswith("/") or "\0" in value:
             raise ValueError("path must be an absolute path on the worker")
+        return value
+
+
+class OciSource(_Strict):
+    """An OCI image pulled anonymously from a registry (API v2) by the baking worker."""
+
+    kind: Literal["oci"]
+    ref: str = Field(min_length=1, max_length=512)
+
+    @field_validator("ref")
+    @classmethod
+    def _reference(cls, value: str) -> str:
+        if not _OCI_REF.match(value) or "/../" in f"/{value}/":
+            raise ValueError("ref must be an image reference like registry/repo:tag[@sha256:…]")
         return value
 
 
@@ -54,11 +73,11 @@ class DebootstrapSource(_Strict):
         return value
 
 
-ImageSource = Annotated[TarSource | DebootstrapSource, Field(discriminator="kind")]
+ImageSource = Annotated[OciSource | TarSource | DebootstrapSource, Field(discriminator="kind")]
 
 
 class RegisterImageRequest(_Strict):
-    """Body of ``POST /images`` (the walking skeleton's subset: tar and debootstrap)."""
+    """Body of ``POST /images`` (SPEC §7.4)."""
 
     name: str = Field(min_length=1, max_length=63)
     source: ImageSource
@@ -68,10 +87,49 @@ class RegisterImageRequest(_Strict):
     default_disk_mb: int | None = Field(default=None, ge=64)
     scope: Literal["tenant", "partner", "platform"] = "tenant"
     lazy_pull: bool = False
+    bake_worker_id: str | None = Field(default=None, min_length=1, max_length=32)
 
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
         if not _NAME.match(value):
+            raise ValueError("name must match [a-z0-9][a-z0-9._-]*")
+        return value
+
+
+class WarmRequest(_Strict):
+    """Body of ``POST /images/{id}/warm``: target workers, or groups (default: all groups)."""
+
+    worker_ids: list[str] | None = Field(default=None, max_length=1000)
+    availability_group_ids: list[str] | None = Field(default=None, max_length=1000)
+
+
+class GroupRequest(_Strict):
+    """Body of ``POST /availability-groups``."""
+
+    name: str = Field(min_length=1, max_length=63)
+    scope: Literal["tenant", "platform"] = "tenant"
+    worker_ids: list[str] = Field(default_factory=list, max_length=1000)
+    image_ids: list[str] = Field(default_factory=list, max_length=1000)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError("name must match [a-z0-9][a-z0-9._-]*")
+        return value
+
+
+class GroupPatch(_Strict):
+    """Body of ``PATCH /availability-groups/{id}`` (arrays replace)."""
+
+    name: str | None = Field(default=None, min_length=1, max_length=63)
+    worker_ids: list[str] | None = Field(default=None, max_length=1000)
+    image_ids: list[str] | None = Field(default=None, max_length=1000)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        if value is not None and not _NAME.match(value):
             raise ValueError("name must match [a-z0-9][a-z0-9._-]*")
         return value

@@ -1,19 +1,38 @@
-"""Image registration, name resolution and baking on workers (SPEC §7.3, §7.4)."""
+"""Image registration, name resolution, baking, warm-up and scanning on workers (SPEC §7).
+
+Bake: one worker (``bake_worker_id`` or the first connected, active worker usable by the
+image's scope) builds the image; the image becomes ``ready`` (with the pinned OCI
+``source_digest``) or ``failed`` with the worker's reason. Then the baking worker scans it
+(§7.7) and the image is warmed on the other workers of the availability groups in its scope
+(§7.6). Per-worker warm state lives in :class:`ImageWorker` rows.
+
+Built-in images (§7.5) are seeded ``pending`` with :data:`BUILTIN_PENDING_REASON` and are not
+baked automatically, so a controller without registry access never pulls in a loop; a super
+admin bakes one with ``POST /images/{id}/warm``.
+"""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Iterable
 from typing import Any
 
 import structlog
-from sqlalchemy import select
+from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scaigrid import errors
 from scaigrid.ids import is_id, new_id
 from scaigrid.modules.scaibunker.bunkers.schemas import iso
-from scaigrid.modules.scaibunker.images.models import Image
+from scaigrid.modules.scaibunker.images.models import (
+    AvailabilityGroup,
+    Image,
+    ImageFinding,
+    ImageWorker,
+)
 from scaigrid.modules.scaibunker.images.schemas import RegisterImageRequest
 from scaigrid.modules.scaibunker.state import ModuleState
+from scaigrid.modules.scaibunker.workers.models import Worker
 from scaigrid.platform.auth import Principal
 from scaigrid.platform.db import utcnow
 from scaigrid.protocol.link import TaskKind
@@ -21,10 +40,53 @@ from scaigrid.protocol.link import TaskKind
 log = structlog.get_logger(__name__)
 
 BAKE_TIMEOUT_S = 1800.0
+SCAN_TIMEOUT_S = 900.0
+#: Seconds between two rescans of every ``ready`` image (SPEC §7.7: daily).
+RESCAN_INTERVAL_S = 86400.0
+WARM_STATES = ("queued", "ready", "failed", "skipped")
+SEVERITIES = ("critical", "high", "medium", "low", "unknown")
+
+#: The platform catalogue (SPEC §7.5): name → OCI reference.
+BUILTIN_IMAGES: dict[str, str] = {
+    "python-3.12": "docker.io/library/python:3.12-slim",
+    "python-3.12-ml": "docker.io/pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime",
+    "nodejs-22": "docker.io/library/node:22-bookworm-slim",
+    "ubuntu-24.04": "docker.io/library/ubuntu:24.04",
+    "rust-latest": "docker.io/library/rust:latest",
+    "minimal": "docker.io/library/alpine:latest",
+}
+BUILTIN_PENDING_REASON = (
+    "built-in image not baked: it needs a worker that can reach its registry; "
+    "a super admin starts the bake with POST /images/{id}/warm"
+)
 
 
-def image_to_dict(image: Image) -> dict[str, Any]:
-    """Render an image as its API object (SPEC §7.1)."""
+def empty_warm() -> dict[str, int]:
+    """``{queued, ready, failed, skipped}`` all zero."""
+    return dict.fromkeys(WARM_STATES, 0)
+
+
+async def warm_summary(
+    session: AsyncSession, image_ids: Iterable[str]
+) -> dict[str, dict[str, int]]:
+    """Warm counts per image id (SPEC §7.6); images without rows get zeros."""
+    ids = list(image_ids)
+    summary = {image_id: empty_warm() for image_id in ids}
+    if not ids:
+        return summary
+    rows = await session.execute(
+        select(ImageWorker.image_id, ImageWorker.state, func.count())
+        .where(ImageWorker.image_id.in_(ids))
+        .group_by(ImageWorker.image_id, ImageWorker.state)
+    )
+    for image_id, state, count in rows:
+        if state in WARM_STATES:
+            summary[image_id][state] = int(count)
+    return summary
+
+
+def image_to_dict(image: Image, warm: dict[str, int] | None = None) -> dict[str, Any]:
+    """Render an image as its API object (SPEC §7.1) with its ``warm`` counts."""
     return {
         "id": image.id,
         "name": image.name,
@@ -40,8 +102,10 @@ def image_to_dict(image: Image) -> dict[str, Any]:
         "lazy_pull": image.lazy_pull,
         "status": image.status,
         "status_reason": image.status_reason,
-        "scan": None,
-        "warm": {"queued": 0, "ready": 0, "failed": 0, "skipped": 0},
+        "source_digest": image.source_digest,
+        "builtin": image.builtin,
+        "scan": image.scan,
+        "warm": warm if warm is not None else empty_warm(),
         "created_at": iso(image.created_at),
     }
 
@@ -97,9 +161,13 @@ async def register_image(
 ) -> Image:
     """Create an image record in ``pending`` and queue its bake on a connected worker.
 
+    The image joins every availability group in its scope (SPEC §7.6); their workers show
+    as ``queued`` in its ``warm`` summary until the bake and warm-up finish.
+
     Raises:
         errors.AuthzPermissionDenied: ``platform`` or ``partner`` scope without the right role.
         errors.SlugConflict: the name is taken in that scope.
+        errors.WorkerNotFound: ``bake_worker_id`` names no worker usable by the image.
     """
     if request.scope == "platform" and not principal.is_super_admin:
         raise errors.AuthzPermissionDenied("platform images need super_admin")
@@ -119,12 +187,72 @@ async def register_image(
         lazy_pull=request.lazy_pull,
         status="pending",
         created_at=utcnow(),
+        bake_worker_id=request.bake_worker_id,
     )
     await ensure_unique_name(session, image)
+    if request.bake_worker_id is not None:
+        worker = await session.get(Worker, request.bake_worker_id)
+        if worker is None or worker.deleted_at is not None or not worker_usable(worker, image):
+            raise errors.WorkerNotFound(f"worker {request.bake_worker_id} not found")
     session.add(image)
+    now = utcnow()
+    for group in await groups_in_scope(session, image):
+        group.image_ids = [*group.image_ids, image.id]
+        group.updated_at = now
+        for worker_id in group.worker_ids:
+            await _set_warm(session, image.id, worker_id, "queued")
     await session.commit()
     state.spawn(bake_image(state, image.id), name=f"bake-{image.id}")
     return image
+
+
+def worker_usable(worker: Worker, image: Image) -> bool:
+    """True when ``worker`` may hold ``image``: platform workers hold any image, a tenant's
+    own worker only that tenant's images (SPEC §10.1)."""
+    return worker.tenant_id is None or worker.tenant_id == image.tenant_id
+
+
+async def groups_in_scope(session: AsyncSession, image: Image) -> list[AvailabilityGroup]:
+    """Availability groups an image joins when registered (SPEC §7.6).
+
+    A ``tenant`` image joins that tenant's groups, a ``platform`` image the platform groups;
+    a ``partner`` image joins no group here (tenants add it to theirs).
+    """
+    if image.scope == "tenant":
+        query = select(AvailabilityGroup).where(
+            AvailabilityGroup.scope == "tenant", AvailabilityGroup.tenant_id == image.tenant_id
+        )
+    elif image.scope == "platform":
+        query = select(AvailabilityGroup).where(AvailabilityGroup.scope == "platform")
+    else:
+        return []
+    return list((await session.scalars(query)).all())
+
+
+async def _set_warm(
+    session: AsyncSession, image_id: str, worker_id: str, warm_state: str, error: str | None = None
+) -> None:
+    row = await session.get(ImageWorker, (image_id, worker_id))
+    if row is None:
+        session.add(
+            ImageWorker(
+                image_id=image_id,
+                worker_id=worker_id,
+                state=warm_state,
+                error=error,
+                updated_at=utcnow(),
+            )
+        )
+    else:
+        row.state, row.error, row.updated_at = warm_state, error, utcnow()
+
+
+async def _record_warm(
+    state: ModuleState, image_id: str, worker_id: str, warm_state: str, error: str | None = None
+) -> None:
+    async with state.db.sessionmaker() as session:
+        await _set_warm(session, image_id, worker_id, warm_state, error)
+        await session.commit()
 
 
 async def ensure_unique_name(session: AsyncSession, image: Image) -> None:
@@ -142,24 +270,49 @@ async def ensure_unique_name(session: AsyncSession, image: Image) -> None:
         raise errors.SlugConflict(f"an image named {image.name!r} exists in this scope")
 
 
-async def bake_image(state: ModuleState, image_id: str) -> None:
-    """Bake ``image_id`` on the first connected worker; set ``ready`` or ``failed``.
+async def _bake_worker(state: ModuleState, session: AsyncSession, image: Image) -> str | None:
+    connected = state.hub.connected_ids()
+    if image.bake_worker_id is not None:
+        return image.bake_worker_id if image.bake_worker_id in connected else None
+    if not connected:
+        return None
+    workers = (
+        await session.scalars(
+            select(Worker)
+            .where(
+                Worker.id.in_(connected),
+                Worker.admin_state == "active",
+                Worker.deleted_at.is_(None),
+            )
+            .order_by(Worker.id)
+        )
+    ).all()
+    usable = [w.id for w in workers if worker_usable(w, image)]
+    return usable[0] if usable else None
 
-    With no worker connected the image stays ``pending`` and is baked when one registers.
+
+async def bake_image(state: ModuleState, image_id: str) -> None:
+    """Bake ``image_id`` on one worker; set ``ready`` (then scan and warm) or ``failed``.
+
+    With no usable worker connected the image stays ``pending`` and is baked when one
+    registers. A built-in image whose bake fails goes back to ``pending`` with the reason.
     """
-    worker_ids = state.hub.connected_ids()
-    if not worker_ids:
-        return
-    connection = state.hub.require(worker_ids[0])
     async with state.db.sessionmaker() as session:
         image = await session.get(Image, image_id)
         if image is None or image.status not in ("pending", "failed"):
             return
+        worker_id = await _bake_worker(state, session, image)
+        if worker_id is None:
+            return
         image.status = "baking"
         image.status_reason = None
+        await _set_warm(session, image_id, worker_id, "queued")
         await session.commit()
         payload = {"id": image.id, "name": image.name, "source": image.source}
+        builtin = image.builtin
+    log.info("image_bake_started", image_id=image_id, worker_id=worker_id)
     try:
+        connection = state.hub.require(worker_id)
         result = await connection.call(
             TaskKind.IMAGE_BAKE, {"image": payload}, timeout_s=BAKE_TIMEOUT_S
         )
@@ -168,22 +321,261 @@ async def bake_image(state: ModuleState, image_id: str) -> None:
         async with state.db.sessionmaker() as session:
             image = await session.get(Image, image_id)
             if image is not None:
-                image.status = "failed"
+                image.status = "pending" if builtin else "failed"
                 image.status_reason = exc.message
+                await _set_warm(session, image_id, worker_id, "failed", exc.message)
                 await session.commit()
         return
     async with state.db.sessionmaker() as session:
         image = await session.get(Image, image_id)
-        if image is not None:
-            image.status = "ready"
-            image.digest = result.get("digest")
-            await session.commit()
-    log.info("image_ready", image_id=image_id)
+        if image is None:
+            return
+        image.status = "ready"
+        image.digest = result.get("digest")
+        source_digest = result.get("source_digest")
+        image.source_digest = source_digest if isinstance(source_digest, str) else None
+        image.scan = _scan_object("pending")
+        await _set_warm(session, image_id, worker_id, "ready")
+        await session.commit()
+    log.info("image_ready", image_id=image_id, worker_id=worker_id)
+    state.spawn(scan_image(state, image_id, worker_id), name=f"scan-{image_id}")
+    state.spawn(warm_image(state, image_id), name=f"warm-{image_id}")
+
+
+async def warm_targets(session: AsyncSession, image: Image) -> list[str]:
+    """Workers that should keep ``image`` warm: members of the groups holding it."""
+    groups = (await session.scalars(select(AvailabilityGroup))).all()
+    targets: list[str] = []
+    for group in groups:
+        if image.id in group.image_ids:
+            targets += [w for w in group.worker_ids if w not in targets]
+    return targets
+
+
+async def warm_image(
+    state: ModuleState, image_id: str, worker_ids: list[str] | None = None
+) -> dict[str, int]:
+    """Warm ``image_id`` on ``worker_ids`` (default: :func:`warm_targets`); SPEC §7.6.
+
+    Workers already ``ready`` are left alone; a worker that is offline, draining or not usable
+    by the image is ``skipped``; the others are ``queued`` and bake in the background, ending
+    ``ready`` or ``failed``.
+
+    Returns:
+        The image's warm summary right after queueing.
+    """
+    async with state.db.sessionmaker() as session:
+        image = await session.get(Image, image_id)
+        if image is None:
+            return empty_warm()
+        targets = worker_ids if worker_ids is not None else await warm_targets(session, image)
+        connected = set(state.hub.connected_ids())
+        queued: list[str] = []
+        for worker_id in targets:
+            row = await session.get(ImageWorker, (image_id, worker_id))
+            if row is not None and row.state == "ready":
+                continue
+            worker = await session.get(Worker, worker_id)
+            if (
+                worker is None
+                or worker.deleted_at is not None
+                or worker.admin_state != "active"
+                or worker_id not in connected
+                or not worker_usable(worker, image)
+            ):
+                await _set_warm(session, image_id, worker_id, "skipped", "worker not eligible")
+                continue
+            await _set_warm(session, image_id, worker_id, "queued")
+            queued.append(worker_id)
+        await session.commit()
+        payload = {"id": image.id, "name": image.name, "source": image.source}
+        summary = (await warm_summary(session, [image_id]))[image_id]
+    for worker_id in queued:
+        state.spawn(_warm_one(state, image_id, worker_id, payload), name=f"warm-{image_id}")
+    return summary
+
+
+async def _warm_one(
+    state: ModuleState, image_id: str, worker_id: str, payload: dict[str, Any]
+) -> None:
+    try:
+        await state.hub.require(worker_id).call(
+            TaskKind.IMAGE_BAKE, {"image": payload}, timeout_s=BAKE_TIMEOUT_S
+        )
+    except errors.ScaiGridError as exc:
+        log.warning("image_warm_failed", image_id=image_id, worker_id=worker_id, reason=exc.message)
+        await _record_warm(state, image_id, worker_id, "failed", exc.message)
+        return
+    await _record_warm(state, image_id, worker_id, "ready")
+    log.info("image_warm", image_id=image_id, worker_id=worker_id)
+
+
+def _scan_object(
+    status: str,
+    *,
+    version: str | None = None,
+    counts: dict[str, int] | None = None,
+    scanned_at: str | None = None,
+) -> dict[str, Any]:
+    return {
+        "status": status,
+        "scanner": "trivy",
+        "scanner_version": version,
+        "scanned_at": scanned_at,
+        "counts": counts if counts is not None else dict.fromkeys(SEVERITIES, 0),
+    }
+
+
+async def _scan_worker(state: ModuleState, session: AsyncSession, image_id: str) -> str | None:
+    connected = set(state.hub.connected_ids())
+    rows = (
+        await session.scalars(
+            select(ImageWorker.worker_id).where(
+                ImageWorker.image_id == image_id, ImageWorker.state == "ready"
+            )
+        )
+    ).all()
+    ready = [w for w in rows if w in connected]
+    return ready[0] if ready else None
+
+
+async def scan_image(state: ModuleState, image_id: str, worker_id: str | None = None) -> None:
+    """Scan ``image_id`` on ``worker_id`` (default: a connected worker where it is ready).
+
+    Stores the scan object on the image and replaces its findings (SPEC §7.7). The scan is
+    ``failed`` when no worker holding the image is connected or the worker fails.
+    """
+    async with state.db.sessionmaker() as session:
+        image = await session.get(Image, image_id)
+        if image is None or image.status != "ready":
+            return
+        worker_id = worker_id or await _scan_worker(state, session, image_id)
+        image.scan = _scan_object("scanning" if worker_id else "failed")
+        await session.commit()
+    if worker_id is None:
+        log.warning("image_scan_failed", image_id=image_id, reason="no worker holds the image")
+        return
+    try:
+        result = await state.hub.require(worker_id).call(
+            TaskKind.IMAGE_SCAN, {"image_id": image_id}, timeout_s=SCAN_TIMEOUT_S
+        )
+    except errors.ScaiGridError as exc:
+        log.warning("image_scan_failed", image_id=image_id, reason=exc.message)
+        result = {"status": "failed"}
+    await store_scan(state, image_id, result)
+
+
+async def store_scan(state: ModuleState, image_id: str, result: dict[str, Any]) -> None:
+    """Store an ``image.scan`` result: the scan object, and the findings of a ``done`` scan."""
+    status = str(result.get("status"))
+    if status not in ("done", "failed", "scanner_unavailable"):
+        status = "failed"
+    raw_counts = result.get("counts") if isinstance(result.get("counts"), dict) else {}
+    assert isinstance(raw_counts, dict)
+    counts = {key: int(raw_counts.get(key) or 0) for key in SEVERITIES}
+    findings = result.get("findings") if status == "done" else None
+    async with state.db.sessionmaker() as session:
+        image = await session.get(Image, image_id)
+        if image is None:
+            return
+        version = result.get("scanner_version")
+        image.scan = _scan_object(
+            status,
+            version=version if isinstance(version, str) else None,
+            counts=counts,
+            scanned_at=iso(utcnow()),
+        )
+        if isinstance(findings, list):
+            await session.execute(delete(ImageFinding).where(ImageFinding.image_id == image_id))
+            for seq, finding in enumerate(f for f in findings if isinstance(f, dict)):
+                severity = str(finding.get("severity") or "unknown")
+                session.add(
+                    ImageFinding(
+                        image_id=image_id,
+                        seq=seq,
+                        vulnerability_id=str(finding.get("vulnerability_id") or "")[:256],
+                        pkg_name=_text(finding.get("pkg_name"), 512),
+                        installed_version=_text(finding.get("installed_version"), 512),
+                        fixed_version=_text(finding.get("fixed_version"), 512),
+                        severity=severity if severity in SEVERITIES else "unknown",
+                        title=_text(finding.get("title"), 4096),
+                    )
+                )
+        await session.commit()
+    log.info("image_scan_stored", image_id=image_id, status=status, **counts)
+
+
+def _text(value: Any, limit: int) -> str | None:
+    return None if value is None else str(value)[:limit]
+
+
+def finding_to_dict(finding: ImageFinding) -> dict[str, Any]:
+    """Render a finding (SPEC §7.7)."""
+    return {
+        "vulnerability_id": finding.vulnerability_id,
+        "pkg_name": finding.pkg_name,
+        "installed_version": finding.installed_version,
+        "fixed_version": finding.fixed_version,
+        "severity": finding.severity,
+        "title": finding.title,
+    }
+
+
+async def rescan_loop(state: ModuleState, interval_s: float = RESCAN_INTERVAL_S) -> None:
+    """Rescan every ``ready`` image once per ``interval_s`` seconds (SPEC §7.7), forever."""
+    while True:
+        await asyncio.sleep(interval_s)
+        async with state.db.sessionmaker() as session:
+            ready = (await session.scalars(select(Image.id).where(Image.status == "ready"))).all()
+        for image_id in ready:
+            await scan_image(state, image_id)
+
+
+async def seed_builtin_images(state: ModuleState) -> None:
+    """Register the platform catalogue (SPEC §7.5) once: missing names are added ``pending``."""
+    async with state.db.sessionmaker() as session:
+        existing = set(
+            (
+                await session.scalars(
+                    select(Image.name).where(
+                        Image.scope == "platform",
+                        Image.name.in_(list(BUILTIN_IMAGES)),
+                        Image.status != "deactivated",
+                    )
+                )
+            ).all()
+        )
+        added = [name for name in BUILTIN_IMAGES if name not in existing]
+        for name in added:
+            session.add(
+                Image(
+                    id=new_id("img"),
+                    name=name,
+                    scope="platform",
+                    source={"kind": "oci", "ref": BUILTIN_IMAGES[name]},
+                    size_mib=4096 if name != "minimal" else 256,
+                    lazy_pull=False,
+                    status="pending",
+                    status_reason=BUILTIN_PENDING_REASON,
+                    builtin=True,
+                    created_at=utcnow(),
+                )
+            )
+        await session.commit()
+    if added:
+        log.info("builtin_images_seeded", names=added)
 
 
 async def bake_pending_images(state: ModuleState) -> None:
-    """Queue a bake for every image still ``pending`` (called when a worker registers)."""
+    """Queue a bake for every image still ``pending`` (called when a worker registers).
+
+    Built-in images are skipped: they bake only on request (see the module docstring).
+    """
     async with state.db.sessionmaker() as session:
-        pending = (await session.scalars(select(Image.id).where(Image.status == "pending"))).all()
+        pending = (
+            await session.scalars(
+                select(Image.id).where(Image.status == "pending", Image.builtin.is_(False))
+            )
+        ).all()
     for image_id in pending:
         state.spawn(bake_image(state, image_id), name=f"bake-{image_id}")

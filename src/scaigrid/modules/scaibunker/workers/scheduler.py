@@ -4,8 +4,10 @@ Eligible: connected, ``admin_state: active``, usable by the tenant (platform poo
 tenant's own worker), offers the requested isolation class, and
 ``allocated + request <= capacity`` for CPU, memory and disk. Among eligible workers the one
 with the largest remaining fraction of its scarcest resource wins (spread), then the one with
-fewer bunkers. Callers hold :attr:`ModuleState.placement_lock` from placement until the
-bunker row is committed, so concurrent creates cannot overfill a worker.
+fewer bunkers. Image readiness (SPEC §7.8): with ``lazy_pull`` false only workers where the
+image is ``ready`` (warm state, or the worker's heartbeat ``image_cache``) qualify; with
+``lazy_pull`` true they are preferred. Callers hold :attr:`ModuleState.placement_lock` from
+placement until the bunker row is committed, so concurrent creates cannot overfill a worker.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from scaigrid import errors
 from scaigrid.modules.scaibunker.bunkers.models import Bunker
 from scaigrid.modules.scaibunker.bunkers.states import TERMINAL
+from scaigrid.modules.scaibunker.images.models import ImageWorker
 from scaigrid.modules.scaibunker.workers.models import Worker
 
 _RESOURCES = ("cpu_millicores", "memory_mb", "disk_mb")
@@ -32,6 +35,8 @@ class Request:
     memory_mb: int
     disk_mb: int
     isolation: str | None = None
+    image_id: str | None = None
+    lazy_pull: bool = True
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,28 @@ async def allocated_by_worker(session: AsyncSession) -> dict[str, dict[str, int]
     }
 
 
+async def image_ready_on(session: AsyncSession, image_id: str, workers: list[Worker]) -> set[str]:
+    """Ids of ``workers`` where ``image_id`` is ``ready`` (warm rows or heartbeat cache)."""
+    ready = set(
+        (
+            await session.scalars(
+                select(ImageWorker.worker_id).where(
+                    ImageWorker.image_id == image_id, ImageWorker.state == "ready"
+                )
+            )
+        ).all()
+    )
+    for worker in workers:
+        for entry in worker.image_cache or []:
+            if (
+                isinstance(entry, dict)
+                and entry.get("image_id") == image_id
+                and entry.get("state") == "ready"
+            ):
+                ready.add(worker.id)
+    return ready
+
+
 def _pick_driver(worker: Worker, isolation: str | None) -> tuple[str, str] | None:
     drivers = [d for d in worker.drivers if isinstance(d, dict)]
     if isolation is not None:
@@ -86,7 +113,8 @@ async def place(session: AsyncSession, connected: list[str], request: Request) -
         request: the bunker's effective resources and isolation class.
 
     Raises:
-        errors.NoSuitableWorker: workers have room but none offers the isolation class.
+        errors.NoSuitableWorker: workers have room but none offers the isolation class, or
+            (``lazy_pull`` false) none has the image ready.
         errors.WorkerUnavailable: no eligible worker has the free capacity.
     """
     if not connected:
@@ -103,9 +131,15 @@ async def place(session: AsyncSession, connected: list[str], request: Request) -
         )
     ).all()
     allocated = await allocated_by_worker(session)
-    best: tuple[tuple[float, int], Placement] | None = None
-    class_missing = False
+    ready: set[str] = set()
+    if request.image_id is not None:
+        ready = await image_ready_on(session, request.image_id, list(workers))
+    best: tuple[tuple[bool, float, int], Placement] | None = None
+    class_missing = image_missing = False
     for worker in workers:
+        if request.image_id is not None and not request.lazy_pull and worker.id not in ready:
+            image_missing = True
+            continue
         used = allocated.get(worker.id, {})
         fractions = []
         for resource in _RESOURCES:
@@ -119,11 +153,13 @@ async def place(session: AsyncSession, connected: list[str], request: Request) -
             if driver is None:
                 class_missing = True
                 continue
-            key = (min(fractions), -used.get("bunkers", 0))
+            key = (worker.id in ready, min(fractions), -used.get("bunkers", 0))
             if best is None or key > best[0]:
                 best = (key, Placement(worker.id, driver[0], driver[1]))
     if best is not None:
         return best[1]
     if class_missing:
         raise errors.NoSuitableWorker(f"no worker offers isolation {request.isolation!r}")
+    if image_missing:
+        raise errors.NoSuitableWorker("the image is not ready on any worker that could take it")
     raise errors.WorkerUnavailable("no worker has the free CPU, memory and disk for this bunker")
