@@ -21,7 +21,13 @@ import pytest
 from dnslib import DNSRecord
 from pyroute2 import IPRoute, netns
 
-from scaigrid.worker.net.manager import NetworkManager, default_pool, run_in_netns
+from scaigrid.worker.net.manager import (
+    NetworkManager,
+    create_netns,
+    default_pool,
+    ipr_in,
+    run_in_netns,
+)
 
 HTTP_PORT = 8080
 DNS_IP = "198.18.0.53"
@@ -51,11 +57,14 @@ class Inet:
 
 
 def _start_inet(name: str, work: Path) -> subprocess.Popen[bytes]:
-    with IPRoute(netns=name) as ipr:
+
+    def addresses(ipr: IPRoute) -> None:
         index = ipr.link_lookup(ifname="lo")[0]
         ipr.link("set", index=index, state="up")
         for ip in (*WEB_IPS, DNS_IP, METADATA_IP):
             ipr.addr("add", index=index, address=ip, prefixlen=32)
+
+    ipr_in(name, addresses)
     zone, log = work / "zone.json", work / "queries.log"
     zone.write_text("{}")
     process = subprocess.Popen(
@@ -84,7 +93,7 @@ def _start_inet(name: str, work: Path) -> subprocess.Popen[bytes]:
 @pytest.fixture(scope="session")
 def inet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Inet]:
     name = f"sbtest-inet-{secrets.token_hex(3)}"
-    netns.create(name)
+    create_netns(name)
     try:
         process = _start_inet(name, work := tmp_path_factory.mktemp("inet"))
     except BaseException:

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import hashlib
 import ipaddress
+import os
 import socket
 import threading
 from collections.abc import Callable, Sequence
@@ -44,6 +46,7 @@ from scaigrid.worker.net.resolver import BunkerResolver, QueryRecord, parse_upst
 log = structlog.get_logger(__name__)
 
 NETNS_DIR: Final = Path("/run/netns")
+CLONE_NEWNET: Final = 0x40000000
 #: Profiles that get a namespace and egress from this manager.
 EGRESS_PROFILES: Final = frozenset({"registry", "allowlisted", "unrestricted", "transit"})
 #: Destinations no bunker reaches under any profile (SPEC §8.1), besides the pool itself and
@@ -123,18 +126,63 @@ QuerySink = Callable[[str, QueryRecord], None]
 
 
 def run_in_netns(name: str, fn: Callable[[], T]) -> T:
-    """Run ``fn`` on a short-lived thread inside namespace ``name``."""
+    """Run ``fn`` on a short-lived thread inside namespace ``name``.
+
+    Raises:
+        OSError: the namespace does not exist; anything ``fn`` raises.
+    """
+
+    def inside() -> T:
+        netns.setns(name, flags=0)
+        return fn()
+
+    return _on_thread(inside)
+
+
+def create_netns(name: str) -> None:
+    """Create the named namespace ``/run/netns/<name>`` without forking.
+
+    pyroute2's ``netns.create`` and ``IPRoute(netns=...)`` fork helper processes and signal
+    them; a forked child inherits asyncio's signal wake-up descriptor, so the worker's loop
+    would see those signals as its own. Here a short-lived thread unshares its own network
+    namespace and pyroute2 bind-mounts that thread's namespace at the name.
+
+    Raises:
+        OSError: unshare or mount failed.
+    """
+
+    def create() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.unshare(CLONE_NEWNET) != 0:
+            errno = ctypes.get_errno()
+            raise OSError(errno, f"unshare(CLONE_NEWNET): {os.strerror(errno)}")
+        netns.attach(name, f"self/task/{threading.get_native_id()}")
+
+    _on_thread(create)
+
+
+def ipr_in(name: str | None, fn: Callable[[IPRoute], T]) -> T:
+    """Run ``fn`` with an ``IPRoute`` opened inside namespace ``name`` (``None``: this one),
+    on a short-lived thread."""
+
+    def call() -> T:
+        with IPRoute() as ipr:
+            return fn(ipr)
+
+    return run_in_netns(name, call) if name else _on_thread(call)
+
+
+def _on_thread(fn: Callable[[], T]) -> T:
     result: list[T] = []
     error: list[BaseException] = []
 
     def target() -> None:
         try:
-            netns.setns(name, flags=0)
             result.append(fn())
         except BaseException as exc:
             error.append(exc)
 
-    thread = threading.Thread(target=target, name=f"netns-{name}")
+    thread = threading.Thread(target=target, name="netns-helper")
     thread.start()
     thread.join()
     if error:
@@ -228,22 +276,22 @@ class NetworkManager:
             log.info("net_leftover_removed", netns=name)
         return removed
 
-    def _uplink_ipr(self) -> IPRoute:
-        return IPRoute(netns=self.uplink_netns) if self.uplink_netns else IPRoute()
-
     def _delete_uplink_peer(self) -> None:
-        with self._uplink_ipr() as ipr:
+        def delete(ipr: IPRoute) -> None:
             found = ipr.link_lookup(ifname=self.uplink_peer)
             if found:
                 ipr.link("del", index=found[0])
 
+        ipr_in(self.uplink_netns, delete)
+
     def _build_router(self) -> None:
-        netns.create(self.router)
+        create_netns(self.router)
         run_in_netns(self.router, lambda: _write_sysctl("net.ipv4.ip_forward", "1"))
         run_in_netns(self.router, lambda: _write_sysctl("net.ipv6.conf.all.disable_ipv6", "1"))
         run_in_netns(self.router, lambda: _write_sysctl("net.ipv4.conf.all.rp_filter", "1"))
         outer, inner = self._block(0)
-        with self._uplink_ipr() as ipr:
+
+        def outside(ipr: IPRoute) -> None:
             ipr.link(
                 "add",
                 ifname=self.uplink_peer,
@@ -253,24 +301,27 @@ class NetworkManager:
             index = ipr.link_lookup(ifname=self.uplink_peer)[0]
             ipr.addr("add", index=index, address=outer, prefixlen=30)
             ipr.link("set", index=index, state="up")
-        with IPRoute(netns=self.router) as ipr:
+
+        def inside(ipr: IPRoute) -> None:
             ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
             index = ipr.link_lookup(ifname=nft.UPLINK_IF)[0]
             ipr.addr("add", index=index, address=inner, prefixlen=30)
             ipr.link("set", index=index, state="up")
             ipr.route("add", dst="0.0.0.0/0", gateway=outer)
 
+        ipr_in(self.uplink_netns, outside)
+        ipr_in(self.router, inside)
+
     async def _worker_addresses(self) -> list[str]:
-        def collect() -> list[str]:
-            with IPRoute() as ipr:
-                return [
-                    str(a.get("IFA_ADDRESS"))
-                    for a in ipr.get_addr(family=socket.AF_INET)
-                    if a.get("IFA_ADDRESS")
-                ]
+        def collect(ipr: IPRoute) -> list[str]:
+            return [
+                str(a.get("IFA_ADDRESS"))
+                for a in ipr.get_addr(family=socket.AF_INET)
+                if a.get("IFA_ADDRESS")
+            ]
 
         outer, _ = self._block(0)
-        return sorted({*await asyncio.to_thread(collect), outer})
+        return sorted({*await asyncio.to_thread(ipr_in, None, collect), outer})
 
     async def close(self) -> None:
         """Detach every bunker and remove the router namespace (worker shutdown)."""
@@ -332,17 +383,19 @@ class NetworkManager:
         return attachment
 
     def _build_bunker(self, a: Attachment, bandwidth_mbit: int | None) -> None:
-        netns.create(a.netns)
+        create_netns(a.netns)
         run_in_netns(a.netns, lambda: _write_sysctl("net.ipv6.conf.all.disable_ipv6", "1"))
         run_in_netns(a.netns, lambda: _write_sysctl("net.ipv6.conf.default.disable_ipv6", "1"))
-        with IPRoute(netns=self.router) as ipr:
+
+        def router_side(ipr: IPRoute) -> None:
             ipr.link(
                 "add", ifname=a.ifname, kind="veth", peer={"ifname": "eth0", "net_ns_fd": a.netns}
             )
             index = ipr.link_lookup(ifname=a.ifname)[0]
             ipr.addr("add", index=index, address=a.gateway, prefixlen=30)
             ipr.link("set", index=index, state="up")
-        with IPRoute(netns=a.netns) as ipr:
+
+        def bunker_side(ipr: IPRoute) -> None:
             ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
             index = ipr.link_lookup(ifname="eth0")[0]
             ipr.addr("add", index=index, address=a.address, prefixlen=30)
@@ -358,6 +411,9 @@ class NetworkManager:
                     burst=max(16 * 1024, bandwidth_mbit * 1_000_000 // 8 // 100),
                     latency="50ms",
                 )
+
+        ipr_in(self.router, router_side)
+        ipr_in(a.netns, bunker_side)
 
     async def _start_resolver(
         self,
