@@ -21,7 +21,7 @@ from dnslib.server import BaseResolver, DNSLogger, DNSServer
 class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         size = int(self.path.strip("/") or "0") if self.path.strip("/").isdigit() else 0
-        body = b"x" * size if size else f"hello from {self.server.server_address[0]}\n".encode()
+        body = b"x" * size if size else f"hello from {self.connection.getsockname()[0]}\n".encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
