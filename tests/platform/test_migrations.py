@@ -93,7 +93,19 @@ async def test_full_history_upgrades_and_matches_every_model(
 
 async def test_platform_branch_alone_upgrades_and_downgrades(empty_database_url: str) -> None:
     platform = _platform_tables()
-    assert platform == {"partners", "tenants", "users", "api_keys", "audit_records"}
+    assert platform == {
+        "partners",
+        "tenants",
+        "users",
+        "api_keys",
+        "audit_records",
+        "user_permissions",
+        "custom_roles",
+        "user_roles",
+        "groups",
+        "group_members",
+        "role_mappings",
+    }
     upgrade = _platform_branch_only(lambda config: command.upgrade(config, "heads"))
     downgrade = _platform_branch_only(lambda config: command.downgrade(config, "base"))
 

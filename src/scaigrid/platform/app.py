@@ -34,10 +34,12 @@ from scaigrid import __version__
 from scaigrid.platform.audit.middleware import AuditMiddleware
 from scaigrid.platform.audit.router import router as audit_router
 from scaigrid.platform.audit.service import AuditLog
+from scaigrid.platform.auth.router import router as api_keys_router
 from scaigrid.platform.auth.service import PrincipalCache
 from scaigrid.platform.bootstrap import bootstrap
 from scaigrid.platform.db import Database
 from scaigrid.platform.handlers import EXCEPTION_HANDLERS
+from scaigrid.platform.iam.router import router as iam_router
 from scaigrid.platform.logging import configure_logging
 from scaigrid.platform.middleware import BodyLimitMiddleware, HttpMetrics, RequestContextMiddleware
 from scaigrid.platform.migrate import prepare_schema
@@ -45,6 +47,7 @@ from scaigrid.platform.modules.loader import PlatformModule, ProxyCapableModule,
 from scaigrid.platform.modules.router import router as modules_router
 from scaigrid.platform.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from scaigrid.platform.system.router import router as system_router
+from scaigrid.platform.tenancy.router import router as tenancy_router
 from scaigrid.settings import Settings, get_settings
 
 log = structlog.get_logger(__name__)
@@ -137,5 +140,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.mode == "full":
         app.include_router(modules_router)
         app.include_router(audit_router)
+        app.include_router(tenancy_router)
+        app.include_router(api_keys_router)
+        app.include_router(iam_router)
     _mount_modules(app, settings, modules)
     return app

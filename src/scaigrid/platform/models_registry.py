@@ -16,6 +16,7 @@ PLATFORM_MODEL_MODULES: tuple[str, ...] = (
     "scaigrid.platform.tenancy.models",
     "scaigrid.platform.auth.models",
     "scaigrid.platform.audit.models",
+    "scaigrid.platform.iam.models",
 )
 
 

@@ -17,7 +17,8 @@ from scaigrid.ids import new_secret
 from scaigrid.platform.auth.models import KEY_PREFIX_LENGTH, ApiKey
 from scaigrid.platform.auth.principal import Principal
 from scaigrid.platform.db import Database, utcnow
-from scaigrid.platform.permissions import Role, permissions_for_role
+from scaigrid.platform.iam.service import effective_permissions
+from scaigrid.platform.permissions import Role
 from scaigrid.platform.tenancy.models import Tenant, User
 
 log = structlog.get_logger(__name__)
@@ -109,6 +110,10 @@ class PrincipalCache:
         """Forget ``key_hash`` (its key was revoked)."""
         self._entries.pop(key_hash, None)
 
+    def clear(self) -> None:
+        """Forget every entry (grants changed: permissions must be resolved again)."""
+        self._entries.clear()
+
 
 async def authenticate(db: Database, secret: str, cache: PrincipalCache | None = None) -> Principal:
     """Resolve an API key secret to the :class:`Principal` it acts for (cached, see
@@ -136,11 +141,12 @@ async def authenticate(db: Database, secret: str, cache: PrincipalCache | None =
     )
     async with db.sessionmaker() as session:
         row = (await session.execute(query)).first()
-    if row is None:
-        raise errors.AuthTokenInvalid("Unknown API key")
-    key, user, tenant = row
-    if key.revoked_at is not None:
-        raise errors.AuthTokenInvalid("The API key has been revoked")
+        if row is None:
+            raise errors.AuthTokenInvalid("Unknown API key")
+        key, user, tenant = row
+        if key.revoked_at is not None:
+            raise errors.AuthTokenInvalid("The API key has been revoked")
+        permissions = await effective_permissions(session, user)
     last_used_at: datetime | None = key.last_used_at
     if last_used_at is None or now - last_used_at >= LAST_USED_RESOLUTION:
         await _touch(db, key.id)
@@ -152,7 +158,7 @@ async def authenticate(db: Database, secret: str, cache: PrincipalCache | None =
         partner_id=tenant.partner_id,
         role=role,
         api_key_id=key.id,
-        permissions=permissions_for_role(role),
+        permissions=permissions,
     )
     if cache is not None:
         cache.put(key_hash, principal, last_used_at)

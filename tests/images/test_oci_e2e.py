@@ -1,0 +1,241 @@
+"""OCI images end to end: a real controller (``scaigrid serve``), a real worker joined with a
+token (``scaibunker-worker --insecure-registries``), images pulled from the local registry, and
+bunkers booted from them.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.fixtures.stack import BASE, DEFAULT_QUOTA_PROFILE_ID, E2E_CAPS, free_port
+from tests.images.conftest import Registry
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="bunkers need root")
+READY_TIMEOUT_S = 120
+
+
+class OciStack:
+    """Controller and worker processes; ``client()`` is authenticated as the super admin."""
+
+    def __init__(self, root: Path, registry: Registry) -> None:
+        self.root = root
+        bin_dir = Path(sys.executable).parent
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        env = {
+            **os.environ,
+            "SCAIGRID_DATA_DIR": str(root / "controller"),
+            "SCAIGRID_PORT": str(port),
+        }
+        subprocess.run([str(bin_dir / "scaigrid"), "migrate"], env=env, check=True, timeout=120)
+        self.controller = subprocess.Popen(
+            [str(bin_dir / "scaigrid"), "serve", "--port", str(port)],
+            env=env,
+            stdout=(root / "controller.log").open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+        key_file = root / "controller" / "admin-api-key"
+        self._wait(lambda: key_file.exists() and self._healthy(), "controller")
+        self.admin_key = key_file.read_text().strip()
+        with self.client() as client:
+            token = client.post(f"{BASE}/workers/join-tokens", json={}).json()["data"]["token"]
+            client.patch(
+                f"{BASE}/quota-profiles/{DEFAULT_QUOTA_PROFILE_ID}", json=E2E_CAPS
+            ).raise_for_status()
+        worker_dir = root / "worker"
+        worker_dir.mkdir(mode=0o711)
+        self.worker = subprocess.Popen(
+            [
+                str(bin_dir / "scaibunker-worker"),
+                "--controller",
+                self.url,
+                "--join-token",
+                token,
+                "--data-dir",
+                str(worker_dir),
+                "--insecure-registries",
+                registry.host,
+                "--cgroup-parent",
+                f"sbt-oci-{os.getpid()}",
+            ],
+            stdout=(root / "worker.log").open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+        with self.client() as client:
+            self._wait(lambda: bool(client.get(f"{BASE}/workers").json()["data"]), "worker")
+            self.worker_id = client.get(f"{BASE}/workers").json()["data"][0]["id"]
+
+    def _healthy(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def _wait(self, check: Any, what: str, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not check():
+            if time.monotonic() > deadline or self.controller.poll() is not None:
+                log = (self.root / "controller.log").read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"{what} did not come up:\n{log}")
+            time.sleep(0.2)
+
+    def client(self) -> httpx.Client:
+        """A client of the controller as the super admin."""
+        return httpx.Client(
+            base_url=self.url, headers={"Authorization": f"Bearer {self.admin_key}"}, timeout=120
+        )
+
+    def wait_image(self, image_id: str) -> dict[str, Any]:
+        """Poll until the image leaves ``pending``/``baking``; return it."""
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        with self.client() as client:
+            while time.monotonic() < deadline:
+                image: dict[str, Any] = client.get(f"{BASE}/images/{image_id}").json()["data"]
+                if image["status"] not in ("pending", "baking"):
+                    return image
+                time.sleep(0.2)
+        raise AssertionError(f"image {image_id} still baking after {READY_TIMEOUT_S} s")
+
+    def stop(self) -> None:
+        """Stop the worker (its bunkers go with it), then the controller."""
+        for process in (self.worker, self.controller):
+            process.terminate()
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@pytest.fixture(scope="module")
+def oci_stack(registry: Registry) -> Iterator[OciStack]:
+    root = Path(tempfile.mkdtemp(prefix="sbt-oci-e2e-", dir="/var/tmp"))
+    root.chmod(0o711)
+    stack = OciStack(root, registry)
+    try:
+        yield stack
+    finally:
+        stack.stop()
+        subprocess.run(["rm", "-rf", "--one-file-system", str(root)], check=False)
+
+
+def _busybox_layer(path: Path, marker: str) -> Path:
+    with tarfile.open(path, "w") as tar:
+        busybox = shutil.which("busybox") or "/bin/busybox"
+        tar.add(busybox, arcname="bin/busybox")
+        link = tarfile.TarInfo("bin/sh")
+        link.type, link.linkname = tarfile.SYMTYPE, "busybox"
+        tar.addfile(link)
+        data = marker.encode()
+        info = tarfile.TarInfo("etc/marker")
+        info.size, info.uid, info.gid, info.mode = len(data), 1234, 1234, 0o604
+        tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_oci_image_bakes_and_runs_a_bunker(oci_stack: OciStack, registry: Registry) -> None:
+    work = oci_stack.root / "build"
+    work.mkdir(exist_ok=True)
+    ref = registry.push("e2e/app:v1", [_busybox_layer(work / "l.tar", "from-oci")], work=work)
+    _raw, _type, digest = registry.manifest("e2e/app", "v1")
+    with oci_stack.client() as client:
+        created = client.post(
+            f"{BASE}/images", json={"name": "oci-app", "source": {"kind": "oci", "ref": ref}}
+        )
+        assert created.status_code == 201, created.text
+        image = oci_stack.wait_image(created.json()["data"]["id"])
+        assert image["status"] == "ready", image
+        assert image["source_digest"] == digest
+        assert image["warm"]["ready"] == 1
+        warm = client.get(f"{BASE}/images/{image['id']}/warm").json()["data"]
+        assert warm["workers"][0]["worker_id"] == oci_stack.worker_id
+
+        bunker = client.post(
+            f"{BASE}/bunkers", params={"wait_s": 60}, json={"image": "oci-app"}
+        ).json()["data"]
+        assert bunker["status"] == "running", bunker
+        result = client.post(
+            f"{BASE}/bunkers/{bunker['id']}/exec",
+            json={"command": ["/bin/busybox", "stat", "-c", "%u %a", "/etc/marker"]},
+        ).json()["data"]
+        assert result["exit_code"] == 0, result
+        assert result["stdout"].strip() == "1234 604"
+        cat = client.post(
+            f"{BASE}/bunkers/{bunker['id']}/exec",
+            json={"command": ["/bin/busybox", "cat", "/etc/marker"]},
+        ).json()["data"]
+        assert cat["stdout"] == "from-oci"
+
+        scan = client.post(f"{BASE}/images/{image['id']}/scan").json()["data"]
+        assert scan["status"] == "pending"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            scan = client.get(f"{BASE}/images/{image['id']}").json()["data"]["scan"]
+            if scan["status"] not in ("pending", "scanning"):
+                break
+            time.sleep(0.2)
+        expected = "done" if shutil.which("trivy") else "scanner_unavailable"
+        assert scan["status"] == expected
+        client.delete(f"{BASE}/bunkers/{bunker['id']}")
+
+
+def test_missing_reference_fails_the_image(oci_stack: OciStack, registry: Registry) -> None:
+    with oci_stack.client() as client:
+        created = client.post(
+            f"{BASE}/images",
+            json={"name": "ghost", "source": {"kind": "oci", "ref": f"{registry.host}/no/such:v1"}},
+        ).json()["data"]
+        image = oci_stack.wait_image(created["id"])
+        assert image["status"] == "failed"
+        assert "manifest unknown" in image["status_reason"]
+        refused = client.post(f"{BASE}/bunkers", json={"image": "ghost"})
+        assert refused.json()["error"]["code"] == "IMAGE_NOT_READY"
+
+
+def test_unsafe_layer_fails_the_image(oci_stack: OciStack, registry: Registry) -> None:
+    work = oci_stack.root / "evil"
+    work.mkdir(exist_ok=True)
+    layer = work / "evil.tar"
+    with tarfile.open(layer, "w") as tar:
+        info = tarfile.TarInfo("../../etc/cron.d/evil")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    ref = registry.push("e2e/evil:v1", [layer], work=work)
+    with oci_stack.client() as client:
+        created = client.post(
+            f"{BASE}/images", json={"name": "evil", "source": {"kind": "oci", "ref": ref}}
+        ).json()["data"]
+        image = oci_stack.wait_image(created["id"])
+    assert image["status"] == "failed"
+    assert "unsafe archive member" in image["status_reason"]
+    assert not Path("/etc/cron.d/evil").exists()
+
+
+def test_lazy_pull_image_places_on_the_worker(oci_stack: OciStack, registry: Registry) -> None:
+    work = oci_stack.root / "lazy"
+    work.mkdir(exist_ok=True)
+    ref = registry.push("e2e/lazy:v1", [_busybox_layer(work / "l.tar", "lazy")], work=work)
+    with oci_stack.client() as client:
+        created = client.post(
+            f"{BASE}/images",
+            json={"name": "lazy", "source": {"kind": "oci", "ref": ref}, "lazy_pull": True},
+        ).json()["data"]
+        assert oci_stack.wait_image(created["id"])["status"] == "ready"
+        bunker = client.post(
+            f"{BASE}/bunkers", params={"wait_s": 60}, json={"image": "lazy"}
+        ).json()["data"]
+        assert bunker["status"] == "running" and bunker["worker_id"] == oci_stack.worker_id
+        client.delete(f"{BASE}/bunkers/{bunker['id']}")
