@@ -485,11 +485,24 @@ class NetworkManager:
                         self._nft.run,
                         nft.bunker_delete(attachment.slot, attachment.ifname, attachment.gateway),
                     )
+            await asyncio.to_thread(ipr_in, self.router, self._link_deleter(attachment.ifname))
             if (NETNS_DIR / attachment.netns).exists():
                 await asyncio.to_thread(netns.remove, attachment.netns)
-        except OSError as exc:
+        except (OSError, NetlinkError) as exc:
             raise NetworkError(f"network of bunker {bunker_id}: {exc}") from exc
         log.info("net_bunker_detached", bunker_id=bunker_id)
+
+    @staticmethod
+    def _link_deleter(ifname: str) -> Callable[[IPRoute], None]:
+        """Delete ``ifname`` now (a veth dies with its namespace only once the kernel gets to
+        it, and the slot may be reused before that)."""
+
+        def delete(ipr: IPRoute) -> None:
+            found = ipr.link_lookup(ifname=ifname)
+            if found:
+                ipr.link("del", index=found[0])
+
+        return delete
 
     def attachment(self, bunker_id: str) -> Attachment | None:
         """The attachment of ``bunker_id``, if it has one."""
