@@ -1,10 +1,14 @@
-"""Foreground exec relayed to the bunker's worker and agent (SPEC §3.2-3.4, §12.4)."""
+"""Foreground and streaming (SSE) exec relayed to the bunker's worker and agent
+(SPEC §3.2-3.5, §12.4)."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import binascii
+import codecs
+import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import structlog
@@ -14,6 +18,7 @@ from scaigrid.ids import new_id
 from scaigrid.modules.scaibunker.bunkers.models import Bunker
 from scaigrid.modules.scaibunker.bunkers.schemas import ExecRequest
 from scaigrid.modules.scaibunker.state import ModuleState
+from scaigrid.modules.scaibunker.workers.hub import TaskHandle
 from scaigrid.protocol.link import InboundStream, LinkClosed, OutboundStream, TaskKind
 
 log = structlog.get_logger(__name__)
@@ -181,3 +186,232 @@ async def run_foreground(
         "duration_ms": result.get("duration_ms"),
         "started_at": result.get("started_at"),
     }
+
+
+KEEPALIVE_S = 15.0
+START_TIMEOUT_S = 30.0
+_SSE_QUEUE_CHUNKS = 8
+
+
+def sse_frame(event: str, data: Any) -> bytes:
+    """One Server-Sent-Events frame: ``event: <event>`` and one JSON ``data`` line."""
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+class _StreamCursor:
+    """Turns one output stream's chunks into ``{seq, data}`` events (SPEC §3.5).
+
+    ``seq`` is the byte offset of the event's first byte. In ``utf8`` mode an incremental
+    decoder holds back a character split across chunks, so no event ever carries half of
+    one; a gap (bytes the agent's ring buffer overwrote before the link could carry them)
+    flushes the decoder and moves the offset past the dropped bytes.
+    """
+
+    def __init__(self, encoding: str) -> None:
+        self.encoding = encoding
+        self.offset = 0
+        self.gaps: list[tuple[int, int]] = []
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def _pending(self) -> int:
+        return len(self._decoder.getstate()[0])
+
+    def feed(self, chunk: bytes) -> list[dict[str, Any]]:
+        """Events for ``chunk`` (which starts at :attr:`offset` once due gaps are applied)."""
+        events = self._apply_gaps()
+        if self.encoding == "base64":
+            events.append({"seq": self.offset, "data": base64.b64encode(chunk).decode()})
+        else:
+            seq = self.offset - self._pending()
+            text = self._decoder.decode(chunk)
+            if text:
+                events.append({"seq": seq, "data": text})
+        self.offset += len(chunk)
+        return events
+
+    def finish(self) -> list[dict[str, Any]]:
+        """Events for bytes still held back at the end of the stream."""
+        events = self._apply_gaps()
+        if self.encoding == "utf8" and self._pending():
+            seq = self.offset - self._pending()
+            events.append({"seq": seq, "data": self._decoder.decode(b"", final=True)})
+        return events
+
+    def _apply_gaps(self) -> list[dict[str, Any]]:
+        events: list[dict[str, Any]] = []
+        while self.gaps and self.offset >= self.gaps[0][0] - self.gaps[0][1]:
+            resume, _ = self.gaps.pop(0)
+            if self.encoding == "utf8" and self._pending():
+                seq = self.offset - self._pending()
+                events.append({"seq": seq, "data": self._decoder.decode(b"", final=True)})
+            self.offset = max(self.offset, resume)
+        return events
+
+
+async def _pump_into(
+    stream: InboundStream, name: str, queue: asyncio.Queue[tuple[str, bytes | None]]
+) -> None:
+    async for chunk in stream:
+        await queue.put((name, chunk))
+    await queue.put((name, None))
+
+
+class ExecEventStream:
+    """A started streaming exec: iterate :meth:`frames` for its SSE frames (SPEC §3.5).
+
+    Create with :func:`start_streaming`, which raises API-level errors before any byte of
+    the response is sent. Memory is bounded: at most a few link chunks are queued, and a
+    slow reader slows the link, never the process (the agent's ring buffer absorbs the
+    difference and reports what it dropped).
+    """
+
+    def __init__(
+        self,
+        handle: TaskHandle,
+        outputs: dict[str, InboundStream],
+        start: dict[str, Any],
+        *,
+        encoding: str,
+        timeout_s: float,
+        feeder: asyncio.Future[None] | None,
+        stdin_stream: OutboundStream | None,
+    ) -> None:
+        self.handle = handle
+        self.outputs = outputs
+        self.start = start
+        self.encoding = encoding
+        self.timeout_s = timeout_s
+        self.feeder = feeder
+        self.stdin_stream = stdin_stream
+
+    async def _route_progress(self, cursors: dict[str, _StreamCursor]) -> None:
+        """Move gap notices that already arrived into their stream's cursor (progress
+        arrives in order with the data, so every gap before a chunk is seen here first)."""
+        while True:
+            try:
+                progress = await self.handle.next_progress(0.0)
+            except errors.AgentUnavailable:
+                return
+            if progress is None:
+                return
+            cursor = cursors.get(str(progress.get("stream")))
+            if progress.get("event") == "gap" and cursor is not None:
+                resume, dropped = int(progress["offset"]), int(progress["dropped_bytes"])
+                cursor.gaps.append((resume, dropped))
+
+    async def frames(self) -> AsyncIterator[bytes]:
+        """``start``, ``stdout``/``stderr``, keepalive comments every 15 s, then ``exit``."""
+        cursors = {name: _StreamCursor(self.encoding) for name in self.outputs}
+        queue: asyncio.Queue[tuple[str, bytes | None]] = asyncio.Queue(_SSE_QUEUE_CHUNKS)
+        pumps = [
+            asyncio.ensure_future(_pump_into(stream, name, queue))
+            for name, stream in self.outputs.items()
+        ]
+        open_streams = set(self.outputs)
+        try:
+            yield sse_frame("start", self.start)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.timeout_s + RESULT_GRACE_S
+            while open_streams:
+                try:
+                    name, chunk = await asyncio.wait_for(queue.get(), KEEPALIVE_S)
+                except TimeoutError:
+                    if loop.time() > deadline:
+                        break
+                    yield b": keepalive\n\n"
+                    continue
+                await self._route_progress(cursors)
+                if chunk is None:
+                    open_streams.discard(name)
+                    events = cursors[name].finish()
+                else:
+                    events = cursors[name].feed(chunk)
+                for event in events:
+                    yield sse_frame(name, event)
+            result = await self._result()
+            yield sse_frame("exit", result)
+        finally:
+            for pump in pumps:
+                pump.cancel()
+            if self.feeder is not None:
+                self.feeder.cancel()
+            if self.stdin_stream is not None:
+                self.stdin_stream.abandon()
+            for stream in self.outputs.values():
+                stream.close()
+
+    async def _result(self) -> dict[str, Any]:
+        exec_id = self.start.get("exec_id")
+        try:
+            result = await self.handle.result(RESULT_GRACE_S)
+        except (LinkClosed, errors.AgentUnavailable) as exc:
+            log.warning("exec_agent_lost", exec_id=exec_id, error=str(exc))
+            result = {"exec_id": exec_id, "pid": self.start.get("pid"), "status": "agent_lost"}
+        return {
+            "exec_id": result.get("exec_id", exec_id),
+            "pid": result.get("pid", self.start.get("pid")),
+            "status": result.get("status"),
+            "exit_code": result.get("exit_code"),
+            "signal": result.get("signal"),
+            "stdout_truncated": False,
+            "stderr_truncated": False,
+            "duration_ms": result.get("duration_ms"),
+            "started_at": result.get("started_at"),
+        }
+
+
+async def start_streaming(
+    state: ModuleState, bunker: Bunker, request: ExecRequest
+) -> ExecEventStream:
+    """Start ``request`` for an SSE answer; return once the process runs.
+
+    Raises:
+        errors.ValidationFailed: limits or stdin are invalid.
+        errors.AgentUnavailable: the exec could not be started (or did not start in time).
+        errors.ScaiGridError: the agent's refusal (e.g. ``VALIDATION_ERROR``).
+    """
+    timeout_s, _ = _limits(state, request)
+    stdin = _stdin_bytes(request)
+    connection = state.hub.require(bunker.worker_id)
+    outputs = {"stdout": connection.open_inbound(), "stderr": connection.open_inbound()}
+    streams = {name: stream.stream_id for name, stream in outputs.items()}
+    stdin_stream = connection.open_outbound() if stdin is not None else None
+    if stdin_stream is not None:
+        streams["stdin"] = stdin_stream.stream_id
+    params = {
+        "exec_id": new_id("exe"),
+        "command": request.command,
+        "cwd": request.cwd,
+        "env": request.env,
+        "user": request.user,
+        "timeout_s": timeout_s,
+        "stdin": "body" if stdin is not None else "none",
+    }
+    feeder = None
+    try:
+        handle = await connection.start_task(
+            TaskKind.EXEC_START, params, bunker_id=bunker.id, streams=streams
+        )
+        if stdin_stream is not None and stdin is not None:
+            feeder = asyncio.ensure_future(_feed(stdin_stream, stdin))
+        start = await handle.next_progress(START_TIMEOUT_S)
+        if start is None:
+            await handle.result(RESULT_GRACE_S)
+            raise errors.AgentUnavailable("the exec ended before it started")
+    except BaseException:
+        if feeder is not None:
+            feeder.cancel()
+        if stdin_stream is not None:
+            stdin_stream.abandon()
+        for stream in outputs.values():
+            stream.close()
+        raise
+    return ExecEventStream(
+        handle,
+        outputs,
+        {"exec_id": start.get("exec_id", params["exec_id"]), "pid": start.get("pid")},
+        encoding=request.encoding,
+        timeout_s=timeout_s,
+        feeder=feeder,
+        stdin_stream=stdin_stream,
+    )

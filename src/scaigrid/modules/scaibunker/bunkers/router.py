@@ -7,7 +7,7 @@ import asyncio
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scaigrid import errors
@@ -143,16 +143,23 @@ async def resume_bunker(
 
 @router.post("/bunkers/{bunker_id}/exec")
 async def exec_command(
-    bunker_id: str, body: ExecRequest, principal: ExecutorDep, state: StateDep
-) -> JSONResponse:
-    """Run a command in the bunker and answer with its result (foreground), or with
-    ``{exec_id, pid}`` at once for ``background``."""
+    bunker_id: str, body: ExecRequest, request: Request, principal: ExecutorDep, state: StateDep
+) -> Response:
+    """Run a command in the bunker and answer with its result (foreground), an SSE stream
+    (``Accept: text/event-stream``), or ``{exec_id, pid}`` at once for ``background``."""
     _require_root(principal, body.user)
     bunker = await _owned_running(state, principal, bunker_id)
     if body.background:
         max_timeout_s = state.config.exec_limits.max_timeout_s
         return ok(
             await processes.start_background(state, bunker, body, max_timeout_s=max_timeout_s)
+        )
+    if "text/event-stream" in request.headers.get("accept", ""):
+        events = await exec_service.start_streaming(state, bunker, body)
+        return StreamingResponse(
+            events.frames(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
     return ok(await exec_service.run_foreground(state, bunker, body))
 
