@@ -1,15 +1,17 @@
-"""The test "internet": HTTP on every address of its namespace and a DNS server.
+"""The test "internet": HTTP on every address of its namespace, a TCP sink and a DNS server.
 
 Run inside the test's internet namespace (``ip netns exec NS python inet_server.py ...``).
-The DNS server answers ``A`` queries from a JSON zone file ``{name: [ip, ...]}`` re-read on
-every query (so tests can change answers) and appends every queried name to the query log,
-one per line. Prints ``ready`` when both servers listen.
+The TCP sink (port 9009) answers with the number of bytes it was sent. The DNS server answers
+``A`` queries from a JSON zone file ``{name: [ip, ...]}`` re-read on every query (so tests can
+change answers) and appends every queried name to the query log, one per line. Prints
+``ready`` when the servers listen.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import socketserver
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -29,6 +31,16 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: object) -> None:
         return
+
+
+class Sink(socketserver.BaseRequestHandler):
+    """Reads until EOF, then answers with the number of bytes read."""
+
+    def handle(self) -> None:
+        total = 0
+        while chunk := self.request.recv(1 << 16):
+            total += len(chunk)
+        self.request.sendall(str(total).encode())
 
 
 class ZoneResolver(BaseResolver):
@@ -55,12 +67,16 @@ class ZoneResolver(BaseResolver):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--http-port", type=int, required=True)
+    parser.add_argument("--sink-port", type=int, default=9009)
     parser.add_argument("--dns", required=True)
     parser.add_argument("--zone", type=Path, required=True)
     parser.add_argument("--log", type=Path, required=True)
     args = parser.parse_args()
     httpd = ThreadingHTTPServer(("0.0.0.0", args.http_port), Handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    socketserver.ThreadingTCPServer.allow_reuse_address = True
+    sink = socketserver.ThreadingTCPServer(("0.0.0.0", args.sink_port), Sink)
+    threading.Thread(target=sink.serve_forever, daemon=True).start()
     dns = DNSServer(
         ZoneResolver(args.zone, args.log),
         address=args.dns,

@@ -6,11 +6,14 @@ Each bunker here is the real network namespace a bunker's container joins
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+import socket
+import time
 
 from dnslib import QTYPE, RCODE
 
-from scaigrid.worker.net.manager import NetRequest, NetworkManager, default_pool
+from scaigrid.worker.net.manager import NetRequest, NetworkManager, default_pool, run_in_netns
 from tests.network.conftest import (
     DNS_IP,
     HTTP_PORT,
@@ -22,6 +25,7 @@ from tests.network.conftest import (
 )
 
 UPSTREAM = (DNS_IP,)
+SINK_PORT = 9009
 REFUSED_OR_DROPPED = {"ConnectionRefusedError", "TimeoutError", "OSError"}
 
 
@@ -163,3 +167,28 @@ async def test_worker_restart_leaves_no_stale_namespaces_or_rules(inet: Inet) ->
     finally:
         await second.close()
     assert second.leftovers() == []
+
+
+def _upload_seconds(nbytes: int) -> float:
+    payload = b"x" * 65536
+    start = time.perf_counter()
+    with socket.create_connection((WEB_IPS[0], SINK_PORT), timeout=30) as sock:
+        sent = 0
+        while sent < nbytes:
+            sock.sendall(payload)
+            sent += len(payload)
+        sock.shutdown(socket.SHUT_WR)
+        assert int(sock.recv(64)) == sent
+    return time.perf_counter() - start
+
+
+async def test_bandwidth_caps_bunker_egress(manager: NetworkManager) -> None:
+    capped = await manager.attach(
+        _bid(), NetRequest("unrestricted", upstreams=UPSTREAM, bandwidth_mbit=16)
+    )
+    free = await manager.attach(_bid(), NetRequest("unrestricted", upstreams=UPSTREAM))
+    nbytes = 4 * 1024 * 1024  # 32 Mbit: about 2 s at 16 Mbit/s
+    slow = await asyncio.to_thread(run_in_netns, capped.netns, lambda: _upload_seconds(nbytes))
+    fast = await asyncio.to_thread(run_in_netns, free.netns, lambda: _upload_seconds(nbytes))
+    assert slow > 1.5, slow
+    assert fast < slow / 4, (fast, slow)
