@@ -115,6 +115,20 @@ class Settings(BaseSettings):
         description="Prefix of every Redis key this controller writes (several deployments "
         "may share one Redis).",
     )
+    jwt_issuer: str | None = Field(
+        default=None,
+        description="Issuer (`iss`) of accepted RS256 JWTs; unset disables JWT authentication.",
+    )
+    jwt_audience: str = Field(
+        default="scaigrid", description="Audience (`aud`) accepted JWTs must carry."
+    )
+    jwt_public_key: str | None = Field(
+        default=None, description="PEM public key that signs the issuer's JWTs."
+    )
+    jwt_jwks_url: str | None = Field(
+        default=None,
+        description="The issuer's JWKS URL (used when no PEM key is set; cached 5 minutes).",
+    )
     migrate_on_start: bool = Field(
         default=True,
         description="Run database migrations when the server starts. With several "

@@ -9,6 +9,8 @@ engine), so tests can run several in one process. What the app holds in ``app.st
 * ``metrics_registry`` — the :class:`prometheus_client.CollectorRegistry` served at /metrics;
   modules register their metrics here
 * ``modules`` — ``{name: PlatformModule}`` of the loaded modules
+* ``jwt_verifier`` — :class:`~scaigrid.platform.auth.jwt.JwtVerifier` when a JWT issuer
+  is configured, else None
 * ``rate_limiter`` — :class:`~scaigrid.platform.ratelimit.RateLimiter` (Redis when
   ``SCAIGRID_REDIS_URL`` is set, in-process otherwise), applied on authentication
 * ``audit`` — :class:`~scaigrid.platform.audit.service.AuditLog` (set by the lifespan in
@@ -31,9 +33,11 @@ from prometheus_client import CollectorRegistry
 from starlette.middleware import Middleware
 
 from scaigrid import __version__
+from scaigrid.modules.scaibunker.accounting.router import router as accounting_router
 from scaigrid.platform.audit.middleware import AuditMiddleware
 from scaigrid.platform.audit.router import router as audit_router
 from scaigrid.platform.audit.service import AuditLog
+from scaigrid.platform.auth.jwt import JwtVerifier
 from scaigrid.platform.auth.router import router as api_keys_router
 from scaigrid.platform.auth.service import PrincipalCache
 from scaigrid.platform.bootstrap import bootstrap
@@ -135,6 +139,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics_registry = registry
     app.state.principal_cache = PrincipalCache(settings.auth_cache_ttl_s)
     app.state.rate_limiter = _rate_limiter(settings)
+    app.state.jwt_verifier = JwtVerifier.from_settings(settings)
     app.state.modules = {module.name: module for module in modules}
     app.include_router(system_router)
     if settings.mode == "full":
@@ -143,5 +148,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(tenancy_router)
         app.include_router(api_keys_router)
         app.include_router(iam_router)
+        app.include_router(accounting_router)
     _mount_modules(app, settings, modules)
     return app

@@ -9,15 +9,17 @@ from fastapi import Depends
 from starlette.requests import HTTPConnection
 
 from scaigrid import errors
+from scaigrid.platform.auth.jwt import JwtVerifier, looks_like_jwt
 from scaigrid.platform.auth.principal import Principal
-from scaigrid.platform.auth.service import authenticate
+from scaigrid.platform.auth.service import authenticate, principal_for_user
 from scaigrid.platform.db import get_database
 from scaigrid.platform.ratelimit import Level, RateLimiter
 from scaigrid.settings import Settings
 
 
 async def current_principal(request: HTTPConnection) -> Principal:
-    """Authenticate ``Authorization: Bearer sgk_…`` and return the caller.
+    """Authenticate ``Authorization: Bearer sgk_…`` (or an RS256 JWT when the app has a
+    ``jwt_verifier``) and return the caller.
 
     Works for HTTP requests and WebSocket upgrades. The principal is also stored in
     ``request.state.principal``.
@@ -26,6 +28,7 @@ async def current_principal(request: HTTPConnection) -> Principal:
         AuthTokenMissing: no ``Authorization`` header (401 ``AUTH_TOKEN_MISSING``).
         AuthTokenInvalid: not a bearer credential, or a malformed, unknown, revoked or
             non-user credential (401 ``AUTH_TOKEN_INVALID``).
+        SessionExpired: an expired JWT (401 ``SESSION_EXPIRED``).
         RateLimited: a rate limit of SPEC §1.6 is reached (429 ``RATE_LIMITED``); the
             ``X-Scaigrid-Ratelimit-*`` headers go on every authenticated response.
     """
@@ -35,8 +38,14 @@ async def current_principal(request: HTTPConnection) -> Principal:
     scheme, _, credential = header.partition(" ")
     if scheme.lower() != "bearer" or not credential.strip():
         raise errors.AuthTokenInvalid("The Authorization header must be 'Bearer <credential>'")
-    cache = getattr(request.app.state, "principal_cache", None)
-    principal = await authenticate(get_database(request), credential.strip(), cache)
+    credential = credential.strip()
+    verifier: JwtVerifier | None = getattr(request.app.state, "jwt_verifier", None)
+    if verifier is not None and looks_like_jwt(credential):
+        user_id = await verifier.subject(credential)
+        principal = await principal_for_user(get_database(request), user_id)
+    else:
+        cache = getattr(request.app.state, "principal_cache", None)
+        principal = await authenticate(get_database(request), credential, cache)
     request.state.principal = principal
     limiter: RateLimiter | None = getattr(request.app.state, "rate_limiter", None)
     if limiter is not None:

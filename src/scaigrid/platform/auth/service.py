@@ -165,6 +165,30 @@ async def authenticate(db: Database, secret: str, cache: PrincipalCache | None =
     return principal
 
 
+async def principal_for_user(db: Database, user_id: str) -> Principal:
+    """The :class:`Principal` of a user authenticated by a non-key credential (a JWT's
+    ``sub``); ``api_key_id`` is None.
+
+    Raises:
+        AuthTokenInvalid: no such user.
+    """
+    query = select(User, Tenant).join(Tenant, Tenant.id == User.tenant_id).where(User.id == user_id)
+    async with db.sessionmaker() as session:
+        row = (await session.execute(query)).first()
+        if row is None:
+            raise errors.AuthTokenInvalid("The token's subject is not a user")
+        user, tenant = row
+        permissions = await effective_permissions(session, user)
+    return Principal(
+        user_id=user.id,
+        tenant_id=tenant.id,
+        partner_id=tenant.partner_id,
+        role=Role(user.role),
+        api_key_id=None,
+        permissions=permissions,
+    )
+
+
 async def _touch(db: Database, key_id: str) -> None:
     # Own short transaction, conditional so concurrent requests write at most once per
     # interval. A failure (e.g. SQLite busy) only loses a usage mark, never the request.
