@@ -66,3 +66,5 @@ class ModuleConfig:
     worker_lost_after_s: float = 15.0
     #: A persistent bunker not re-placed within this many seconds fails (SPEC §10.6).
     reschedule_give_up_s: float = 600.0
+    #: Seconds between usage-record passes (SPEC §1.9).
+    usage_interval_s: float = 60.0

@@ -29,6 +29,7 @@ import structlog
 from sqlalchemy import select
 
 from scaigrid import errors
+from scaigrid.modules.scaibunker.accounting import service as accounting
 from scaigrid.modules.scaibunker.bunkers import service as bunker_service
 from scaigrid.modules.scaibunker.bunkers.models import Bunker
 from scaigrid.modules.scaibunker.bunkers.states import TERMINAL, transition
@@ -220,10 +221,15 @@ async def _loop(
 
 
 def start(state: ModuleState) -> None:
-    """Start the reaper and the heartbeat monitor as background tasks of ``state``."""
+    """Start the reaper, the heartbeat monitor and usage recording as background tasks."""
     config = state.config
     state.spawn(_loop("reaper", config.reaper_interval_s, state, reap_once), name="reaper")
     state.spawn(
         _loop("worker_monitor", config.monitor_interval_s, state, monitor_workers_once),
         name="worker-monitor",
     )
+    state.spawn(_loop("usage", config.usage_interval_s, state, _record_usage), name="usage-records")
+
+
+async def _record_usage(state: ModuleState) -> None:
+    await accounting.record_usage_once(state.db)

@@ -1,5 +1,6 @@
 """Every ORM model of the scaibunker module, imported for Alembic and the app."""
 
+from scaigrid.modules.scaibunker.accounting.models import UsageRecord
 from scaigrid.modules.scaibunker.bunkers.models import Bunker, BunkerStatusEvent
 from scaigrid.modules.scaibunker.images.models import Image
 from scaigrid.modules.scaibunker.quotas.models import (
@@ -18,6 +19,7 @@ __all__ = [
     "QuotaBucketLock",
     "QuotaContribution",
     "QuotaProfile",
+    "UsageRecord",
     "Worker",
     "WorkerJoinToken",
 ]

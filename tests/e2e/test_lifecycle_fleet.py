@@ -1,0 +1,228 @@
+"""End to end with two real workers: placement, drain/resume, worker loss (SIGKILL) (#4).
+
+The second worker is a real ``scaibunker-worker`` process with its own data directory under
+/var/tmp (and so its own cgroup parent), joined with a token from ``POST /workers/join-tokens``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.fixtures.stack import BASE, Stack
+
+pytestmark = pytest.mark.e2e
+
+HOSTNAME = "fleet-extra"
+WORKER_START_TIMEOUT_S = 60.0
+
+
+@dataclass
+class ExtraWorker:
+    """A second worker process and how to (re)start it."""
+
+    stack: Stack
+    data_dir: Path
+    process: subprocess.Popen[bytes] | None = None
+    worker_id: str = ""
+
+    def start(self, join_token: str | None = None) -> None:
+        argv = [
+            str(Path(sys.executable).parent / "scaibunker-worker"),
+            "--controller",
+            self.stack.url,
+            "--data-dir",
+            str(self.data_dir),
+            "--hostname",
+            HOSTNAME,
+            "--drivers",
+            "container",
+        ]
+        if join_token is not None:
+            argv += ["--join-token", join_token]
+        with (self.data_dir / "worker.log").open("ab") as log:
+            self.process = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+
+def _workers(client: httpx.Client) -> dict[str, dict[str, Any]]:
+    return {w["hostname"]: w for w in client.get(f"{BASE}/workers").json()["data"]}
+
+
+def _wait_online(client: httpx.Client, hostname: str, timeout_s: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        worker = _workers(client).get(hostname)
+        if worker is not None and worker["connection"] == "online":
+            return worker
+        time.sleep(0.3)
+    raise AssertionError(f"worker {hostname} did not come online")
+
+
+def _warm(client: httpx.Client, image: str, worker_id: str) -> None:
+    """Warm ``image`` on ``worker_id`` and wait until the worker reports it ready."""
+    image_id = client.get(f"{BASE}/images", params={"name": image}).json()["data"][0]["id"]
+    warm = client.post(f"{BASE}/images/{image_id}/warm", json={"worker_ids": [worker_id]})
+    assert warm.status_code == 200, warm.text
+    deadline = time.monotonic() + WORKER_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        rows = client.get(f"{BASE}/images/{image_id}/warm").json()["data"]["workers"]
+        if any(r["worker_id"] == worker_id and r["state"] == "ready" for r in rows):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"image {image} was not warmed on {worker_id}: {rows}")
+
+
+@pytest.fixture(scope="module")
+def extra_worker(stack: Stack, busybox_image: str) -> Iterator[ExtraWorker]:
+    data_dir = Path(tempfile.mkdtemp(prefix="scaibunker-fleet-", dir="/var/tmp"))
+    os.chmod(data_dir, 0o755)
+    worker = ExtraWorker(stack, data_dir)
+    with stack.client() as client:
+        token = client.post(f"{BASE}/workers/join-tokens", json={}).json()["data"]["token"]
+        worker.start(token)
+        worker.worker_id = _wait_online(client, HOSTNAME, WORKER_START_TIMEOUT_S)["id"]
+        _warm(client, busybox_image, worker.worker_id)
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def dev_worker_id(stack: Stack, extra_worker: ExtraWorker) -> Iterator[str]:
+    """The dev worker's id; every test leaves both workers ``active``."""
+    with stack.client() as client:
+        ids = [w["id"] for w in client.get(f"{BASE}/workers").json()["data"]]
+        others = [i for i in ids if i != extra_worker.worker_id]
+        assert len(others) >= 1
+        yield others[0]
+        for worker_id in ids:
+            client.post(f"{BASE}/workers/{worker_id}/resume")
+
+
+def _create(client: httpx.Client, image: str, **fields: Any) -> httpx.Response:
+    return client.post(
+        f"{BASE}/bunkers",
+        params={"wait_s": 60},
+        json={"image": image, "memory_mb": 128, "disk_mb": 64, **fields},
+    )
+
+
+def _created(client: httpx.Client, image: str, **fields: Any) -> dict[str, Any]:
+    response = _create(client, image, **fields)
+    assert response.status_code == 201, response.text
+    return dict(response.json()["data"])
+
+
+def test_drain_moves_placement_to_the_other_worker(
+    stack: Stack, busybox_image: str, extra_worker: ExtraWorker, dev_worker_id: str
+) -> None:
+    with stack.client() as client:
+        drained = client.post(f"{BASE}/workers/{dev_worker_id}/drain")
+        assert (drained.status_code, drained.json()["data"]["admin_state"]) == (200, "draining")
+        again = client.post(f"{BASE}/workers/{dev_worker_id}/drain")
+        assert (again.status_code, again.json()["data"]["admin_state"]) == (200, "draining")
+        created = [_created(client, busybox_image) for _ in range(2)]
+        assert [b["worker_id"] for b in created] == [extra_worker.worker_id] * 2
+        assert all(b["status"] == "running" for b in created)
+
+        detail = client.get(f"{BASE}/workers/{extra_worker.worker_id}").json()["data"]
+        assert detail["running_bunkers"] >= 2
+        assert detail["last_heartbeat"] is not None
+        assert detail["allocated"]["memory_mb"] >= 256
+        assert detail["capacity"]["memory_mb"] > 0
+
+        client.post(f"{BASE}/workers/{extra_worker.worker_id}/drain")
+        refused = _create(client, busybox_image)
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "WORKER_UNAVAILABLE"
+
+        resumed = client.post(f"{BASE}/workers/{dev_worker_id}/resume")
+        assert (resumed.status_code, resumed.json()["data"]["admin_state"]) == (200, "active")
+        placed = _created(client, busybox_image)
+        assert placed["worker_id"] == dev_worker_id
+        for bunker in [*created, placed]:
+            client.delete(f"{BASE}/bunkers/{bunker['id']}")
+
+
+def test_drain_of_unknown_worker_is_404(stack: Stack) -> None:
+    with stack.client() as client:
+        response = client.post(f"{BASE}/workers/wrk_00000000000000000000000000/drain")
+        assert response.status_code == 404
+        assert response.json()["error"]["code"] == "WORKER_NOT_FOUND"
+
+
+def test_lost_worker_fails_its_bunkers_and_replaces_persistent_ones(
+    stack: Stack, busybox_image: str, extra_worker: ExtraWorker, dev_worker_id: str
+) -> None:
+    with stack.client() as client:
+        client.post(f"{BASE}/workers/{dev_worker_id}/drain")
+        ephemeral = _created(client, busybox_image)
+        persistent = _created(client, busybox_image, lifecycle_mode="persistent")
+        assert ephemeral["worker_id"] == persistent["worker_id"] == extra_worker.worker_id
+        client.post(f"{BASE}/workers/{dev_worker_id}/resume")
+        before = client.get(f"{BASE}/quota-profiles/usage").json()["data"][0]["current"]
+
+        extra_worker.kill()
+        killed_at = time.monotonic()
+        deadline = killed_at + 45
+        failed: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            failed = client.get(f"{BASE}/bunkers/{ephemeral['id']}").json()["data"]
+            if failed["status"] == "failed":
+                break
+            time.sleep(0.5)
+        took = time.monotonic() - killed_at
+        assert (failed["status"], failed["status_reason"]) == ("failed", "worker_lost")
+        assert took <= 30, took
+        after = client.get(f"{BASE}/quota-profiles/usage").json()["data"][0]["current"]
+        assert after["memory_mb"] <= before["memory_mb"] - 128
+        assert _workers(client)[HOSTNAME]["connection"] == "offline"
+
+        replaced: dict[str, Any] = {}
+        while time.monotonic() < deadline + 60:
+            replaced = client.get(f"{BASE}/bunkers/{persistent['id']}").json()["data"]
+            if replaced["status"] == "running":
+                break
+            time.sleep(0.5)
+        assert replaced["status"] == "running", replaced
+        assert replaced["worker_id"] == dev_worker_id
+        history = client.get(f"{BASE}/bunkers/{persistent['id']}").json()["data"]
+        reasons = [(e["to"], e["reason"]) for e in history["status_history"]]
+        assert ("pending", "worker_lost") in reasons
+
+        extra_worker.start()
+        _wait_online(client, HOSTNAME, WORKER_START_TIMEOUT_S)
+        time.sleep(2)
+        still = client.get(f"{BASE}/bunkers/{ephemeral['id']}").json()["data"]
+        assert (still["status"], still["status_reason"]) == ("failed", "worker_lost")
+        client.delete(f"{BASE}/bunkers/{persistent['id']}")
