@@ -61,6 +61,7 @@ class TaskKind:
     BUNKER_DESTROY = "bunker.destroy"
     BUNKER_PAUSE = "bunker.pause"
     BUNKER_RESUME = "bunker.resume"
+    BUNKER_SNAPSHOT = "bunker.snapshot"
     IMAGE_BAKE = "image.bake"
     IMAGE_SCAN = "image.scan"
     IMAGE_EVICT = "image.evict"

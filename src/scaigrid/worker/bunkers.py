@@ -25,8 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import os
+import tempfile
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -47,6 +50,9 @@ from scaigrid.worker.drivers.base import (
 from scaigrid.worker.images import ImagePrepareFailed, ImageStore
 from scaigrid.worker.link.tasks import TaskFailed
 from scaigrid.worker.net.manager import NetRequest, NetworkError, NetworkManager
+from scaigrid.worker.objects import ObjectClient
+from scaigrid.worker.rootfs.idshift import DEFAULT_ID_BASE
+from scaigrid.worker.snapshots import restore_layer
 
 log = structlog.get_logger(__name__)
 
@@ -106,6 +112,39 @@ class AgentLaunch:
 
 
 @dataclass(frozen=True)
+class SnapshotSource:
+    """Where a restored bunker's writable layer comes from (``bunker.create`` ``snapshot``).
+
+    Attributes:
+        snapshot_id: ``snp_`` id; ``key`` its layer object; ``sha256`` the digest recorded
+            when it was taken; ``storage_url`` the proxy's base URL; ``capability`` a ``GET``
+            capability for ``key``.
+    """
+
+    snapshot_id: str
+    key: str
+    sha256: str
+    storage_url: str
+    capability: str
+
+    @classmethod
+    def from_param(cls, value: Any) -> SnapshotSource | None:
+        """Parse the optional ``snapshot`` parameter.
+
+        Raises:
+            TaskFailed: ``VALIDATION_ERROR`` when a field is missing or not a string.
+        """
+        if value is None:
+            return None
+        names = ("snapshot_id", "key", "sha256", "storage_url", "capability")
+        if not isinstance(value, Mapping) or not all(
+            isinstance(value.get(n), str) and value.get(n) for n in names
+        ):
+            raise TaskFailed("VALIDATION_ERROR", f"snapshot needs string fields {names}")
+        return cls(*(str(value[n]) for n in names))
+
+
+@dataclass(frozen=True)
 class CreateRequest:
     """The ``bunker.create`` parameters, checked.
 
@@ -118,6 +157,7 @@ class CreateRequest:
         image_id: ``img_`` id.
         image_name: image name (for messages).
         image_source: SPEC §7.2 build source.
+        snapshot: the snapshot whose layer the bunker starts from, if any.
     """
 
     bunker_id: str
@@ -128,6 +168,7 @@ class CreateRequest:
     image_name: str
     image_source: Mapping[str, Any]
     network: NetRequest | None = None
+    snapshot: SnapshotSource | None = None
 
     @classmethod
     def from_params(cls, bunker_id: str | None, params: Mapping[str, Any]) -> CreateRequest:
@@ -168,6 +209,7 @@ class CreateRequest:
             image_id=image_id,
             image_name=str(image.get("name") or image_id),
             image_source=dict(source),
+            snapshot=SnapshotSource.from_param(params.get("snapshot")),
         )
 
 
@@ -232,6 +274,7 @@ class BunkerSupervisor:
         on_event: coroutine ``(bunker_id, event)`` sending ``bunker_event``; ``event`` is
             ``"vm_exited"``, ``"agent_lost"`` or ``"agent_ready"``.
         network: bunker networking; ``None`` allows only ``isolated`` bunkers.
+        scratch_dir: where snapshot archives are staged (default: a temporary directory).
     """
 
     def __init__(
@@ -242,6 +285,7 @@ class BunkerSupervisor:
         agent_launch: AgentLaunch,
         on_event: EventSink | None = None,
         network: NetworkManager | None = None,
+        scratch_dir: Path | None = None,
     ) -> None:
         if not drivers:
             raise ValueError("a bunker supervisor needs at least one driver")
@@ -250,6 +294,7 @@ class BunkerSupervisor:
         self._launch = agent_launch
         self._on_event = on_event
         self.network = network
+        self.scratch_dir = scratch_dir or Path(tempfile.gettempdir()) / "scaibunker-transfers"
         self._bunkers: dict[str, _Bunker] = {}
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -331,15 +376,25 @@ class BunkerSupervisor:
         record.creator = asyncio.current_task()
         self._bunkers[request.bunker_id] = record
         bound = log.bind(bunker_id=request.bunker_id, image_id=request.image_id)
+        cleanup = contextlib.ExitStack()
         try:
             rootfs = await self._prepare_image(request, progress)
             await progress({"stage": "booting"})
             started = time.monotonic()
             netns_path = await self._attach_network(request)
-            record.handle = await driver.start(self._spec(request, rootfs, netns_path))
+            spec = self._spec(request, rootfs, netns_path)
+            if request.snapshot is not None:
+                await progress({"stage": "snapshot"})
+                archive = await self._fetch_snapshot(driver, request.snapshot)
+                cleanup.callback(archive.unlink, missing_ok=True)
+                spec = dataclasses.replace(
+                    spec, populate_upper=self._unpacker(driver, request, archive)
+                )
+            record.handle = await driver.start(spec)
             record.agent = await self._first_contact(record.handle)
             record.boot_ms = round((time.monotonic() - started) * 1000)
         except BaseException as exc:
+            cleanup.close()
             await asyncio.shield(self._discard(record))
             record.booted.set()
             if isinstance(exc, LinkClosed):
@@ -363,12 +418,63 @@ class BunkerSupervisor:
                 bound.error("bunker_boot_crashed", exc_info=exc)
                 raise BootFailed("internal error while booting the bunker") from exc
             raise
+        cleanup.close()
         record.state = BunkerState.RUNNING
         record.creator = None
         record.booted.set()
         record.watcher = self._spawn(self._watch(record), f"watch:{record.bunker_id}")
         bound.info("bunker_running", driver=driver.info.name, boot_ms=record.boot_ms)
         return self._result(record)
+
+    async def _fetch_snapshot(self, driver: Driver, snapshot: SnapshotSource) -> Path:
+        """Download the snapshot's layer archive into the scratch dir."""
+        if not hasattr(driver, "upper_dir"):
+            raise TaskFailed(
+                "VALIDATION_ERROR", f"the {driver.info.name} driver cannot restore snapshots"
+            )
+        await asyncio.to_thread(self.scratch_dir.mkdir, mode=0o700, parents=True, exist_ok=True)
+        archive = self.scratch_dir / f"{snapshot.snapshot_id}-{os.urandom(4).hex()}.tar.zst"
+        client = ObjectClient(snapshot.storage_url)
+        await client.download(snapshot.key, snapshot.capability, archive)
+        return archive
+
+    @staticmethod
+    def _unpacker(driver: Driver, request: CreateRequest, archive: Path) -> Callable[[Path], None]:
+        assert request.snapshot is not None
+        sha256 = request.snapshot.sha256
+        base = int(getattr(driver, "id_base", DEFAULT_ID_BASE))
+        # The layer's file content must fit the bunker's disk, ext4 metadata aside.
+        limit = request.resources.disk_mb << 20
+
+        def unpack(upper: Path) -> None:
+            restore_layer(archive, upper, base, sha256, limit)
+
+        return unpack
+
+    @contextlib.asynccontextmanager
+    async def frozen_upper(self, bunker_id: str) -> AsyncIterator[Path]:
+        """Freeze a running or paused bunker and yield its writable layer (overlay upper
+        dir); afterwards a bunker that was running is thawed, a paused one stays paused.
+
+        Raises:
+            BunkerNotFound, BunkerNotRunning: as :meth:`pause`.
+            TaskFailed: ``VALIDATION_ERROR`` when the bunker's driver has no upper dir.
+            DriverError: the bunker could not be frozen or thawed.
+        """
+        record = self._live(bunker_id)
+        upper_dir = getattr(record.driver, "upper_dir", None)
+        if upper_dir is None:
+            raise TaskFailed(
+                "VALIDATION_ERROR",
+                f"the {record.driver.info.name} driver cannot snapshot bunkers",
+            )
+        was_running = record.state is BunkerState.RUNNING
+        await self.pause(bunker_id)
+        try:
+            yield Path(upper_dir(bunker_id))
+        finally:
+            if was_running and self._bunkers.get(bunker_id) is record:
+                await self.resume(bunker_id)
 
     async def _existing_result(self, record: _Bunker) -> dict[str, Any]:
         await record.booted.wait()

@@ -278,7 +278,11 @@ async def build_daemon(settings: WorkerSettings) -> WorkerDaemon:
         ImageCache(settings.data_dir / "images", insecure_registries=settings.insecure_registries)
     )
     supervisor = BunkerSupervisor(
-        drivers=drivers, images=images, agent_launch=launch, network=make_network(settings)
+        drivers=drivers,
+        images=images,
+        agent_launch=launch,
+        network=make_network(settings),
+        scratch_dir=settings.data_dir / "transfers",
     )
     return WorkerDaemon(settings, supervisor, host_capacity(settings))
 

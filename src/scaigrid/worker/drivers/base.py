@@ -9,6 +9,7 @@ whose agent is reachable over one reliable byte stream.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
@@ -48,6 +49,10 @@ class BunkerSpec:
         agent_runtime: host directory with the self-contained agent runtime, mounted
             read-only at ``/.scaibunker`` inside the bunker.
         init_argv: argv of the bunker's PID 1 (the agent), as seen inside the bunker.
+        populate_upper: blocking callable run with the empty writable-layer (overlay upper)
+            directory before the root is assembled, e.g. to unpack a snapshot into it. Only
+            drivers with an ``upper_dir(bunker_id)`` method honour it; the supervisor never
+            sets it for others.
     """
 
     bunker_id: str
@@ -58,6 +63,7 @@ class BunkerSpec:
     netns_path: str | None = None
     agent_runtime: Path | None = None
     init_argv: tuple[str, ...] = ()
+    populate_upper: Callable[[Path], None] | None = None
 
 
 @dataclass(frozen=True)

@@ -105,7 +105,11 @@ from scaigrid.worker.drivers.seccomp import default_profile
 from scaigrid.worker.rootfs.commands import CommandError, run_command
 from scaigrid.worker.rootfs.idshift import DEFAULT_ID_BASE, ID_RANGE_SIZE, check_range_free
 from scaigrid.worker.rootfs.mounts import remove_tree
-from scaigrid.worker.rootfs.overlay import mount_overlay_root, unmount_overlay_root
+from scaigrid.worker.rootfs.overlay import (
+    OverlayLayout,
+    mount_overlay_root,
+    unmount_overlay_root,
+)
 
 log = structlog.get_logger()
 
@@ -1136,6 +1140,11 @@ class ContainerDriver:
 
     # -- bunkers ---------------------------------------------------------------------------
 
+    def upper_dir(self, bunker_id: str) -> Path:
+        """The overlay upper dir (writable layer) of a bunker on this worker; read it only
+        while the bunker is frozen (snapshots)."""
+        return OverlayLayout(self._state_dir(bunker_id)).upper
+
     def _state_dir(self, bunker_id: str) -> Path:
         if not is_id(bunker_id, "bnk"):
             raise DriverError(f"invalid bunker id {bunker_id!r}")
@@ -1312,7 +1321,9 @@ class ContainerDriver:
 
         await asyncio.to_thread(self._prepare_state, spec, state_dir)
         lap("prepare")
-        root_path = await mount_overlay_root(spec.rootfs, state_dir, spec.resources.disk_mb)
+        root_path = await mount_overlay_root(
+            spec.rootfs, state_dir, spec.resources.disk_mb, spec.populate_upper
+        )
         sysfs = (
             await self._mount_netns_sysfs(spec.netns_path, state_dir) if spec.netns_path else None
         )

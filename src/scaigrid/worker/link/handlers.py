@@ -19,6 +19,11 @@ their SPEC code, a lost or silent agent is ``AGENT_UNAVAILABLE``).
     params ``{image_id}``; result ``{status, scanner, scanner_version, counts, findings,
     error}`` (see :mod:`scaigrid.worker.scan`); error ``IMAGE_NOT_READY`` when the image is
     not ready on this worker. Deadline 900 s.
+``bunker.snapshot``
+    params ``{snapshot_id, storage_url, layer: {key, capability}, manifest: {key, capability,
+    body}}``; progress ``{stage: "uploading"}`` once the layer is archived (the bunker is
+    frozen only while it is read); result ``{size_bytes, sha256, layer_bytes, entries,
+    skipped}``. See :mod:`scaigrid.worker.snapshot_task`.
 ``image.evict``
     params ``{image_id}``; result ``{evicted: bool}``; error ``IMAGE_IN_USE`` while a
     bunker's root uses the image.
@@ -83,6 +88,7 @@ from scaigrid.worker.images import ImageInUse, ImageNotCached, ImagePrepareFaile
 from scaigrid.worker.link.client import utc_timestamp
 from scaigrid.worker.link.tasks import HandlerSpec, Task, TaskFailed, TaskHandler
 from scaigrid.worker.rootfs import ImageBuildError
+from scaigrid.worker.snapshot_task import take_snapshot
 
 log = structlog.get_logger(__name__)
 
@@ -95,6 +101,7 @@ SCAN_DEADLINE_S: Final = 900.0
 EVICT_DEADLINE_S: Final = 300.0
 DESTROY_DEADLINE_S: Final = 60.0
 PAUSE_DEADLINE_S: Final = 10.0
+SNAPSHOT_DEADLINE_S: Final = 3600.0
 FILES_CALL_DEADLINE_S: Final = 60.0
 FILES_STREAM_DEADLINE_S: Final = 3600.0
 #: Exec timeout assumed for the deadline when the task gives none (SPEC §3.2 maximum).
@@ -180,6 +187,9 @@ class TaskHandlers:
             ),
             IMAGE_BAKE: HandlerSpec(self.image_bake, BAKE_DEADLINE_S, timeout_code=BAKE_FAILED),
             TaskKind.IMAGE_SCAN: HandlerSpec(self.image_scan, SCAN_DEADLINE_S),
+            TaskKind.BUNKER_SNAPSHOT: HandlerSpec(
+                self.bunker_snapshot, SNAPSHOT_DEADLINE_S, timeout_code="OBJECT_STORE_UNAVAILABLE"
+            ),
             TaskKind.IMAGE_EVICT: HandlerSpec(self.image_evict, EVICT_DEADLINE_S),
             TaskKind.EXEC_START: HandlerSpec(
                 _agent_errors(self.exec_start),
@@ -255,6 +265,10 @@ class TaskHandlers:
         except DriverError as exc:
             raise TaskFailed("AGENT_UNAVAILABLE", f"bunker {bunker_id} not resumed: {exc}") from exc
         return {}
+
+    async def bunker_snapshot(self, task: Task) -> dict[str, Any]:
+        """``bunker.snapshot`` → ``{size_bytes, sha256, layer_bytes, entries, skipped}``."""
+        return await take_snapshot(self._bunkers, task)
 
     async def image_bake(self, task: Task) -> dict[str, Any]:
         """``image.bake`` → ``{digest: null}``."""

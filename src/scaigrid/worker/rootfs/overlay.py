@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,13 +81,20 @@ def _create_sparse_file(path: Path, size_bytes: int) -> None:
         os.close(fd)
 
 
-async def mount_overlay_root(lower: Path, state_dir: Path, size_mib: int) -> Path:
+async def mount_overlay_root(
+    lower: Path,
+    state_dir: Path,
+    size_mib: int,
+    populate: Callable[[Path], None] | None = None,
+) -> Path:
     """Build the size-capped overlay root of one bunker under ``state_dir``.
 
     Args:
         lower: the image tree (read-only lower layer, owners already shifted).
         state_dir: the bunker's existing state directory.
         size_mib: size of the writable layer in MiB (≥ 8).
+        populate: blocking callable run (in a thread) with the new, empty upper dir before
+            the overlay is mounted; its exceptions propagate.
 
     Returns:
         The merged directory (real path, no symlinks), to use as the OCI ``root.path``.
@@ -131,6 +139,8 @@ async def mount_overlay_root(lower: Path, state_dir: Path, size_mib: int) -> Pat
     layout.upper.mkdir()
     os.chown(layout.upper, lower_st.st_uid, lower_st.st_gid)
     os.chmod(layout.upper, lower_st.st_mode & 0o7777)
+    if populate is not None:
+        await asyncio.to_thread(populate, layout.upper)
     layout.work.mkdir(mode=0o700)
     layout.merged.mkdir(mode=0o755)
     options = (
