@@ -48,6 +48,7 @@ from scaigrid.platform.logging import configure_logging
 from scaigrid.platform.middleware import BodyLimitMiddleware, HttpMetrics, RequestContextMiddleware
 from scaigrid.platform.migrate import prepare_schema
 from scaigrid.platform.modules.loader import PlatformModule, ProxyCapableModule, load_modules
+from scaigrid.platform.modules.router import module_guard
 from scaigrid.platform.modules.router import router as modules_router
 from scaigrid.platform.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from scaigrid.platform.system.router import router as system_router
@@ -94,7 +95,9 @@ def _mount_modules(app: FastAPI, settings: Settings, modules: list[PlatformModul
     for module in modules:
         prefix = f"{MODULES_PREFIX}/{module.name}"
         if settings.mode == "full":
-            app.include_router(module.router, prefix=prefix)
+            app.include_router(
+                module.router, prefix=prefix, dependencies=[module_guard(module.name)]
+            )
         elif isinstance(module, ProxyCapableModule):
             app.include_router(module.proxy_router, prefix=prefix)
         else:

@@ -17,6 +17,7 @@ PLATFORM_MODEL_MODULES: tuple[str, ...] = (
     "scaigrid.platform.auth.models",
     "scaigrid.platform.audit.models",
     "scaigrid.platform.iam.models",
+    "scaigrid.platform.modules.models",
 )
 
 

@@ -7,11 +7,13 @@ from dataclasses import dataclass, field
 from fastapi import APIRouter, FastAPI
 
 from scaigrid.modules.scaibunker import lifecycle
+from scaigrid.modules.scaibunker.bunkers import service as bunker_service
 from scaigrid.modules.scaibunker.bunkers.process_router import router as processes_router
 from scaigrid.modules.scaibunker.bunkers.router import router as bunkers_router
 from scaigrid.modules.scaibunker.dev import DevWorker, seed_default_image
 from scaigrid.modules.scaibunker.images.router import router as images_router
 from scaigrid.modules.scaibunker.images.service import rescan_loop, seed_builtin_images
+from scaigrid.modules.scaibunker.module_config import ScaiBunkerConfig
 from scaigrid.modules.scaibunker.quotas.router import router as quotas_router
 from scaigrid.modules.scaibunker.state import ModuleState
 from scaigrid.modules.scaibunker.storage.router import router as storage_router
@@ -29,6 +31,7 @@ class ScaiBunkerModule:
     name: str = "scaibunker"
     router: APIRouter = field(default_factory=APIRouter)
     proxy_router: APIRouter = field(default_factory=APIRouter)
+    config_model: type[ScaiBunkerConfig] = ScaiBunkerConfig
 
     def __post_init__(self) -> None:
         for sub in (
@@ -61,6 +64,13 @@ class ScaiBunkerModule:
             worker = DevWorker(state, settings.public_url, settings.data_dir / "worker")
             app.state.scaibunker_dev_worker = worker
             await worker.start()
+
+    async def on_disable(self, app: FastAPI, tenant_id: str) -> None:
+        """The module was disabled for ``tenant_id``: end its non-terminal bunkers with
+        reason ``module_disabled`` (SPEC §1.10; images and records are kept)."""
+        state: ModuleState | None = getattr(app.state, "scaibunker", None)
+        if state is not None:
+            await bunker_service.end_tenant_bunkers(state, tenant_id, "module_disabled")
 
     async def shutdown(self, app: FastAPI) -> None:
         """Stop the dev worker (if any), background tasks and worker channels."""

@@ -13,6 +13,7 @@ from scaigrid.platform.auth.jwt import JwtVerifier, looks_like_jwt
 from scaigrid.platform.auth.principal import Principal
 from scaigrid.platform.auth.service import authenticate, principal_for_user
 from scaigrid.platform.db import get_database
+from scaigrid.platform.modules.service import is_enabled
 from scaigrid.platform.ratelimit import Level, RateLimiter
 from scaigrid.settings import Settings
 
@@ -28,6 +29,8 @@ async def current_principal(request: HTTPConnection) -> Principal:
         AuthTokenMissing: no ``Authorization`` header (401 ``AUTH_TOKEN_MISSING``).
         AuthTokenInvalid: not a bearer credential, or a malformed, unknown, revoked or
             non-user credential (401 ``AUTH_TOKEN_INVALID``).
+        ModuleNotEnabled: the route belongs to a module disabled for the caller's tenant or
+            partner (403 ``MODULE_NOT_ENABLED``).
         SessionExpired: an expired JWT (401 ``SESSION_EXPIRED``).
         RateLimited: a rate limit of SPEC §1.6 is reached (429 ``RATE_LIMITED``); the
             ``X-Scaigrid-Ratelimit-*`` headers go on every authenticated response.
@@ -47,6 +50,12 @@ async def current_principal(request: HTTPConnection) -> Principal:
         cache = getattr(request.app.state, "principal_cache", None)
         principal = await authenticate(get_database(request), credential, cache)
     request.state.principal = principal
+    module: str | None = getattr(request.state, "module", None)
+    if module is not None:
+        async with get_database(request).sessionmaker() as session:
+            enabled = await is_enabled(session, module, principal.tenant_id, principal.partner_id)
+        if not enabled:
+            raise errors.ModuleNotEnabled(f"The {module} module is not enabled for your tenant")
     limiter: RateLimiter | None = getattr(request.app.state, "rate_limiter", None)
     if limiter is not None:
         decision = await limiter.hit(rate_limit_levels(request.app.state.settings, principal))

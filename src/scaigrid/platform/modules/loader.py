@@ -28,6 +28,9 @@ class PlatformModule(Protocol):
     Attributes:
         name: the module id, also its URL segment: routes live under ``/v1/modules/<name>``.
         router: mounted at ``/v1/modules/<name>`` in ``full`` mode.
+
+    Optional: ``config_model`` (a pydantic model class: the module's config keys with their
+    global defaults, SPEC §1.10) and ``on_disable`` (see :class:`DisableAwareModule`).
     """
 
     name: str
@@ -50,6 +53,14 @@ class ProxyCapableModule(PlatformModule, Protocol):
     """
 
     proxy_router: APIRouter
+
+
+@runtime_checkable
+class DisableAwareModule(PlatformModule, Protocol):
+    """A module that must act when it is disabled for a tenant (SPEC §1.10)."""
+
+    async def on_disable(self, app: FastAPI, tenant_id: str) -> None:
+        """End what the module runs for ``tenant_id`` (its data is kept)."""
 
 
 def module_file_exists(dotted: str) -> bool:

@@ -518,6 +518,25 @@ async def terminate_bunker(
     return bunker
 
 
+async def end_tenant_bunkers(state: ModuleState, tenant_id: str, reason: str) -> list[str]:
+    """Stop every non-terminal bunker of ``tenant_id`` and end it in ``terminated`` with
+    ``reason`` (e.g. ``module_disabled``); return the ids ended."""
+    async with state.db.sessionmaker() as session:
+        live = await session.scalars(
+            select(Bunker).where(Bunker.tenant_id == tenant_id, Bunker.status.not_in(TERMINAL))
+        )
+        bunkers = [(b.id, b.worker_id) for b in live]
+    ended: list[str] = []
+    for bunker_id, worker_id in bunkers:
+        live_states = ("pending", "provisioning", "running", "paused")
+        await set_state(state, bunker_id, "stopping", reason, only_from=live_states)
+        await destroy_on_worker(state, worker_id, bunker_id)
+        if await set_state(state, bunker_id, "terminated", reason, only_from=("stopping",)):
+            ended.append(bunker_id)
+    log.info("tenant_bunkers_ended", tenant_id=tenant_id, reason=reason, count=len(ended))
+    return ended
+
+
 async def fail_bunker(state: ModuleState, bunker_id: str, reason: str, message: str) -> None:
     """Move a live bunker to ``failed`` (worker events such as ``vm_exited``)."""
     await set_state(
