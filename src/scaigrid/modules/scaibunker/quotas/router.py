@@ -25,6 +25,8 @@ from scaigrid.modules.scaibunker.state import ModuleState, get_state
 from scaigrid.platform.auth import Principal, current_principal, require
 from scaigrid.platform.db import get_session, utcnow
 from scaigrid.platform.envelope import ok, ok_list
+from scaigrid.platform.iam.models import Group
+from scaigrid.platform.tenancy.models import User
 
 router = APIRouter(tags=["quotas"])
 
@@ -53,6 +55,9 @@ _HEADROOM = (
     ("disk_mb", "max_disk_mb"),
     ("gpu_count", "max_gpu_count"),
 )
+
+
+_VALID_MODES = frozenset({("user", "individual"), ("group", "shared"), ("group", "per_user")})
 
 
 class QuotaProfileNotFound(errors.NotFound):
@@ -341,23 +346,27 @@ async def list_assignments(
 async def create_assignment(
     profile_id: str, body: AssignmentCreate, principal: PrincipalDep, session: SessionDep
 ) -> JSONResponse:
-    """Assign a profile to a user of the caller's tenant (``user``/``individual``).
-
-    Group targets (``shared``, ``per_user``) need the platform's group directory, which this
-    controller does not have yet; they answer ``VALIDATION_ERROR``.
-    """
+    """Assign a profile to a user (``individual``) or group (``shared``/``per_user``) of the
+    caller's tenant (SPEC §9.2)."""
     if not (principal.has("scaibunker:admin:tenant") or principal.has("scaibunker:admin:platform")):
         raise _deny("scaibunker:admin:tenant")
     profile = await _visible_profile(session, principal, profile_id)
     if profile.tenant_id not in (None, principal.tenant_id):
         raise QuotaProfileNotFound(f"quota profile {profile_id} not found")
-    if (body.target_kind, body.mode) != ("user", "individual"):
-        valid = (body.target_kind, body.mode) in (("group", "shared"), ("group", "per_user"))
+    if (body.target_kind, body.mode) not in _VALID_MODES:
         raise errors.ValidationFailed(
-            "group assignments are not available on this controller"
-            if valid
-            else "user targets take mode individual; group targets shared or per_user",
+            "user targets take mode individual; group targets shared or per_user",
             details=[{"field": "mode", "message": f"{body.target_kind}/{body.mode}"}],
+        )
+    target: User | Group | None = (
+        await session.get(User, body.target_id)
+        if body.target_kind == "user"
+        else await session.get(Group, body.target_id)
+    )
+    if target is None or target.tenant_id != principal.tenant_id:
+        raise errors.ValidationFailed(
+            f"no {body.target_kind} {body.target_id} in this tenant",
+            details=[{"field": "target_id", "message": "unknown in the caller's tenant"}],
         )
     assignment = QuotaAssignment(
         id=str(uuid.uuid4()),

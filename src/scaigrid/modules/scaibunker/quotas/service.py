@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import case, func, insert, select
+from sqlalchemy import and_, case, func, insert, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -34,6 +34,7 @@ from scaigrid.modules.scaibunker.quotas.models import (
     QuotaContribution,
     QuotaProfile,
 )
+from scaigrid.platform.iam.service import group_closure
 
 #: (usage key, aggregate cap field, per-bunker cap field, ask attribute)
 _RESOURCES = (
@@ -83,22 +84,35 @@ async def applicable(
 ) -> list[tuple[QuotaProfile, str, str]]:
     """Profiles that apply to a user: ``[(profile, bucket, mode)]`` (SPEC §9.4 steps 1-2).
 
-    The user's direct ``individual`` assignment applies; group assignments need the
-    platform's group directory, which this controller does not have yet, so none apply. With
-    no assignment the default profile applies with bucket ``user:{user_id}``.
+    The user's direct ``individual`` assignment (bucket ``user:{user_id}``) and the
+    assignments of every group the user is in, transitively through parent groups
+    (``shared``: bucket ``group:{group_id}``; ``per_user``: bucket ``user:{user_id}``). With
+    none, the default profile applies with bucket ``user:{user_id}``.
     """
+    groups = await group_closure(session, user_id)
+    targets = QuotaAssignment.target_kind == "user", QuotaAssignment.target_id == user_id
     rows = (
         await session.execute(
             select(QuotaProfile, QuotaAssignment)
             .join(QuotaAssignment, QuotaAssignment.profile_id == QuotaProfile.id)
             .where(
-                QuotaAssignment.target_kind == "user",
-                QuotaAssignment.target_id == user_id,
                 QuotaAssignment.tenant_id == tenant_id,
+                and_(*targets)
+                | (
+                    (QuotaAssignment.target_kind == "group") & QuotaAssignment.target_id.in_(groups)
+                ),
             )
+            .order_by(QuotaAssignment.id)
         )
     ).all()
-    found = [(profile, f"user:{user_id}", assignment.mode) for profile, assignment in rows]
+    found = [
+        (
+            profile,
+            f"group:{assignment.target_id}" if assignment.mode == "shared" else f"user:{user_id}",
+            assignment.mode,
+        )
+        for profile, assignment in rows
+    ]
     if found:
         return found
     default = await session.get(QuotaProfile, DEFAULT_PROFILE_ID)
