@@ -14,10 +14,9 @@ A ``cgroups.json`` next to the socket places execs in the bunker's workload cgro
 (:mod:`scaigrid.agent.cgroups`).
 
 In a microVM (``--serial NAME``) the agent serves ONE connection at a time on the
-virtio-serial port whose ``/sys/class/virtio-ports/*/name`` is ``NAME``: the port is a
-single byte stream the host side (the worker, through the VMM's unix socket) connects to.
-When the host side goes away the port reads EOF; the agent closes it and reopens it for
-the next connection. Only the host can reach the port, so there is no peer check.
+virtio-serial port whose ``/sys/class/virtio-ports/*/name`` is ``NAME``, each opened by a
+resynchronising handshake (:mod:`scaigrid.agent.serial`). Only the host can reach the
+port, so there is no peer check.
 
 Signals: SIGTERM and SIGINT shut down (execs get SIGTERM, then SIGKILL after
 ``--shutdown-grace-s``); SIGHUP, SIGUSR1 and SIGUSR2 are logged and ignored.
@@ -34,13 +33,13 @@ import socket
 import stat
 import struct
 import sys
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 from scaigrid.agent.cgroups import MANIFEST_NAME, load_workload
 from scaigrid.agent.execs import ExecManager, OomCounter
 from scaigrid.agent.init import ChildReaper, ensure_home, missing_capabilities, protect_from_oom
 from scaigrid.agent.routes import AgentService
+from scaigrid.agent.serial import serve_serial
 
 _log = logging.getLogger("scaigrid.agent")
 _PEERCRED = struct.Struct("3i")
@@ -211,94 +210,6 @@ async def run(options: Options) -> int:
     if connections:
         await asyncio.wait(connections, timeout=1.0)
     return 0
-
-
-VIRTIO_PORTS = "/sys/class/virtio-ports"
-#: Seconds between looks for the port, and between reopens while no host side is connected.
-SERIAL_RETRY_S = 0.05
-
-Serve = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-def find_virtio_port(name: str, sysfs: str = VIRTIO_PORTS) -> str | None:
-    """``/dev/vportNpM`` of the virtio-serial port called ``name``, or ``None`` if absent."""
-    try:
-        entries = sorted(os.listdir(sysfs))
-    except OSError:
-        return None
-    for entry in entries:
-        try:
-            with open(os.path.join(sysfs, entry, "name")) as fh:
-                if fh.read().strip() == name:
-                    return f"/dev/{entry}"
-        except OSError:
-            continue
-    return None
-
-
-async def open_char_stream(
-    path: str,
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, asyncio.BaseTransport]:
-    """asyncio streams over a character device opened read-write (two fds, one per side).
-
-    Returns ``(reader, writer, read_transport)``; close both the writer and the read
-    transport to release the device.
-
-    Raises:
-        OSError: the device cannot be opened.
-    """
-    loop = asyncio.get_running_loop()
-    read_fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        write_fd = os.dup(read_fd)
-    except OSError:
-        os.close(read_fd)
-        raise
-    reader = asyncio.StreamReader(limit=1 << 20)
-    read_protocol = asyncio.StreamReaderProtocol(reader)
-    read_transport, _ = await loop.connect_read_pipe(
-        lambda: read_protocol, os.fdopen(read_fd, "rb", buffering=0)
-    )
-    write_transport, write_protocol = await loop.connect_write_pipe(
-        lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()),
-        os.fdopen(write_fd, "wb", buffering=0),
-    )
-    writer = asyncio.StreamWriter(write_transport, write_protocol, reader, loop)
-    return reader, writer, read_transport
-
-
-async def serve_serial(name: str, serve: Serve) -> None:
-    """Serve connections on the virtio-serial port ``name`` one after another, forever.
-
-    Each open of the port carries one host-side connection; EOF means the host side is
-    gone, and the port is reopened for the next one.
-    """
-    announced = False
-    while True:
-        path = find_virtio_port(name)
-        if path is None:
-            if not announced:
-                _log.warning("agent.serial_port_missing name=%s", name)
-                announced = True
-            await asyncio.sleep(SERIAL_RETRY_S)
-            continue
-        try:
-            reader, writer, read_transport = await open_char_stream(path)
-        except OSError as exc:
-            _log.warning("agent.serial_open_failed path=%s error=%s", path, exc)
-            await asyncio.sleep(SERIAL_RETRY_S)
-            continue
-        started = time.monotonic()
-        try:
-            await serve(reader, writer)
-        except (OSError, ConnectionError) as exc:
-            _log.info("agent.serial_connection_broken error=%s", exc)
-        finally:
-            writer.close()
-            read_transport.close()
-        if time.monotonic() - started > 1.0:
-            _log.info("agent.peer_disconnected serial=%s", path)
-        await asyncio.sleep(SERIAL_RETRY_S)
 
 
 def ensure_std_fds() -> None:

@@ -48,6 +48,7 @@ from pathlib import Path
 import structlog
 from qemu.qmp import QMPClient, QMPError
 
+from scaigrid.agent.serial import host_handshake
 from scaigrid.ids import is_id
 from scaigrid.worker.drivers.base import BunkerHandle, BunkerSpec, DriverError, DriverInfo
 from scaigrid.worker.rootfs.idshift import DEFAULT_ID_BASE
@@ -76,6 +77,8 @@ BOOT_TIMEOUT_S = 90.0
 #: Seconds the KVM probe may take before KVM counts as unusable.
 KVM_PROBE_TIMEOUT_S = 10.0
 QMP_TIMEOUT_S = 10.0
+#: Seconds the agent may take to answer the serial handshake of a new connection.
+HANDSHAKE_TIMEOUT_S = 10.0
 #: Seconds ``quit`` may take before QEMU is killed.
 QUIT_TIMEOUT_S = 3.0
 #: Lines of console kept per bunker (the tail reported on a failed boot).
@@ -83,6 +86,7 @@ CONSOLE_TAIL_LINES = 40
 CONSOLE_LINE_MAX = 512
 #: Guest RAM floor in MiB: the kernel plus the Python agent need this much to boot.
 MIN_MEMORY_MB = 192
+_KEY_MARKERS = ("Kernel panic", "scaibunker-init:", "Traceback", "Error")
 _CONTROL = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f]")
 
 
@@ -221,6 +225,9 @@ class QemuHandle:
         self.state_dir = state_dir
         self.process = process
         self.console: collections.deque[str] = collections.deque(maxlen=CONSOLE_TAIL_LINES)
+        #: Console lines that explain a failed boot (panics, init errors), kept even when
+        #: a long stack trace pushes them out of the tail.
+        self.key_lines: collections.deque[str] = collections.deque(maxlen=4)
         self.ready = asyncio.Event()
         self.qmp: QMPClient | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -254,24 +261,38 @@ class QemuHandle:
                 line = await stream.readexactly(exc.consumed)
             if READY_MARKER in line and not self.ready.is_set():
                 self.ready.set()
-            self.console.append(_clean(line[:CONSOLE_LINE_MAX]).rstrip())
+            text = _clean(line[:CONSOLE_LINE_MAX]).rstrip()
+            if any(marker in text for marker in _KEY_MARKERS):
+                self.key_lines.append(text)
+            self.console.append(text)
 
-    def console_tail(self, lines: int = 15) -> str:
-        """The last ``lines`` console lines, joined by `` | ``."""
-        return " | ".join(list(self.console)[-lines:])
+    def console_tail(self, lines: int = 8) -> str:
+        """Key console lines (panics, init errors) then the last ``lines`` lines, joined
+        by `` | ``."""
+        tail = list(self.console)[-lines:]
+        key = [line for line in self.key_lines if line not in tail]
+        return " | ".join([*key, *(["..."] if key else []), *tail])
 
     async def open_agent_stream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """Connect to the agent's port socket.
+        """Connect to the agent's port socket and resynchronise the stream
+        (:func:`scaigrid.agent.serial.host_handshake`).
 
         Raises:
-            ConnectionError: QEMU is gone or not listening.
+            ConnectionError: QEMU is gone or not listening, or the agent did not answer
+                the handshake (:class:`~scaigrid.agent.serial.HandshakeError`).
         """
         if self.process.returncode is not None:
             raise ConnectionError(f"the VM of {self.bunker_id} has exited")
         try:
-            return await asyncio.open_unix_connection(str(self.agent_socket))
+            reader, writer = await asyncio.open_unix_connection(str(self.agent_socket))
         except OSError as exc:
             raise ConnectionError(f"the agent port of {self.bunker_id}: {exc}") from exc
+        try:
+            await host_handshake(reader, writer, HANDSHAKE_TIMEOUT_S)
+        except BaseException:
+            writer.close()
+            raise
+        return reader, writer
 
     async def wait_exit(self) -> int:
         """Wait until QEMU exits (guest power-off, panic or kill); return its status."""

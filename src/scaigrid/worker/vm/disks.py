@@ -71,9 +71,18 @@ def bake_size_mib(tree: Path) -> int:
 async def _mkfs(tree: Path, output: Path, size_mib: int, *, id_base: int | None) -> None:
     """``mkfs.ext4 -d tree output`` (``output`` exists with its final size), in a user
     namespace mapping ``id_base`` to 0 when ``id_base`` is given."""
-    argv = ["mkfs.ext4", "-F", "-q", "-E", "lazy_itable_init=0", "-d", str(tree), str(output)]
     if id_base is None:
-        await run_command(*argv, timeout_s=MKFS_TIMEOUT_S)
+        await run_command(
+            "mkfs.ext4",
+            "-F",
+            "-q",
+            "-E",
+            "lazy_itable_init=0",
+            "-d",
+            str(tree),
+            str(output),
+            timeout_s=MKFS_TIMEOUT_S,
+        )
         return
     holder = await asyncio.create_subprocess_exec(
         "unshare",
@@ -88,12 +97,17 @@ async def _mkfs(tree: Path, output: Path, size_mib: int, *, id_base: int | None)
         mapping = f"0 {id_base} {ID_RANGE_SIZE}\n"
         await _write_maps(holder.pid, mapping)
         os.chown(output, id_base, id_base)
+        # The host shell opens the output and enters the tree as host root, so the
+        # namespace's root needs no access to their parent directories.
         await run_command(
-            "nsenter",
-            "--user",
-            f"--target={holder.pid}",
-            "--",
-            *argv,
+            "sh",
+            "-c",
+            'exec 3<>"$2" && cd "$1" && exec nsenter --user --target="$3" -- '
+            'mkfs.ext4 -F -q -E lazy_itable_init=0 -d . /proc/self/fd/3',
+            "sh",
+            str(tree),
+            str(output),
+            str(holder.pid),
             timeout_s=MKFS_TIMEOUT_S,
         )
         os.chown(output, 0, 0)
