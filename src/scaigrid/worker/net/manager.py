@@ -30,7 +30,7 @@ import os
 import socket
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -39,6 +39,7 @@ from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
 from scaigrid.worker.net import nft
+from scaigrid.worker.net.audit import EgressAudit, flow_record, now_iso
 from scaigrid.worker.net.nsexec import NetnsExecutor
 from scaigrid.worker.net.policy import NamePolicy
 from scaigrid.worker.net.resolver import BunkerResolver, QueryRecord, parse_upstream
@@ -87,12 +88,16 @@ class NetRequest:
         allowlist: names for ``registry``/``allowlisted`` (normalised by the controller).
         upstreams: ``ip[:port]`` DNS resolvers the bunker's resolver asks.
         bandwidth_mbit: egress cap in Mbit/s, ``None`` for none.
+        tenant_id: owning tenant (written into audit records).
+        audit: record DNS lookups and denied flows (module config ``egress_audit``).
     """
 
     profile: str
     allowlist: tuple[str, ...] | None = None
     upstreams: tuple[str, ...] = ()
     bandwidth_mbit: int | None = None
+    tenant_id: str | None = None
+    audit: bool = True
 
 
 @dataclass
@@ -115,6 +120,9 @@ class Attachment:
     gateway: str
     ifname: str
     resolver: BunkerResolver | None = None
+    tenant_id: str | None = None
+    audit: bool = False
+    collected_at: str = field(default_factory=now_iso)
 
     @property
     def netns_path(self) -> str:
@@ -203,6 +211,7 @@ class NetworkManager:
         uplink_netns: namespace the router's uplink leads to; ``None`` for the root namespace.
         deny: extra CIDRs no bunker may reach (control plane, storage, databases).
         on_query: ``(bunker_id, record)`` for every DNS query a bunker makes.
+        audit: where egress audit records go (``None``: none are kept).
     """
 
     def __init__(
@@ -213,6 +222,7 @@ class NetworkManager:
         uplink_netns: str | None = None,
         deny: Sequence[str] = (),
         on_query: QuerySink | None = None,
+        audit: EgressAudit | None = None,
     ) -> None:
         if pool.prefixlen > 29:
             raise ValueError("the address pool must be at least a /29")
@@ -223,6 +233,7 @@ class NetworkManager:
         self.router = f"sb{tag}-rtr"
         self.uplink_peer = f"sbu{tag[:10]}"
         self._on_query = on_query
+        self.audit = audit
         self._exec: NetnsExecutor | None = None
         self._nft: nft.Nft | None = None
         self._attached: dict[str, Attachment] = {}
@@ -261,6 +272,8 @@ class NetworkManager:
             self._nft = await self._exec.run(nft.Nft)
             deny = [*ALWAYS_DENIED, str(self.pool), *self.deny, *await self._worker_addresses()]
             await self._exec.run(self._nft.run, nft.base_ruleset(deny))
+            if self.audit is not None:
+                self.audit.start(self.collect_denied)
         except (OSError, NetlinkError, nft.NftError) as exc:
             await self.close()
             raise NetworkError(f"router namespace {self.router}: {exc}") from exc
@@ -328,6 +341,8 @@ class NetworkManager:
         for bunker_id in list(self._attached):
             with contextlib.suppress(NetworkError):
                 await self.detach(bunker_id)
+        if self.audit is not None:
+            await self.audit.close()
         if self._exec is not None:
             self._exec.close()
             self._exec = None
@@ -355,7 +370,14 @@ class NetworkManager:
             slot = self._free_slot()
             gateway, address = self._block(slot)
             attachment = Attachment(
-                bunker_id, slot, f"sb{self.tag}-{bunker_id}", address, gateway, f"v{slot}"
+                bunker_id,
+                slot,
+                f"sb{self.tag}-{bunker_id}",
+                address,
+                gateway,
+                f"v{slot}",
+                tenant_id=request.tenant_id,
+                audit=request.audit and self.audit is not None,
             )
             self._attached[bunker_id] = attachment
         try:
@@ -452,6 +474,24 @@ class NetworkManager:
             )
             if self._on_query is not None:
                 self._on_query(a.bunker_id, record)
+            if a.audit and self.audit is not None:
+                self.audit.add(
+                    flow_record(
+                        bunker_id=a.bunker_id,
+                        tenant_id=a.tenant_id,
+                        proto="dns",
+                        src_ip=record.src[0],
+                        src_port=record.src[1],
+                        dst_ip=None,
+                        dst_port=53,
+                        dns_name=record.name,
+                        verdict=record.verdict,
+                        packets_out=1,
+                        dns_qtype=record.qtype,
+                        dns_rcode=record.rcode,
+                        dns_answers=list(record.addresses),
+                    )
+                )
 
         resolver = BunkerResolver(
             policy=policy,
@@ -478,6 +518,10 @@ class NetworkManager:
             return
         if attachment.resolver is not None:
             await attachment.resolver.close()
+        if attachment.audit and self.audit is not None:
+            with contextlib.suppress(nft.NftError):
+                await self._collect(attachment)
+            await self.audit.flush(bunker_id)
         try:
             if self._exec is not None and self._nft is not None:
                 with contextlib.suppress(nft.NftError):
@@ -503,6 +547,51 @@ class NetworkManager:
                 ipr.link("del", index=found[0])
 
         return delete
+
+    async def collect_denied(self) -> None:
+        """Turn the denied-flow counters of every audited bunker into audit records."""
+        for attachment in list(self._attached.values()):
+            if attachment.audit:
+                try:
+                    await self._collect(attachment)
+                except nft.NftError as exc:
+                    log.warning(
+                        "egress_denied_collect_failed",
+                        bunker_id=attachment.bunker_id,
+                        error=str(exc),
+                    )
+
+    async def _collect(self, a: Attachment) -> None:
+        """Records for ``denied_<slot>`` entries since the last collection, then reset them."""
+        if self._exec is None or self._nft is None or self.audit is None:
+            return
+        output = await self._exec.run(self._nft.run, [nft.list_set(a.slot)])
+        started, a.collected_at = a.collected_at, now_iso()
+        entries: list[tuple[str, str, int]] = []
+        for obj in output.get("nftables", []):
+            listed = obj.get("set") if isinstance(obj, dict) else None
+            if not isinstance(listed, dict):
+                continue
+            for dst_ip, proto, dst_port, packets, nbytes in nft.denied_elements(listed):
+                entries.append((dst_ip, proto, dst_port))
+                self.audit.add(
+                    flow_record(
+                        bunker_id=a.bunker_id,
+                        tenant_id=a.tenant_id,
+                        proto=proto,
+                        src_ip=a.address,
+                        src_port=None,
+                        dst_ip=dst_ip,
+                        dst_port=dst_port,
+                        verdict="deny",
+                        packets_out=packets,
+                        bytes_out=nbytes,
+                        started_at=started,
+                        ended_at=a.collected_at,
+                    )
+                )
+        if entries:
+            await self._exec.run(self._nft.run, nft.delete_denied(a.slot, entries))
 
     def attachment(self, bunker_id: str) -> Attachment | None:
         """The attachment of ``bunker_id``, if it has one."""

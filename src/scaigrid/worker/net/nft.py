@@ -30,6 +30,9 @@ from typing import Any, Final
 TABLE: Final = "scaibunker"
 FAMILY: Final = "inet"
 UPLINK_IF: Final = "uplink"
+#: Seconds a denied destination stays in ``denied_<slot>`` unread, and its size.
+DENIED_TIMEOUT_S: Final = 3600
+DENIED_SIZE: Final = 4096
 NFT_BINDING = Path("/usr/lib/python3/dist-packages/nftables/nftables.py")
 
 
@@ -165,6 +168,20 @@ def base_ruleset(deny: Iterable[str]) -> list[dict[str, Any]]:
     ]
 
 
+def _note_denied(chain: str, denied: str, *conditions: dict[str, Any]) -> dict[str, Any]:
+    """A rule counting TCP/UDP packets about to be denied in ``denied`` (no verdict)."""
+    key = {
+        "concat": [_daddr(), _meta("l4proto"), {"payload": {"protocol": "th", "field": "dport"}}]
+    }
+    update = {"op": "update", "elem": key, "set": f"@{denied}", "stmt": [{"counter": None}]}
+    return _rule(
+        chain,
+        *conditions,
+        _match(_meta("l4proto"), {"set": ["tcp", "udp"]}),
+        {"set": update},
+    )
+
+
 def bunker_add(slot: int, ifname: str, gateway: str, *, open_egress: bool) -> list[dict[str, Any]]:
     """Commands adding one bunker's chain, allow set and map entries.
 
@@ -184,11 +201,25 @@ def bunker_add(slot: int, ifname: str, gateway: str, *, open_egress: bool) -> li
             chain, to_uplink, _match(_daddr(), f"@{allow}"), {"counter": None}, {"accept": None}
         )
     )
+    denied = f"denied_{slot}"
     return [
         {"add": _obj("set", name=allow, type="ipv4_addr", flags=["timeout"])},
+        {
+            "add": _obj(
+                "set",
+                name=denied,
+                type=["ipv4_addr", "inet_proto", "inet_service"],
+                flags=["timeout"],
+                timeout=DENIED_TIMEOUT_S,
+                size=DENIED_SIZE,
+                stmt=[{"counter": None}],
+            )
+        },
         {"add": _obj("chain", name=chain)},
+        _note_denied(chain, denied, _match(_daddr(), "@deny4")),
         _rule(chain, _match(_daddr(), "@deny4"), {"counter": None}, {"drop": None}),
         egress,
+        _note_denied(chain, denied),
         _rule(chain, {"counter": None}, {"reject": {"type": "icmpx", "expr": "admin-prohibited"}}),
         {
             "add": {
@@ -234,6 +265,52 @@ def bunker_delete(slot: int, ifname: str, gateway: str) -> list[dict[str, Any]]:
         {"flush": _obj("chain", name=f"b_{slot}")},
         {"delete": _obj("chain", name=f"b_{slot}")},
         {"delete": _obj("set", name=f"allow_{slot}")},
+        {"delete": _obj("set", name=f"denied_{slot}")},
+    ]
+
+
+def denied_elements(ruleset_set: dict[str, Any]) -> list[tuple[str, str, int, int, int]]:
+    """``(dst_ip, proto, dst_port, packets, bytes)`` of each element of a listed
+    ``denied_<slot>`` set (the ``set`` object of ``list set`` JSON output)."""
+    out: list[tuple[str, str, int, int, int]] = []
+    for item in ruleset_set.get("elem", []):
+        elem = item.get("elem", item) if isinstance(item, dict) else item
+        value = elem.get("val", elem) if isinstance(elem, dict) else elem
+        counter = elem.get("counter", {}) if isinstance(elem, dict) else {}
+        parts = value.get("concat") if isinstance(value, dict) else None
+        if not isinstance(parts, list) or len(parts) != 3:
+            continue
+        out.append(
+            (
+                str(parts[0]),
+                str(parts[1]),
+                int(parts[2]),
+                int(counter.get("packets", 0)),
+                int(counter.get("bytes", 0)),
+            )
+        )
+    return out
+
+
+def list_set(slot: int, prefix: str = "denied") -> dict[str, Any]:
+    """The ``list set`` command object for ``<prefix>_<slot>``."""
+    return {"list": _obj("set", name=f"{prefix}_{slot}")}
+
+
+def delete_denied(slot: int, entries: list[tuple[str, str, int]]) -> list[dict[str, Any]]:
+    """Commands removing read elements from ``denied_<slot>`` (so counters restart)."""
+    elems = [{"concat": [ip, proto, port]} for ip, proto, port in entries]
+    return [
+        {
+            "delete": {
+                "element": {
+                    "family": FAMILY,
+                    "table": TABLE,
+                    "name": f"denied_{slot}",
+                    "elem": elems,
+                }
+            }
+        }
     ]
 
 
