@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.requests import HTTPConnection
 
 from scaigrid import __version__, errors
 from scaigrid.platform.auth import CurrentPrincipal, Principal, require
@@ -193,7 +194,8 @@ def module_guard(name: str) -> Any:
     :func:`~scaigrid.platform.auth.current_principal` refuses callers whose tenant or
     partner has the module disabled (403 ``MODULE_NOT_ENABLED``)."""
 
-    async def mark(request: Request) -> None:
-        request.state.module = name
+    async def mark(connection: HTTPConnection) -> None:
+        # HTTPConnection, not Request: the guard also runs for WebSocket routes.
+        connection.state.module = name
 
     return Depends(mark)
