@@ -8,96 +8,26 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from tests.fixtures.fleet import (
+    HOSTNAME,
+    WORKER_START_TIMEOUT_S,
+    ExtraWorker,
+    wait_online,
+    warm,
+    workers_by_host,
+)
 from tests.fixtures.stack import BASE, Stack
 
 pytestmark = pytest.mark.e2e
-
-HOSTNAME = "fleet-extra"
-WORKER_START_TIMEOUT_S = 60.0
-
-
-@dataclass
-class ExtraWorker:
-    """A second worker process and how to (re)start it."""
-
-    stack: Stack
-    data_dir: Path
-    process: subprocess.Popen[bytes] | None = None
-    worker_id: str = ""
-
-    def start(self, join_token: str | None = None) -> None:
-        argv = [
-            str(Path(sys.executable).parent / "scaibunker-worker"),
-            "--controller",
-            self.stack.url,
-            "--data-dir",
-            str(self.data_dir),
-            "--hostname",
-            HOSTNAME,
-            "--drivers",
-            "container",
-        ]
-        if join_token is not None:
-            argv += ["--join-token", join_token]
-        with (self.data_dir / "worker.log").open("ab") as log:
-            self.process = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-
-
-def _workers(client: httpx.Client) -> dict[str, dict[str, Any]]:
-    return {w["hostname"]: w for w in client.get(f"{BASE}/workers").json()["data"]}
-
-
-def _wait_online(client: httpx.Client, hostname: str, timeout_s: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        worker = _workers(client).get(hostname)
-        if worker is not None and worker["connection"] == "online":
-            return worker
-        time.sleep(0.3)
-    raise AssertionError(f"worker {hostname} did not come online")
-
-
-def _warm(client: httpx.Client, image: str, worker_id: str) -> None:
-    """Warm ``image`` on ``worker_id`` and wait until the worker reports it ready."""
-    image_id = client.get(f"{BASE}/images", params={"name": image}).json()["data"][0]["id"]
-    warm = client.post(f"{BASE}/images/{image_id}/warm", json={"worker_ids": [worker_id]})
-    assert warm.status_code == 200, warm.text
-    deadline = time.monotonic() + WORKER_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        rows = client.get(f"{BASE}/images/{image_id}/warm").json()["data"]["workers"]
-        if any(r["worker_id"] == worker_id and r["state"] == "ready" for r in rows):
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"image {image} was not warmed on {worker_id}: {rows}")
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +38,8 @@ def extra_worker(stack: Stack, busybox_image: str) -> Iterator[ExtraWorker]:
     with stack.client() as client:
         token = client.post(f"{BASE}/workers/join-tokens", json={}).json()["data"]["token"]
         worker.start(token)
-        worker.worker_id = _wait_online(client, HOSTNAME, WORKER_START_TIMEOUT_S)["id"]
-        _warm(client, busybox_image, worker.worker_id)
+        worker.worker_id = wait_online(client, HOSTNAME, WORKER_START_TIMEOUT_S)["id"]
+        warm(client, busybox_image, worker.worker_id)
     try:
         yield worker
     finally:
@@ -206,7 +136,7 @@ def test_lost_worker_fails_its_bunkers_and_replaces_persistent_ones(
         assert took <= 30, took
         after = client.get(f"{BASE}/quota-profiles/usage").json()["data"][0]["current"]
         assert after["memory_mb"] <= before["memory_mb"] - 128
-        assert _workers(client)[HOSTNAME]["connection"] == "offline"
+        assert workers_by_host(client)[HOSTNAME]["connection"] == "offline"
 
         replaced: dict[str, Any] = {}
         while time.monotonic() < deadline + 60:
@@ -221,7 +151,7 @@ def test_lost_worker_fails_its_bunkers_and_replaces_persistent_ones(
         assert ("pending", "worker_lost") in reasons
 
         extra_worker.start()
-        _wait_online(client, HOSTNAME, WORKER_START_TIMEOUT_S)
+        wait_online(client, HOSTNAME, WORKER_START_TIMEOUT_S)
         time.sleep(2)
         still = client.get(f"{BASE}/bunkers/{ephemeral['id']}").json()["data"]
         assert (still["status"], still["status_reason"]) == ("failed", "worker_lost")
