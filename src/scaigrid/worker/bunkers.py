@@ -215,7 +215,8 @@ class CreateRequest:
 
 def _net_request(profile: str, bunker: Mapping[str, Any], network: Any) -> NetRequest | None:
     """Parse the network part of ``bunker.create``: ``bunker.{network_allowlist,
-    bandwidth_mbit}`` and ``network.dns_upstreams``; ``None`` for ``isolated``.
+    bandwidth_mbit, tenant_id}`` and ``network.{dns_upstreams, egress_audit}``; ``None`` for
+    ``isolated``.
 
     Raises:
         TaskFailed: ``VALIDATION_ERROR`` naming the bad field.
@@ -234,10 +235,14 @@ def _net_request(profile: str, bunker: Mapping[str, Any], network: Any) -> NetRe
         not isinstance(bandwidth, int) or isinstance(bandwidth, bool) or not 1 <= bandwidth <= 10000
     ):
         raise TaskFailed("VALIDATION_ERROR", "bunker.bandwidth_mbit must be 1-10000")
-    upstreams = (network or {}).get("dns_upstreams") if isinstance(network, Mapping) else None
+    network = network if isinstance(network, Mapping) else {}
+    upstreams = network.get("dns_upstreams")
     if not isinstance(upstreams, list) or not all(isinstance(u, str) for u in upstreams):
         raise TaskFailed("VALIDATION_ERROR", "network.dns_upstreams must list resolvers")
+    tenant_id = bunker.get("tenant_id")
     return NetRequest(
+        tenant_id=tenant_id if isinstance(tenant_id, str) else None,
+        audit=network.get("egress_audit", True) is not False,
         profile=profile,
         allowlist=tuple(str(n) for n in allowlist or ())
         if profile in ("registry", "allowlisted")

@@ -41,6 +41,7 @@ from scaigrid.worker.drivers.container import ContainerDriver
 from scaigrid.worker.images import ImageStore
 from scaigrid.worker.link import LinkAuthRejected, LinkClient, LinkConfigError
 from scaigrid.worker.link.handlers import build_handlers
+from scaigrid.worker.net.audit import EgressAudit, LocalDirSink
 from scaigrid.worker.net.manager import NetworkManager, default_pool, worker_tag
 from scaigrid.worker.rootfs import ImageCache
 from scaigrid.worker.rootfs.agent_runtime import (
@@ -257,11 +258,13 @@ def make_network(settings: WorkerSettings) -> NetworkManager | None:
     if not settings.network:
         return None
     tag = worker_tag(settings.data_dir)
+    audit_dir = settings.audit_dir or settings.data_dir / "audit"
     return NetworkManager(
         tag=tag,
         pool=settings.net_pool or default_pool(tag),
         uplink_netns=settings.net_uplink_netns,
         deny=[str(cidr) for cidr in settings.net_deny],
+        audit=EgressAudit(LocalDirSink(audit_dir)),
     )
 
 

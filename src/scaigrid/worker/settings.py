@@ -31,6 +31,9 @@ Every setting is read from an environment variable with the prefix ``SCAIBUNKER_
 - ``net_deny`` (``SCAIBUNKER_NET_DENY``): extra IPv4 CIDRs no bunker may reach, comma
   separated (the control plane, storage proxy, Redis, databases); the worker's own addresses,
   link-local, multicast and the pool are always denied.
+- ``audit_dir`` (``SCAIBUNKER_AUDIT_DIR``, default ``<data_dir>/audit``): where egress audit
+  batches are written, with the object store's key layout (``scaibunker/audit/...``). The
+  embedded default points it at the controller's local object store.
 - ``log_level`` (``SCAIBUNKER_LOG_LEVEL``, default ``info``): ``debug``, ``info``,
   ``warning`` or ``error``.
 - ``insecure_registries`` (``SCAIBUNKER_INSECURE_REGISTRIES``, default none): registry
@@ -72,6 +75,7 @@ class WorkerSettings(BaseSettings):
     net_pool: IPv4Network | None = None
     net_uplink_netns: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     net_deny: Annotated[list[IPv4Network], NoDecode] = Field(default_factory=list)
+    audit_dir: Path | None = None
     log_level: LogLevel = "info"
     insecure_registries: Annotated[frozenset[str], NoDecode] = Field(default_factory=frozenset)
 

@@ -300,13 +300,13 @@ async def create_bunker(
         errors.BunkerQuotaExceeded: a platform ceiling or quota profile cap (SPEC §9.4).
         errors.WorkerUnavailable, errors.NoSuitableWorker: no worker can take it.
     """
+    snapshot = None
     if request.snapshot_id is not None:
-        raise errors.ValidationFailed(
-            "restoring from snapshots is not available yet",
-            details=[{"field": "snapshot_id", "message": "not supported by this controller"}],
-        )
-    assert request.image is not None
-    image = await resolve_image(session, principal, request.image)
+        snapshot = await snapshot_restore.restore_source(session, principal, request.snapshot_id)
+        image = await snapshot_restore.snapshot_image(session, principal, snapshot, request.image)
+    else:
+        assert request.image is not None
+        image = await resolve_image(session, principal, request.image)
     if image.status != "ready":
         raise errors.ImageNotReady(
             f"image {image.name} is {image.status}",
@@ -324,6 +324,9 @@ async def create_bunker(
     cpu = request.cpu_millicores or image.default_cpu_millicores or DEFAULT_CPU_MILLICORES
     memory = request.memory_mb or image.default_memory_mb or DEFAULT_MEMORY_MB
     disk = request.disk_mb or image.default_disk_mb or DEFAULT_DISK_MB
+    if snapshot is not None:
+        cpu, memory, disk = snapshot_restore.sized(snapshot, request, (cpu, memory, disk))
+        snapshot_restore.check_fits(snapshot, disk)
     now = utcnow()
     ask = quotas.Ask(cpu, memory, disk, 0, request.lifecycle_mode == "persistent")
     async with state.placement_lock:
@@ -350,6 +353,7 @@ async def create_bunker(
             name=request.name,
             image_name=image.name,
             image_id=image.id,
+            snapshot_id=snapshot.id if snapshot is not None else None,
             lifecycle_mode=request.lifecycle_mode,
             network_profile=request.network_profile,
             network_allowlist=request.network_allowlist,
@@ -430,10 +434,20 @@ async def provision(state: ModuleState, bunker_id: str, image: Image) -> None:
                     network_config(), bunker.network_profile, bunker.network_allowlist
                 ),
                 "bandwidth_mbit": bunker.bandwidth_mbit,
+                "tenant_id": bunker.tenant_id,
             },
             "image": {"id": image.id, "name": image.name, "source": image.source},
             "network": admission.worker_network(network_config()),
         }
+        snapshot_id = bunker.snapshot_id
+    if snapshot_id is not None:
+        try:
+            params["snapshot"] = await snapshot_restore.worker_params(state, snapshot_id)
+        except errors.ScaiGridError as exc:
+            await set_state(
+                state, bunker_id, "failed", "boot_failed", only_from=("pending",), message=exc.message
+            )
+            return
     connection = state.hub.get(worker_id)
     if connection is None:
         await set_state(

@@ -53,5 +53,5 @@ def worker_allowlist(
 
 
 def worker_network(config: NetworkConfig) -> dict[str, Any]:
-    """The ``network`` object of ``bunker.create``: ``{dns_upstreams}``."""
-    return {"dns_upstreams": list(config.dns_upstreams)}
+    """The ``network`` object of ``bunker.create``: ``{dns_upstreams, egress_audit}``."""
+    return {"dns_upstreams": list(config.dns_upstreams), "egress_audit": config.egress_audit}

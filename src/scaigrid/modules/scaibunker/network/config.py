@@ -5,6 +5,8 @@
 - ``dns_upstreams`` (``SCAIBUNKER_DNS_UPSTREAMS``, comma separated ``ip[:port]``, default
   none): resolvers the workers' per-bunker DNS resolvers ask. With none, every allowed lookup
   answers ``SERVFAIL``.
+- ``egress_audit`` (``SCAIBUNKER_EGRESS_AUDIT``, default ``true``): workers record DNS lookups
+  and denied flows of bunkers with egress (SPEC §8.7).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class NetworkConfig(BaseSettings):
         default_factory=lambda: list(DEFAULT_REGISTRY_HOSTS), min_length=1
     )
     dns_upstreams: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    egress_audit: bool = True
 
     @field_validator("registry_hosts", mode="before")
     @classmethod
