@@ -158,6 +158,8 @@ class CreateRequest:
         image_name: image name (for messages).
         image_source: SPEC §7.2 build source.
         snapshot: the snapshot whose layer the bunker starts from, if any.
+        driver: name of the driver the scheduler placed the bunker on (``bunker.driver``);
+            ``None`` means the worker's first driver.
     """
 
     bunker_id: str
@@ -169,6 +171,7 @@ class CreateRequest:
     image_source: Mapping[str, Any]
     network: NetRequest | None = None
     snapshot: SnapshotSource | None = None
+    driver: str | None = None
 
     @classmethod
     def from_params(cls, bunker_id: str | None, params: Mapping[str, Any]) -> CreateRequest:
@@ -200,6 +203,9 @@ class CreateRequest:
         if not isinstance(image_id, str) or not image_id or not isinstance(source, Mapping):
             raise TaskFailed("VALIDATION_ERROR", "image needs 'id' and 'source'")
         profile = str(bunker.get("network_profile") or "isolated")
+        driver = bunker.get("driver")
+        if driver is not None and (not isinstance(driver, str) or not driver):
+            raise TaskFailed("VALIDATION_ERROR", "bunker.driver must be a driver name")
         return cls(
             bunker_id=bid,
             resources=Resources(**numbers),
@@ -210,6 +216,7 @@ class CreateRequest:
             image_name=str(image.get("name") or image_id),
             image_source=dict(source),
             snapshot=SnapshotSource.from_param(params.get("snapshot")),
+            driver=driver,
         )
 
 
@@ -376,7 +383,7 @@ class BunkerSupervisor:
         existing = self._bunkers.get(request.bunker_id)
         if existing is not None:
             return await self._existing_result(existing)
-        driver = self.drivers[0]
+        driver = self._driver_for(request)
         record = _Bunker(request.bunker_id, request.resources, driver)
         record.creator = asyncio.current_task()
         self._bunkers[request.bunker_id] = record
@@ -503,6 +510,19 @@ class BunkerSupervisor:
             raise NetworkError("this worker runs without bunker networking")
         attachment = await self.network.attach(request.bunker_id, request.network)
         return attachment.netns_path
+
+    def _driver_for(self, request: CreateRequest) -> Driver:
+        """The driver named in ``request`` (the scheduler's choice), else the first.
+
+        Raises:
+            BootFailed: the named driver does not run on this worker.
+        """
+        if request.driver is None:
+            return self.drivers[0]
+        for driver in self.drivers:
+            if driver.info.name == request.driver:
+                return driver
+        raise BootFailed(f"driver {request.driver!r} does not run on this worker")
 
     def _spec(self, request: CreateRequest, rootfs: Path, netns_path: str | None) -> BunkerSpec:
         return BunkerSpec(

@@ -38,6 +38,7 @@ import structlog
 from scaigrid.worker.bunkers import AgentLaunch, BunkerSupervisor
 from scaigrid.worker.drivers.base import Driver, DriverError
 from scaigrid.worker.drivers.container import ContainerDriver
+from scaigrid.worker.drivers.qemu import QemuDriver
 from scaigrid.worker.images import ImageStore
 from scaigrid.worker.link import LinkAuthRejected, LinkClient, LinkConfigError
 from scaigrid.worker.link.handlers import build_handlers
@@ -125,10 +126,25 @@ def _container_driver(settings: WorkerSettings) -> Driver:
     return ContainerDriver(settings.data_dir, cgroup_parent=settings.bunker_cgroup_parent())
 
 
+def _qemu_driver(settings: WorkerSettings) -> Driver:
+    if (settings.vm_kernel is None) != (settings.vm_initramfs is None):
+        raise DriverError("set both vm_kernel and vm_initramfs, or neither")
+    return QemuDriver(
+        settings.data_dir,
+        kernel=settings.vm_kernel,
+        initramfs=settings.vm_initramfs,
+        accel=settings.vm_accel,
+    )
+
+
 #: Driver factories by name, in default preference order.
 DRIVER_FACTORIES: Final[dict[str, Callable[[WorkerSettings], Driver]]] = {
     "container": _container_driver,
+    "qemu": _qemu_driver,
 }
+#: Drivers used when ``drivers`` is unset. MicroVM drivers are opt-in: the scheduler prefers
+#: ``microvm``, so an automatic TCG driver (seconds per boot) would take every bunker.
+AUTO_DRIVERS: Final = ("container",)
 
 
 def make_drivers(settings: WorkerSettings) -> list[Driver]:
@@ -141,7 +157,7 @@ def make_drivers(settings: WorkerSettings) -> list[Driver]:
         HostSetupError: an unknown or unusable named driver, or no usable driver at all.
     """
     explicit = bool(settings.drivers)
-    names = settings.drivers or list(DRIVER_FACTORIES)
+    names = settings.drivers or list(AUTO_DRIVERS)
     drivers: list[Driver] = []
     for name in names:
         factory = DRIVER_FACTORIES.get(name)

@@ -10,8 +10,15 @@ Every setting is read from an environment variable with the prefix ``SCAIBUNKER_
   credential is stored.
 - ``data_dir`` (``SCAIBUNKER_DATA_DIR``, default ``/var/lib/scaibunker``): credential, image
   cache, bunker state.
-- ``drivers`` (``SCAIBUNKER_DRIVERS``, default every driver that works on the host): driver
-  names in preference order, ``container,qemu``.
+- ``drivers`` (``SCAIBUNKER_DRIVERS``, default every automatic driver that works on the host,
+  i.e. ``container``): driver names in preference order, ``container,qemu``; the microVM
+  driver ``qemu`` is used only when named.
+- ``vm_kernel`` / ``vm_initramfs`` (``SCAIBUNKER_VM_KERNEL``, ``SCAIBUNKER_VM_INITRAMFS``,
+  default derived from Debian's ``linux-image-cloud-amd64`` and cached under the data
+  directory): uncompressed guest ``vmlinux`` and its initramfs for microVM drivers (set both
+  or neither).
+- ``vm_accel`` (``SCAIBUNKER_VM_ACCEL``, default probed): ``kvm`` or ``tcg`` for the ``qemu``
+  driver; unset, KVM is used when ``/dev/kvm`` really boots a guest, else TCG.
 - ``labels`` (``SCAIBUNKER_LABELS``): extra labels, ``k=v,k=v``.
 - ``reserved_cpu_millicores`` / ``reserved_memory_mb`` (``SCAIBUNKER_RESERVED_CPU_MILLICORES``,
   ``SCAIBUNKER_RESERVED_MEMORY_MB``, default 0): host capacity kept out of ``capacity``.
@@ -78,6 +85,9 @@ class WorkerSettings(BaseSettings):
     audit_dir: Path | None = None
     log_level: LogLevel = "info"
     insecure_registries: Annotated[frozenset[str], NoDecode] = Field(default_factory=frozenset)
+    vm_kernel: Path | None = None
+    vm_initramfs: Path | None = None
+    vm_accel: Literal["kvm", "tcg"] | None = None
 
     @field_validator("controller_url")
     @classmethod
