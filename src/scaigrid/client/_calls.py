@@ -207,3 +207,103 @@ def register_image(body: Mapping[str, Any]) -> Call:
 def deactivate_image(image_id: str) -> Call:
     """``POST /images/{id}/deactivate``."""
     return Call("POST", "/images/" + quote(image_id, safe="") + "/deactivate")
+
+
+def _exec_body(
+    command: str | Iterable[str],
+    timeout_s: int | None,
+    cwd: str | None,
+    env: Mapping[str, str] | None,
+    stdin: str | bytes | None,
+    user: str,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "command": command if isinstance(command, str) else list(command),
+        "timeout_s": timeout_s,
+        "cwd": cwd,
+        "env": dict(env) if env else None,
+        "user": user,
+        "encoding": "base64",
+    }
+    if isinstance(stdin, str):
+        body["stdin"] = stdin
+    elif stdin is not None:
+        body["stdin_b64"] = base64.b64encode(stdin).decode()
+    return body
+
+
+def exec_stream(
+    bunker_id: str,
+    command: str | Iterable[str],
+    *,
+    timeout_s: int | None,
+    cwd: str | None,
+    env: Mapping[str, str] | None,
+    stdin: str | bytes | None,
+    user: str,
+) -> Call:
+    """``POST /bunkers/{id}/exec`` with ``Accept: text/event-stream`` (SPEC §3.5; base64)."""
+    body = _exec_body(command, timeout_s, cwd, env, stdin, user)
+    return Call(
+        "POST",
+        _bunker(bunker_id, "exec"),
+        None,
+        compact(body),
+        headers={"Accept": "text/event-stream"},
+    )
+
+
+def start_process(
+    bunker_id: str,
+    command: str | Iterable[str],
+    *,
+    timeout_s: int | None,
+    cwd: str | None,
+    env: Mapping[str, str] | None,
+    stdin: str | bytes | None,
+    stdin_open: bool,
+    user: str,
+) -> Call:
+    """``POST /bunkers/{id}/exec`` with ``background: true`` (SPEC §3.6)."""
+    body = _exec_body(command, timeout_s, cwd, env, stdin, user)
+    body.update(background=True, stdin_open=stdin_open)
+    return Call("POST", _bunker(bunker_id, "exec"), None, compact(body))
+
+
+def _process(bunker_id: str, ref: str | int, *rest: str) -> str:
+    return _bunker(bunker_id, "processes", quote(str(ref), safe=""), *rest)
+
+
+def list_processes(bunker_id: str, status: str | None, limit: int | None) -> Call:
+    """``GET /bunkers/{id}/processes[?status=]``."""
+    params: QueryParams = [("limit", str(page_size(limit)))]
+    if status:
+        params.append(("status", status))
+    return Call("GET", _bunker(bunker_id, "processes"), params)
+
+
+def get_process(bunker_id: str, ref: str | int) -> Call:
+    """``GET /bunkers/{id}/processes/{pid | exec_id}``."""
+    return Call("GET", _process(bunker_id, ref))
+
+
+def process_output(bunker_id: str, ref: str | int, stream: str, offset: int) -> Call:
+    """``GET /bunkers/{id}/processes/{ref}/output?stream=&offset=&encoding=base64``."""
+    params = [("stream", stream), ("offset", str(offset)), ("encoding", "base64")]
+    return Call("GET", _process(bunker_id, ref, "output"), params)
+
+
+def signal_process(bunker_id: str, ref: str | int, signal: str | int, group: bool) -> Call:
+    """``POST /bunkers/{id}/processes/{ref}/signal`` with ``{signal, group}``."""
+    body = {"signal": signal, "group": group}
+    return Call("POST", _process(bunker_id, ref, "signal"), None, body)
+
+
+def process_stdin(bunker_id: str, ref: str | int, data: str | bytes, eof: bool) -> Call:
+    """``POST /bunkers/{id}/processes/{ref}/stdin`` with ``{data | data_b64, eof}``."""
+    body: dict[str, Any] = {"eof": eof}
+    if isinstance(data, str):
+        body["data"] = data
+    else:
+        body["data_b64"] = base64.b64encode(data).decode()
+    return Call("POST", _process(bunker_id, ref, "stdin"), None, body)

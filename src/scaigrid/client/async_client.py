@@ -25,7 +25,7 @@ from typing import Any, Unpack, cast
 
 import httpx
 
-from scaigrid.client import _calls, _waiting
+from scaigrid.client import _calls, _sse, _waiting
 from scaigrid.client._io import (
     CHUNK_BYTES,
     AsyncUploadData,
@@ -39,11 +39,14 @@ from scaigrid.client.models import (
     Bunker,
     BunkerSpec,
     DeletedFile,
+    ExecEvent,
     ExecResult,
     FileEntry,
     GuestUser,
     Image,
     ImageSpec,
+    OutputChunk,
+    ProcessRecord,
     WrittenFile,
 )
 
@@ -269,6 +272,7 @@ class AsyncClient:
         self.bunkers = AsyncBunkers(self._transport)
         self.files = AsyncFiles(self._transport)
         self.images = AsyncImages(self._transport)
+        self.processes = AsyncProcesses(self._transport)
 
     @property
     def base_url(self) -> str:
@@ -289,3 +293,92 @@ class AsyncClient:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+
+class AsyncProcesses:
+    """Background processes and streaming exec; see :class:`scaigrid.client.client.Processes`."""
+
+    def __init__(self, transport: AsyncTransport) -> None:
+        self._t = transport
+
+    async def start(
+        self,
+        bunker_id: str,
+        command: str | Iterable[str],
+        timeout_s: int | None = None,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        stdin: str | bytes | None = None,
+        user: GuestUser = "user",
+        *,
+        stdin_open: bool = False,
+    ) -> tuple[str, int]:
+        """Start a command in the background; return ``(exec_id, pid)``."""
+        call = _calls.start_process(
+            bunker_id,
+            command,
+            timeout_s=timeout_s,
+            cwd=cwd,
+            env=env,
+            stdin=stdin,
+            stdin_open=stdin_open,
+            user=user,
+        )
+        data = await self._t.data(call)
+        return str(data["exec_id"]), int(data["pid"])
+
+    async def list(
+        self, bunker_id: str, status: str | None = None, *, limit: int | None = None
+    ) -> builtins.list[ProcessRecord]:
+        """The bunker's processes, newest first."""
+        records: builtins.list[ProcessRecord] = []
+        async for item in self._t.pages(_calls.list_processes(bunker_id, status, limit)):
+            records.append(ProcessRecord.from_dict(item))
+            if limit is not None and len(records) >= limit:
+                break
+        return records
+
+    async def get(self, bunker_id: str, ref: str | int) -> ProcessRecord:
+        """One process record."""
+        return ProcessRecord.from_dict(await self._t.data(_calls.get_process(bunker_id, ref)))
+
+    async def output(
+        self, bunker_id: str, ref: str | int, *, stream: str = "stdout", offset: int = 0
+    ) -> OutputChunk:
+        """Output available from ``offset``."""
+        call = _calls.process_output(bunker_id, ref, stream, offset)
+        return OutputChunk.from_dict(await self._t.data(call))
+
+    async def signal(
+        self, bunker_id: str, ref: str | int, signal: str | int = "SIGTERM", *, group: bool = False
+    ) -> ProcessRecord:
+        """Send ``signal`` to the process or its group."""
+        call = _calls.signal_process(bunker_id, ref, signal, group)
+        return ProcessRecord.from_dict(await self._t.data(call))
+
+    async def write_stdin(
+        self, bunker_id: str, ref: str | int, data: str | bytes, *, eof: bool = False
+    ) -> int:
+        """Write to a ``stdin_open`` process; return bytes written."""
+        answer = await self._t.data(_calls.process_stdin(bunker_id, ref, data, eof))
+        return int(answer.get("bytes_written", 0))
+
+    async def stream(
+        self,
+        bunker_id: str,
+        command: str | Iterable[str],
+        timeout_s: int | None = None,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        stdin: str | bytes | None = None,
+        user: GuestUser = "user",
+    ) -> AsyncIterator[ExecEvent]:
+        """Run a command and yield its :class:`ExecEvent` s as they happen (SSE)."""
+        call = _calls.exec_stream(
+            bunker_id, command, timeout_s=timeout_s, cwd=cwd, env=env, stdin=stdin, user=user
+        )
+        async with self._t.stream(call) as response:
+            async for event, data in _sse.aframes(response.aiter_lines()):
+                parsed = ExecEvent.from_sse(event, data)
+                if parsed is not None:
+                    yield parsed

@@ -23,7 +23,7 @@ from typing import Any, Unpack, cast
 
 import httpx
 
-from scaigrid.client import _calls, _waiting
+from scaigrid.client import _calls, _sse, _waiting
 from scaigrid.client._io import (
     CHUNK_BYTES,
     DownloadTarget,
@@ -37,11 +37,14 @@ from scaigrid.client.models import (
     Bunker,
     BunkerSpec,
     DeletedFile,
+    ExecEvent,
     ExecResult,
     FileEntry,
     GuestUser,
     Image,
     ImageSpec,
+    OutputChunk,
+    ProcessRecord,
     WrittenFile,
 )
 
@@ -406,6 +409,7 @@ class Client:
 
     Attributes:
         bunkers: :class:`Bunkers`. files: :class:`Files`. images: :class:`Images`.
+        processes: :class:`Processes` (background processes and streaming exec).
 
     Raises:
         ConfigurationError: no host, or not an http(s) URL.
@@ -427,6 +431,7 @@ class Client:
         self.bunkers = Bunkers(self._transport)
         self.files = Files(self._transport)
         self.images = Images(self._transport)
+        self.processes = Processes(self._transport)
 
     @property
     def base_url(self) -> str:
@@ -447,3 +452,121 @@ class Client:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class Processes:
+    """Background processes of a bunker (SPEC §3.6). Reached as ``client.processes``.
+
+    A process is named by its guest pid or its ``exe_`` exec id.
+    """
+
+    def __init__(self, transport: SyncTransport) -> None:
+        self._t = transport
+
+    def start(
+        self,
+        bunker_id: str,
+        command: str | Iterable[str],
+        timeout_s: int | None = None,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        stdin: str | bytes | None = None,
+        user: GuestUser = "user",
+        *,
+        stdin_open: bool = False,
+    ) -> tuple[str, int]:
+        """Start a command in the background; return ``(exec_id, pid)`` at once.
+
+        Args:
+            timeout_s: seconds before it is killed; None = no timeout.
+            stdin: fed to stdin first; then stdin closes unless ``stdin_open``.
+            stdin_open: keep stdin open for :meth:`write_stdin`.
+
+        Raises:
+            BunkerNotFound, BunkerNotRunning, AgentUnavailable, ValidationError.
+        """
+        call = _calls.start_process(
+            bunker_id,
+            command,
+            timeout_s=timeout_s,
+            cwd=cwd,
+            env=env,
+            stdin=stdin,
+            stdin_open=stdin_open,
+            user=user,
+        )
+        data = self._t.data(call)
+        return str(data["exec_id"]), int(data["pid"])
+
+    def list(
+        self, bunker_id: str, status: str | None = None, *, limit: int | None = None
+    ) -> builtins.list[ProcessRecord]:
+        """The bunker's processes, newest first (optionally only those with ``status``)."""
+        records: builtins.list[ProcessRecord] = []
+        for item in self._t.pages(_calls.list_processes(bunker_id, status, limit)):
+            records.append(ProcessRecord.from_dict(item))
+            if limit is not None and len(records) >= limit:
+                break
+        return records
+
+    def get(self, bunker_id: str, ref: str | int) -> ProcessRecord:
+        """One process record. Raises: ProcessNotFound."""
+        return ProcessRecord.from_dict(self._t.data(_calls.get_process(bunker_id, ref)))
+
+    def output(
+        self, bunker_id: str, ref: str | int, *, stream: str = "stdout", offset: int = 0
+    ) -> OutputChunk:
+        """Output available from ``offset`` (resume with the answer's ``next_offset``)."""
+        call = _calls.process_output(bunker_id, ref, stream, offset)
+        return OutputChunk.from_dict(self._t.data(call))
+
+    def signal(
+        self, bunker_id: str, ref: str | int, signal: str | int = "SIGTERM", *, group: bool = False
+    ) -> ProcessRecord:
+        """Send ``signal`` (name or number) to the process, or its whole group.
+
+        Raises:
+            ProcessNotFound, ProcessNotRunning, ValidationError (unknown signal).
+        """
+        call = _calls.signal_process(bunker_id, ref, signal, group)
+        return ProcessRecord.from_dict(self._t.data(call))
+
+    def write_stdin(
+        self, bunker_id: str, ref: str | int, data: str | bytes, *, eof: bool = False
+    ) -> int:
+        """Write to a ``stdin_open`` process; ``eof`` closes stdin after. Returns bytes
+        written.
+
+        Raises:
+            ProcessNotFound, ProcessNotRunning, StdinClosed.
+        """
+        answer = self._t.data(_calls.process_stdin(bunker_id, ref, data, eof))
+        return int(answer.get("bytes_written", 0))
+
+    def stream(
+        self,
+        bunker_id: str,
+        command: str | Iterable[str],
+        timeout_s: int | None = None,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        stdin: str | bytes | None = None,
+        user: GuestUser = "user",
+    ) -> Iterator[ExecEvent]:
+        """Run a command and yield its :class:`ExecEvent` s as they happen (SSE, SPEC §3.5):
+        ``start``, ``stdout``/``stderr`` chunks (raw bytes with their byte offset), ``exit``.
+
+        Breaking off the iteration leaves the process running as a background process
+        (its timeout still applies).
+
+        Raises:
+            BunkerNotFound, BunkerNotRunning, AgentUnavailable, ValidationError.
+        """
+        call = _calls.exec_stream(
+            bunker_id, command, timeout_s=timeout_s, cwd=cwd, env=env, stdin=stdin, user=user
+        )
+        with self._t.stream(call) as response:
+            for event, data in _sse.frames(response.iter_lines()):
+                parsed = ExecEvent.from_sse(event, data)
+                if parsed is not None:
+                    yield parsed

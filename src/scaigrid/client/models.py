@@ -405,3 +405,108 @@ class ImageSpec(TypedDict, total=False):
     default_disk_mb: int | None
     scope: Literal["tenant", "partner", "platform"] | None
     lazy_pull: bool | None
+
+
+@dataclass(frozen=True)
+class ExecEvent:
+    """One event of a streaming exec (SPEC §3.5).
+
+    ``kind`` is ``start`` (``exec_id``, ``pid``), ``stdout`` / ``stderr`` (``data``: the raw
+    bytes, ``seq``: the byte offset of their first byte in the stream, usable with
+    ``processes.output(offset=)``) or ``exit`` (``result``: the :class:`ExecResult` with
+    empty output). ``exit`` is always the last event.
+    """
+
+    kind: Literal["start", "stdout", "stderr", "exit"]
+    exec_id: str | None = None
+    pid: int | None = None
+    seq: int | None = None
+    data: bytes = b""
+    result: ExecResult | None = None
+
+    @classmethod
+    def from_sse(cls, event: str, data: dict[str, Any]) -> ExecEvent | None:
+        """Build the event of an SSE frame; None for an event name this client ignores."""
+        if event == "start":
+            return cls("start", exec_id=_str(data.get("exec_id")), pid=_int(data.get("pid")))
+        if event in ("stdout", "stderr"):
+            payload = base64.b64decode(str(data.get("data") or ""))
+            kind: Literal["stdout", "stderr"] = "stdout" if event == "stdout" else "stderr"
+            return cls(kind, seq=_int(data.get("seq")), data=payload)
+        if event == "exit":
+            result = ExecResult.from_dict(data)
+            return cls("exit", exec_id=result.exec_id, pid=result.pid, result=result)
+        return None
+
+
+@dataclass(frozen=True)
+class ProcessRecord:
+    """A bunker process (an exec, foreground or background; SPEC §3.6).
+
+    ``status`` is ``running`` or one of :class:`ExecResult`'s end states; ``stdout_bytes``
+    and ``stderr_bytes`` count everything each stream has produced so far.
+    """
+
+    exec_id: str | None
+    pid: int | None
+    command: str | list[str]
+    user: str | None
+    cwd: str | None
+    background: bool
+    status: str
+    exit_code: int | None
+    signal: str | None
+    stdin_open: bool
+    started_at: datetime | None
+    ended_at: datetime | None
+    stdout_bytes: int
+    stderr_bytes: int
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ProcessRecord:
+        """Build a :class:`ProcessRecord` from the API object."""
+        command = data.get("command")
+        return cls(
+            exec_id=_str(data.get("exec_id")),
+            pid=_int(data.get("pid")),
+            command=command if isinstance(command, str | list) else "",
+            user=_str(data.get("user")),
+            cwd=_str(data.get("cwd")),
+            background=bool(data.get("background")),
+            status=str(data.get("status", "")),
+            exit_code=_int(data.get("exit_code")),
+            signal=_str(data.get("signal")),
+            stdin_open=bool(data.get("stdin_open")),
+            started_at=parse_time(data.get("started_at")),
+            ended_at=parse_time(data.get("ended_at")),
+            stdout_bytes=_int(data.get("stdout_bytes")) or 0,
+            stderr_bytes=_int(data.get("stderr_bytes")) or 0,
+            raw=data,
+        )
+
+
+@dataclass(frozen=True)
+class OutputChunk:
+    """Output of a process from an offset (SPEC §3.6): ``data`` starts at byte ``offset``
+    of the stream; ``dropped_bytes`` were overwritten in the ring buffer before they were
+    read; resume at ``next_offset``. ``eof`` once the process ended and all was returned."""
+
+    stream: str
+    offset: int
+    next_offset: int
+    data: bytes
+    dropped_bytes: int
+    eof: bool
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> OutputChunk:
+        """Build an :class:`OutputChunk` from a ``base64`` output answer."""
+        return cls(
+            stream=str(data.get("stream", "stdout")),
+            offset=_int(data.get("offset")) or 0,
+            next_offset=_int(data.get("next_offset")) or 0,
+            data=base64.b64decode(str(data.get("data") or "")),
+            dropped_bytes=_int(data.get("dropped_bytes")) or 0,
+            eof=bool(data.get("eof")),
+        )
