@@ -428,6 +428,7 @@ async def provision(state: ModuleState, bunker_id: str, image: Image) -> None:
                 "cpu_millicores": bunker.cpu_millicores,
                 "memory_mb": bunker.memory_mb,
                 "disk_mb": bunker.disk_mb,
+                "driver": bunker.driver,
                 "env_vars": bunker.env_vars,
                 "network_profile": bunker.network_profile,
                 "network_allowlist": admission.worker_allowlist(
