@@ -129,6 +129,17 @@ class Settings(BaseSettings):
         default=None,
         description="The issuer's JWKS URL (used when no PEM key is set; cached 5 minutes).",
     )
+    webhook_retry_base_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="First webhook retry delay in seconds; each later retry waits twice as "
+        "long as the one before.",
+    )
+    webhook_allow_private: bool = Field(
+        default=False,
+        description="Allow webhook URLs on loopback, private and link-local addresses "
+        "(off: such targets are refused, so tenants cannot reach internal services).",
+    )
     migrate_on_start: bool = Field(
         default=True,
         description="Run database migrations when the server starts. With several "

@@ -106,6 +106,9 @@ async def test_platform_branch_alone_upgrades_and_downgrades(empty_database_url:
         "group_members",
         "role_mappings",
         "module_scopes",
+        "events",
+        "webhooks",
+        "webhook_deliveries",
     }
     upgrade = _platform_branch_only(lambda config: command.upgrade(config, "heads"))
     downgrade = _platform_branch_only(lambda config: command.downgrade(config, "base"))

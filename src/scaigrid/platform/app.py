@@ -9,6 +9,8 @@ engine), so tests can run several in one process. What the app holds in ``app.st
 * ``metrics_registry`` — the :class:`prometheus_client.CollectorRegistry` served at /metrics;
   modules register their metrics here
 * ``modules`` — ``{name: PlatformModule}`` of the loaded modules
+* ``webhooks`` — :class:`~scaigrid.platform.events.service.WebhookDispatcher` (``full``
+  mode; delivers events to webhooks in the background)
 * ``jwt_verifier`` — :class:`~scaigrid.platform.auth.jwt.JwtVerifier` when a JWT issuer
   is configured, else None
 * ``rate_limiter`` — :class:`~scaigrid.platform.ratelimit.RateLimiter` (Redis when
@@ -42,6 +44,8 @@ from scaigrid.platform.auth.router import router as api_keys_router
 from scaigrid.platform.auth.service import PrincipalCache
 from scaigrid.platform.bootstrap import bootstrap
 from scaigrid.platform.db import Database
+from scaigrid.platform.events.router import router as webhooks_router
+from scaigrid.platform.events.service import WebhookDispatcher
 from scaigrid.platform.handlers import EXCEPTION_HANDLERS
 from scaigrid.platform.iam.router import router as iam_router
 from scaigrid.platform.logging import configure_logging
@@ -72,6 +76,11 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             db = Database(settings.database_url)
             app.state.db = db
             app.state.audit = AuditLog(db)
+            webhooks = WebhookDispatcher(
+                db, settings.webhook_retry_base_s, settings.webhook_allow_private
+            )
+            webhooks.start()
+            app.state.webhooks = webhooks
             await bootstrap(db, settings)
         for module in modules.values():
             await module.startup(app)
@@ -85,6 +94,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             except Exception:
                 # One module failing to stop must not keep the others running.
                 log.exception("module.shutdown_failed", module=module.name)
+        if app.state.webhooks is not None:
+            await app.state.webhooks.close()
         if db is not None:
             await db.dispose()
         await app.state.rate_limiter.close()
@@ -139,6 +150,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.db = None
     app.state.audit = None
+    app.state.webhooks = None
     app.state.metrics_registry = registry
     app.state.principal_cache = PrincipalCache(settings.auth_cache_ttl_s)
     app.state.rate_limiter = _rate_limiter(settings)
@@ -151,6 +163,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(tenancy_router)
         app.include_router(api_keys_router)
         app.include_router(iam_router)
+        app.include_router(webhooks_router)
         app.include_router(accounting_router)
     _mount_modules(app, settings, modules)
     return app

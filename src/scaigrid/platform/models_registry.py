@@ -18,6 +18,7 @@ PLATFORM_MODEL_MODULES: tuple[str, ...] = (
     "scaigrid.platform.audit.models",
     "scaigrid.platform.iam.models",
     "scaigrid.platform.modules.models",
+    "scaigrid.platform.events.models",
 )
 
 

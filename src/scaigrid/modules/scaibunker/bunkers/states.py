@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from scaigrid import errors
 from scaigrid.modules.scaibunker.bunkers.models import Bunker, BunkerStatusEvent
 from scaigrid.platform.db import utcnow
+from scaigrid.platform.events.service import emit
 
 TERMINAL: Final = frozenset({"terminated", "failed", "expired"})
 EXEC_READY: Final = frozenset({"running"})
@@ -70,6 +71,7 @@ def transition(
             at=when,
         )
     )
+    _emit_state_changed(session, bunker, bunker.status, to, reason, when)
     bunker.status = to
     bunker.status_reason = reason
     bunker.status_message = message
@@ -78,6 +80,27 @@ def transition(
         bunker.started_at = when
     if to in TERMINAL:
         bunker.ended_at = when
+
+
+def _emit_state_changed(
+    session: AsyncSession, bunker: Bunker, from_: str | None, to: str, reason: str, at: datetime
+) -> None:
+    """Emit ``scaibunker.bunker.state_changed`` (SPEC §1.8) with the transition."""
+    emit(
+        session,
+        "scaibunker.bunker.state_changed",
+        bunker.tenant_id,
+        {
+            "bunker_id": bunker.id,
+            "tenant_id": bunker.tenant_id,
+            "owner_user_id": bunker.owner_user_id,
+            "from": from_,
+            "to": to,
+            "reason": reason,
+            "at": at.isoformat().replace("+00:00", "Z"),
+        },
+        source="scaibunker",
+    )
 
 
 def record_creation(session: AsyncSession, bunker: Bunker) -> None:
@@ -91,3 +114,4 @@ def record_creation(session: AsyncSession, bunker: Bunker) -> None:
             at=bunker.created_at,
         )
     )
+    _emit_state_changed(session, bunker, None, "pending", "created", bunker.created_at or utcnow())

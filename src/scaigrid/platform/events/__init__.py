@@ -1,0 +1,1 @@
+"""Platform events and signed webhook deliveries (SPEC §1.8)."""
