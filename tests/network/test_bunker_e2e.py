@@ -6,6 +6,7 @@ resolver is that namespace's DNS server, so no traffic leaves this host's test n
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import tempfile
@@ -130,6 +131,24 @@ def test_allowlisted_bunker(net_stack: Stack, busybox: str, inet: Inet) -> None:
     finally:
         _terminate(net_stack, bunker["id"])
     assert bunker["id"] not in _namespaces()
+    # Terminating flushes the bunker's audit batch; the API streams it back.
+    with net_stack.client() as client:
+        response = client.get(f"{BASE}/bunkers/{bunker['id']}/audit/egress")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("application/x-ndjson")
+    records = [json.loads(line) for line in response.text.splitlines()]
+    assert [r["ts"] for r in records] == sorted(r["ts"] for r in records)
+    dns = {(r["dns_name"], r["verdict"]) for r in records if r["proto"] == "dns"}
+    assert ("leak-1234.api.test", "deny") in dns and ("api.test", "allow") in dns
+    denied = {(r["dst_ip"], r["dst_port"]) for r in records if r["proto"] == "tcp"}
+    assert {(WEB_IPS[0], HTTP_PORT), (WEB_IPS[2], HTTP_PORT)} <= denied
+    assert all(r["tenant_id"] == bunker["tenant_id"] for r in records)
+    with net_stack.client() as client:
+        empty = client.get(
+            f"{BASE}/bunkers/{bunker['id']}/audit/egress",
+            params={"since": "2000-01-01T00:00:00Z", "until": "2000-01-02T00:00:00Z"},
+        )
+    assert empty.status_code == 200 and empty.text == ""
 
 
 def test_bad_allowlist_entry_is_a_422_naming_it(net_stack: Stack) -> None:

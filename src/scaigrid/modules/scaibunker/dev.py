@@ -72,12 +72,22 @@ class DevWorker:
         state: module state (for the database).
         controller_url: URL the worker dials, e.g. ``http://127.0.0.1:8080``.
         data_dir: the worker's data directory (credential, image cache, bunkers).
+        audit_dir: the controller's local object store root; the worker writes its egress
+            audit batches there (``SCAIBUNKER_AUDIT_DIR``) so the audit route can read them.
     """
 
-    def __init__(self, state: ModuleState, controller_url: str, data_dir: Path) -> None:
+    def __init__(
+        self,
+        state: ModuleState,
+        controller_url: str,
+        data_dir: Path,
+        *,
+        audit_dir: Path | None = None,
+    ) -> None:
         self._state = state
         self._url = controller_url
         self._data_dir = data_dir
+        self._audit_dir = audit_dir
         self._process: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
@@ -90,6 +100,8 @@ class DevWorker:
         self._data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._data_dir.parent.chmod(0o711)
         env = dict(os.environ)
+        if self._audit_dir is not None:
+            env.setdefault("SCAIBUNKER_AUDIT_DIR", str(self._audit_dir))
         if not (self._data_dir / "credential").exists():
             async with self._state.db.sessionmaker() as session:
                 _, token = await worker_service.mint_join_token(

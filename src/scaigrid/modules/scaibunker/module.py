@@ -14,11 +14,13 @@ from scaigrid.modules.scaibunker.dev import DevWorker, seed_default_image
 from scaigrid.modules.scaibunker.images.router import router as images_router
 from scaigrid.modules.scaibunker.images.service import rescan_loop, seed_builtin_images
 from scaigrid.modules.scaibunker.module_config import ScaiBunkerConfig
+from scaigrid.modules.scaibunker.network.router import router as network_router
 from scaigrid.modules.scaibunker.quotas.router import router as quotas_router
 from scaigrid.modules.scaibunker.state import ModuleState
 from scaigrid.modules.scaibunker.storage.router import router as storage_router
 from scaigrid.modules.scaibunker.storage.service import StorageService, open_storage
 from scaigrid.modules.scaibunker.storage.settings import StorageSettings
+from scaigrid.modules.scaibunker.storage.store import LocalObjectStore
 from scaigrid.modules.scaibunker.workers.router import router as workers_router
 from scaigrid.settings import Settings
 
@@ -39,6 +41,7 @@ class ScaiBunkerModule:
             bunkers_router,
             processes_router,
             images_router,
+            network_router,
             quotas_router,
             storage_router,
         ):
@@ -61,7 +64,13 @@ class ScaiBunkerModule:
         state.spawn(rescan_loop(state), name="image-rescan")
         if settings.dev_worker:
             await seed_default_image(state)
-            worker = DevWorker(state, settings.public_url, settings.data_dir / "worker")
+            store = app.state.scaibunker_storage.store
+            worker = DevWorker(
+                state,
+                settings.public_url,
+                settings.data_dir / "worker",
+                audit_dir=store.root if isinstance(store, LocalObjectStore) else None,
+            )
             app.state.scaibunker_dev_worker = worker
             await worker.start()
 
