@@ -342,3 +342,47 @@ async def test_revoking_a_key_through_the_api_ends_it_at_once_despite_the_cache(
     assert revoked["revoked_at"] is not None
     assert _code(await client.get("/v1/modules", headers=headers), 401) == "AUTH_TOKEN_INVALID"
     assert (await client.get("/v1/modules", headers=boss)).status_code == 200
+
+
+async def test_identity_and_grants_on_every_database(
+    empty_database_url: str, tmp_path: Path, settings_for: Callable[..., Settings]
+) -> None:
+    """The walkthrough and the cross-tenant rule on SQLite, PostgreSQL and MariaDB."""
+    settings = settings_for(tmp_path, database_url=empty_database_url)
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            admin = _bearer(settings.admin_key_file.read_text().strip())
+            _tenant_a, boss_a = await _tenant_with_admin(client, admin, "db-a")
+            _tenant_b, boss_b = await _tenant_with_admin(client, admin, "db-b")
+            dev = _data(
+                await client.post("/v1/users", json={"email": "d@a.test"}, headers=boss_a), 201
+            )
+            grant = {"permissions": ["scaibunker:create", "scaibunker:execute"]}
+            url = f"/v1/users/{dev['id']}/module-permissions"
+            assert (
+                _data(await client.put(url, json=grant, headers=boss_a))["permissions"]
+                == (grant["permissions"])
+            )
+            assert (await client.put(url, json=grant, headers=boss_b)).status_code == 404
+            group = _data(await client.post("/v1/groups", json={"name": "g"}, headers=boss_a), 201)
+            _data(
+                await client.put(
+                    f"/v1/groups/{group['id']}/members",
+                    json={"user_ids": [dev["id"]]},
+                    headers=boss_a,
+                )
+            )
+            _data(
+                await client.post(
+                    "/v1/role-mappings",
+                    json={"group_id": group["id"], "role": "tenant_admin"},
+                    headers=boss_a,
+                ),
+                201,
+            )
+            keys = _data(await client.get(f"/v1/users/{dev['id']}", headers=boss_a))["permissions"]
+            assert "scaibunker:admin:tenant" in keys
+            audit = _data(await client.get("/v1/audit-log", headers=admin))
+            assert len(audit) >= 8
