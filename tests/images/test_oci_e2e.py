@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
+from scaigrid.client.cli import main as cli_main
 from tests.fixtures.stack import BASE, DEFAULT_QUOTA_PROFILE_ID, E2E_CAPS, free_port
 from tests.images.conftest import Registry
 
@@ -88,8 +89,12 @@ class OciStack:
         deadline = time.monotonic() + timeout_s
         while not check():
             if time.monotonic() > deadline or self.controller.poll() is not None:
-                log = (self.root / "controller.log").read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"{what} did not come up:\n{log}")
+                logs = [
+                    (self.root / name).read_text(errors="replace")[-3000:]
+                    for name in ("controller.log", "worker.log")
+                    if (self.root / name).exists()
+                ]
+                raise RuntimeError(f"{what} did not come up:\n" + "\n".join(logs))
             time.sleep(0.2)
 
     def client(self) -> httpx.Client:
@@ -239,3 +244,27 @@ def test_lazy_pull_image_places_on_the_worker(oci_stack: OciStack, registry: Reg
         ).json()["data"]
         assert bunker["status"] == "running" and bunker["worker_id"] == oci_stack.worker_id
         client.delete(f"{BASE}/bunkers/{bunker['id']}")
+
+
+def test_cli_registers_and_shows_bake_progress(
+    oci_stack: OciStack,
+    registry: Registry,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    work = oci_stack.root / "cli"
+    work.mkdir(exist_ok=True)
+    ref = registry.push("e2e/cli:v1", [_busybox_layer(work / "l.tar", "cli")], work=work)
+    monkeypatch.setenv("SCAIGRID_HOST", oci_stack.url)
+    monkeypatch.setenv("SCAIGRID_API_KEY", oci_stack.admin_key)
+    assert cli_main(["image-register", "cli-img", "--oci", ref]) == 0
+    captured = capsys.readouterr()
+    image_id, status = captured.out.strip().split("\t")
+    assert image_id.startswith("img_") and status == "ready"
+    assert "baking cli-img" in captured.err  # the bar itself is drawn only on a terminal
+    ghost = f"{registry.host}/e2e/none:v1"
+    assert cli_main(["image-register", "cli-ghost", "--oci", ghost]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.strip().endswith("\tfailed")
+    assert "error BAKE_FAILED" in captured.err and "manifest unknown" in captured.err
+    assert cli_main(["image-register", "both", "--oci", ref, "--tar", "/x.tar"]) == 2

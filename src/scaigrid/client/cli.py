@@ -14,6 +14,8 @@ Usage::
     scaibunker rm BUNKER PATH [-r]
     scaibunker terminate BUNKER
     scaibunker images [--status S] [--json]
+    scaibunker image-register NAME (--oci REF | --tar PATH) [--size-mib N] [--scope S]
+                              [--lazy-pull] [--wait/--no-wait] [--timeout S]
 
 ``--host`` and ``--api-key`` default to ``$SCAIGRID_HOST`` and ``$SCAIGRID_API_KEY``.
 
@@ -32,6 +34,7 @@ import os
 import re
 import stat
 import sys
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -529,6 +532,83 @@ def images(status: str | None, as_json: bool) -> None:
         ["ID", "NAME", "SCOPE", "STATUS", "SIZE_MIB", "CREATED"],
         ([i.id, i.name, i.scope, i.status, i.size_mib, _time(i.created_at)] for i in found),
     )
+
+
+#: Seconds between two polls of a baking image.
+BAKE_POLL_S = 0.5
+#: Progress-bar steps of a bake: registered → baking → ready; warm workers add one each.
+_BAKE_STEPS = {"pending": 0, "baking": 1, "ready": 2}
+
+
+@cli.command("image-register")
+@click.argument("name")
+@click.option("--oci", "oci_ref", help="OCI reference, e.g. docker.io/library/python:3.12-slim.")
+@click.option("--tar", "tar_path", help="Root-filesystem tarball on the baking worker.")
+@click.option("--size-mib", type=int, help="ext4 size in MiB (64-65536).")
+@click.option("--scope", type=click.Choice(["tenant", "partner", "platform"]), help="Scope.")
+@click.option("--lazy-pull", is_flag=True, help="Let workers pull the image on demand.")
+@click.option("--wait/--no-wait", default=True, show_default=True, help="Wait for the bake.")
+@click.option("--timeout", "timeout_s", type=float, default=1800.0, show_default=True)
+def image_register(
+    name: str,
+    oci_ref: str | None,
+    tar_path: str | None,
+    size_mib: int | None,
+    scope: str | None,
+    lazy_pull: bool,
+    wait: bool,
+    timeout_s: float,
+) -> None:
+    """Register an image; with --wait show the bake (and warm-up) as a progress bar on stderr.
+
+    Prints the image id and its final status; a failed bake exits 1 with the reason.
+    """
+    if (oci_ref is None) == (tar_path is None):
+        raise click.UsageError("give exactly one of --oci and --tar")
+    source = {"kind": "oci", "ref": oci_ref} if oci_ref else {"kind": "tar", "path": tar_path}
+    fields: dict[str, Any] = {"lazy_pull": lazy_pull}
+    if size_mib is not None:
+        fields["size_mib"] = size_mib
+    if scope is not None:
+        fields["scope"] = scope
+    client = _client()
+    image = client.images.register(name, source, **fields)
+    if wait:
+        image = _follow_bake(client, image, timeout_s)
+    click.echo(f"{image.id}\t{image.status}")
+    if image.status == "failed":
+        _echo_error("BAKE_FAILED", image.status_reason or "the bake failed")
+        raise click.exceptions.Exit(EXIT_API_ERROR)
+
+
+def _bake_position(image: Image) -> tuple[int, int]:
+    warm = image.warm or {}
+    workers = sum(int(v) for v in warm.values())
+    settled = int(warm.get("ready", 0)) + int(warm.get("failed", 0))
+    return _BAKE_STEPS.get(image.status, 2) + settled, 2 + workers
+
+
+def _follow_bake(client: Client, image: Image, timeout_s: float) -> Image:
+    """Poll ``image`` until it is ready (and warm) or failed, drawing a progress bar."""
+    deadline = time.monotonic() + timeout_s
+    done, total = _bake_position(image)
+    with click.progressbar(
+        length=total, label=f"baking {image.name}", file=sys.stderr, show_pos=True
+    ) as bar:
+        shown = 0
+        while True:
+            done, total = _bake_position(image)
+            bar.length = total
+            if done > shown:
+                bar.update(done - shown)
+                shown = done
+            finished = image.status in ("failed", "deactivated") or (
+                image.status == "ready" and int(image.warm.get("queued", 0)) == 0
+            )
+            if finished or time.monotonic() > deadline:
+                return image
+            time.sleep(BAKE_POLL_S)
+            image = client.images.get(image.id)
 
 
 def main(args: Sequence[str] | None = None) -> int:
