@@ -111,6 +111,7 @@ NoSuitableWorker = _make("NoSuitableWorker", "NO_SUITABLE_WORKER", 503, Unavaila
 AgentUnavailable = _make("AgentUnavailable", "AGENT_UNAVAILABLE", 502, Unavailable)
 ImageNotFound = _make("ImageNotFound", "IMAGE_NOT_FOUND", 404, NotFound)
 ImageNotReady = _make("ImageNotReady", "IMAGE_NOT_READY", 409, Conflict)
+ImageScanBlocked = _make("ImageScanBlocked", "IMAGE_SCAN_BLOCKED", 403, PermissionDenied)
 AvailabilityGroupNotFound = _make(
     "AvailabilityGroupNotFound", "AVAILABILITY_GROUP_NOT_FOUND", 404, NotFound
 )
