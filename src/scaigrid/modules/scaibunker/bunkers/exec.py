@@ -330,6 +330,10 @@ class ExecEventStream:
                     yield sse_frame(name, event)
             result = await self._result()
             yield sse_frame("exit", result)
+        except errors.ScaiGridError as exc:
+            # SPEC §1.5: an API-level failure after the stream started.
+            log.warning("exec_stream_failed", exec_id=self.start.get("exec_id"), code=exc.code)
+            yield sse_frame("error", exc.to_dict()) + b"data: [DONE]\n\n"
         finally:
             for pump in pumps:
                 pump.cancel()
