@@ -98,3 +98,35 @@ async def test_no_audit_when_disabled_for_the_bunker(
     await connect(bunker.netns, WEB_IPS[1])
     await mgr.detach("bnk_audit2")
     assert not (root / "scaibunker" / "audit" / "bnk_audit2").exists()
+
+
+async def test_allowed_flows_of_unrestricted_bunkers_are_recorded(
+    audited: tuple[NetworkManager, Path], inet: Inet
+) -> None:
+    mgr, root = audited
+    assert mgr.audit is not None
+    inet.set_zone({"web.test": [WEB_IPS[2]]})
+    bunker = await mgr.attach(
+        "bnk_audit3", NetRequest("unrestricted", upstreams=(DNS_IP,), tenant_id="ten_b")
+    )
+    await resolve(bunker.netns, bunker.gateway, "web.test")
+    assert await connect(bunker.netns, WEB_IPS[2]) == "ok"
+    assert await connect(bunker.netns, WEB_IPS[0]) == "ok"
+    assert await connect(bunker.netns, METADATA_IP, timeout_s=0.5) == "TimeoutError"
+    await mgr.collect_audit()
+    await mgr.audit.flush_all()
+    first = _records(root, "bnk_audit3")
+    flows = {r["dst_ip"]: r for r in first if r["proto"] == "tcp" and r["verdict"] == "allow"}
+    assert set(flows) == {WEB_IPS[2], WEB_IPS[0]}
+    named = flows[WEB_IPS[2]]
+    assert named["dns_name"] == "web.test" and flows[WEB_IPS[0]]["dns_name"] is None
+    assert named["dst_port"] == HTTP_PORT and named["src_ip"] == bunker.address
+    assert named["bytes_in"] > 100 and named["packets_out"] >= 3 and named["ended_at"]
+    assert {(r["dst_ip"], r["verdict"]) for r in first if r["proto"] == "tcp"} >= {
+        (METADATA_IP, "deny")
+    }
+    # A finished flow is reported once, not again at the next collection.
+    await mgr.collect_audit()
+    await mgr.detach("bnk_audit3")
+    later = _records(root, "bnk_audit3")[len(first) :]
+    assert not [r for r in later if r["proto"] == "tcp"]

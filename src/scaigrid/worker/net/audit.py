@@ -98,11 +98,18 @@ def flow_record(
     dns_name: str | None = None,
     packets_out: int = 0,
     bytes_out: int = 0,
+    packets_in: int = 0,
+    bytes_in: int = 0,
     started_at: str | None = None,
     ended_at: str | None = None,
+    still_open: bool = False,
     **extra: Any,
 ) -> dict[str, Any]:
-    """One record with every SPEC §8.7 field (``extra`` adds fields such as ``dns_answers``)."""
+    """One record with every SPEC §8.7 field (``extra`` adds fields such as ``dns_answers``).
+
+    ``started_at``/``ended_at`` default to now; ``still_open`` writes ``ended_at: null`` (a
+    flow that has not ended yet).
+    """
     ts = now_iso()
     return {
         "ts": ts,
@@ -115,11 +122,11 @@ def flow_record(
         "dst_port": dst_port,
         "dns_name": dns_name,
         "bytes_out": bytes_out,
-        "bytes_in": 0,
+        "bytes_in": bytes_in,
         "packets_out": packets_out,
-        "packets_in": 0,
+        "packets_in": packets_in,
         "started_at": started_at or ts,
-        "ended_at": ended_at or ts,
+        "ended_at": None if still_open else (ended_at or ts),
         "verdict": verdict,
         **extra,
     }

@@ -29,8 +29,10 @@ import ipaddress
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -40,6 +42,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from scaigrid.worker.net import nft
 from scaigrid.worker.net.audit import EgressAudit, flow_record, now_iso
+from scaigrid.worker.net.flows import Flow, read_flows
 from scaigrid.worker.net.nsexec import NetnsExecutor
 from scaigrid.worker.net.policy import NamePolicy
 from scaigrid.worker.net.resolver import BunkerResolver, QueryRecord, parse_upstream
@@ -48,6 +51,8 @@ log = structlog.get_logger(__name__)
 
 NETNS_DIR: Final = Path("/run/netns")
 CLONE_NEWNET: Final = 0x40000000
+#: Seconds between records of a flow that stays open (SPEC §8.7).
+FLOW_REPORT_EVERY_S: Final = 60.0
 #: Profiles that get a namespace and egress from this manager.
 EGRESS_PROFILES: Final = frozenset({"registry", "allowlisted", "unrestricted", "transit"})
 #: Destinations no bunker reaches under any profile (SPEC §8.1), besides the pool itself and
@@ -101,6 +106,15 @@ class NetRequest:
 
 
 @dataclass
+class _Tracked:
+    """A conntrack flow being audited: its last reading and what was already reported."""
+
+    last: Flow
+    reported: tuple[int, int, int, int] = (0, 0, 0, 0)
+    reported_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass
 class Attachment:
     """One bunker's network.
 
@@ -122,7 +136,11 @@ class Attachment:
     resolver: BunkerResolver | None = None
     tenant_id: str | None = None
     audit: bool = False
+    open_egress: bool = False
     collected_at: str = field(default_factory=now_iso)
+    names: dict[str, str] = field(default_factory=dict)
+    flows: dict[int, _Tracked] = field(default_factory=dict)
+    done: set[int] = field(default_factory=set)
 
     @property
     def netns_path(self) -> str:
@@ -273,7 +291,7 @@ class NetworkManager:
             deny = [*ALWAYS_DENIED, str(self.pool), *self.deny, *await self._worker_addresses()]
             await self._exec.run(self._nft.run, nft.base_ruleset(deny))
             if self.audit is not None:
-                self.audit.start(self.collect_denied)
+                self.audit.start(self.collect_audit)
         except (OSError, NetlinkError, nft.NftError) as exc:
             await self.close()
             raise NetworkError(f"router namespace {self.router}: {exc}") from exc
@@ -302,6 +320,10 @@ class NetworkManager:
         run_in_netns(self.router, lambda: _write_sysctl("net.ipv4.ip_forward", "1"))
         run_in_netns(self.router, lambda: _write_sysctl("net.ipv6.conf.all.disable_ipv6", "1"))
         run_in_netns(self.router, lambda: _write_sysctl("net.ipv4.conf.all.rp_filter", "1"))
+        run_in_netns(self.router, lambda: _write_sysctl("net.netfilter.nf_conntrack_acct", "1"))
+        run_in_netns(
+            self.router, lambda: _write_sysctl("net.netfilter.nf_conntrack_timestamp", "1")
+        )
         outer, inner = self._block(0)
 
         def outside(ipr: IPRoute) -> None:
@@ -378,6 +400,7 @@ class NetworkManager:
                 f"v{slot}",
                 tenant_id=request.tenant_id,
                 audit=request.audit and self.audit is not None,
+                open_egress=request.profile in ("unrestricted", "transit"),
             )
             self._attached[bunker_id] = attachment
         try:
@@ -474,6 +497,8 @@ class NetworkManager:
             )
             if self._on_query is not None:
                 self._on_query(a.bunker_id, record)
+            for address in record.addresses:
+                a.names[address] = record.name
             if a.audit and self.audit is not None:
                 self.audit.add(
                     flow_record(
@@ -521,6 +546,8 @@ class NetworkManager:
         if attachment.audit and self.audit is not None:
             with contextlib.suppress(nft.NftError):
                 await self._collect(attachment)
+            with contextlib.suppress(OSError, NetlinkError):
+                await self._collect_flows([attachment], final=True)
             await self.audit.flush(bunker_id)
         try:
             if self._exec is not None and self._nft is not None:
@@ -547,6 +574,83 @@ class NetworkManager:
                 ipr.link("del", index=found[0])
 
         return delete
+
+    async def collect_audit(self) -> None:
+        """Turn denied-flow counters and conntrack flows into audit records (each flush)."""
+        await self.collect_denied()
+        try:
+            await self._collect_flows(
+                [a for a in self._attached.values() if a.audit and a.open_egress]
+            )
+        except (OSError, NetlinkError) as exc:
+            log.warning("egress_flow_collect_failed", error=str(exc))
+
+    async def _collect_flows(self, attachments: list[Attachment], *, final: bool = False) -> None:
+        """Records for the allowed flows of ``attachments`` (``unrestricted``/``transit``):
+        once when a flow ends (or leaves the table), every :data:`FLOW_REPORT_EVERY_S` while
+        it stays open; ``final`` ends every flow (the bunker is going away)."""
+        if self._exec is None or not attachments:
+            return
+        by_address = {a.address: a for a in attachments if a.open_egress}
+        if not by_address:
+            return
+        current: dict[str, dict[int, Flow]] = {address: {} for address in by_address}
+        for flow in await self._exec.run(read_flows):
+            owner = by_address.get(flow.src_ip)
+            if owner is not None and flow.dst_ip != owner.gateway:
+                current[flow.src_ip][flow.ct_id] = flow
+        now = time.monotonic()
+        for address, a in by_address.items():
+            seen = current[address]
+            a.done &= set(seen)
+            for ct_id, flow in seen.items():
+                if ct_id in a.done:
+                    continue
+                tracked = a.flows.setdefault(ct_id, _Tracked(flow))
+                tracked.last = flow
+                if flow.ended or final:
+                    self._report_flow(a, tracked, still_open=False)
+                    a.flows.pop(ct_id, None)
+                    a.done.add(ct_id)
+                elif now - tracked.reported_at >= FLOW_REPORT_EVERY_S:
+                    self._report_flow(a, tracked, still_open=True)
+            for ct_id in [c for c in a.flows if c not in seen]:
+                self._report_flow(a, a.flows.pop(ct_id), still_open=False)
+
+    def _report_flow(self, a: Attachment, tracked: _Tracked, *, still_open: bool) -> None:
+        if self.audit is None:
+            return
+        flow = tracked.last
+        counters = (flow.packets_out, flow.bytes_out, flow.packets_in, flow.bytes_in)
+        delta = [
+            max(0, now - before) for now, before in zip(counters, tracked.reported, strict=True)
+        ]
+        started = (
+            datetime.fromtimestamp(flow.started_ns / 1e9, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+            if flow.started_ns
+            else None
+        )
+        self.audit.add(
+            flow_record(
+                bunker_id=a.bunker_id,
+                tenant_id=a.tenant_id,
+                proto=flow.proto,
+                src_ip=flow.src_ip,
+                src_port=flow.src_port,
+                dst_ip=flow.dst_ip,
+                dst_port=flow.dst_port,
+                dns_name=a.names.get(flow.dst_ip),
+                verdict="allow",
+                packets_out=delta[0],
+                bytes_out=delta[1],
+                packets_in=delta[2],
+                bytes_in=delta[3],
+                started_at=started,
+                still_open=still_open,
+            )
+        )
+        tracked.reported = counters
+        tracked.reported_at = time.monotonic()
 
     async def collect_denied(self) -> None:
         """Turn the denied-flow counters of every audited bunker into audit records."""
