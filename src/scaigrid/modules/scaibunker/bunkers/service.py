@@ -21,7 +21,7 @@ from scaigrid.modules.scaibunker.config import (
     DEFAULT_MEMORY_MB,
 )
 from scaigrid.modules.scaibunker.images.models import Image
-from scaigrid.modules.scaibunker.images.service import resolve_image
+from scaigrid.modules.scaibunker.images.service import check_scan_gate, resolve_image
 from scaigrid.modules.scaibunker.network import admission
 from scaigrid.modules.scaibunker.network.config import network_config
 from scaigrid.modules.scaibunker.quotas import service as quotas
@@ -312,6 +312,7 @@ async def create_bunker(
             f"image {image.name} is {image.status}",
             details={"status": image.status, "reason": image.status_reason},
         )
+    await check_scan_gate(session, principal, image)
     if request.gpu_count:
         raise errors.WorkerUnavailable("no worker offers GPUs")
     admission.check_profile(principal, request.network_profile, request.interfaces)

@@ -35,6 +35,7 @@ from scaigrid.modules.scaibunker.state import ModuleState
 from scaigrid.modules.scaibunker.workers.models import Worker
 from scaigrid.platform.auth import Principal
 from scaigrid.platform.db import utcnow
+from scaigrid.platform.modules import service as module_scopes
 from scaigrid.protocol.link import TaskKind
 
 log = structlog.get_logger(__name__)
@@ -503,6 +504,39 @@ async def store_scan(state: ModuleState, image_id: str, result: dict[str, Any]) 
                 )
         await session.commit()
     log.info("image_scan_stored", image_id=image_id, status=status, **counts)
+
+
+async def check_scan_gate(session: AsyncSession, principal: Principal, image: Image) -> None:
+    """Refuse a bunker from ``image`` when ``block_on_critical`` is on (SPEC §7.7).
+
+    The setting is the tenant's module config, else its partner's, else off. The latest
+    ``done`` scan's findings are the ones stored (a failed rescan keeps them), so the image
+    is blocked when any stored finding is critical; an image never scanned is not blocked.
+
+    Raises:
+        errors.ImageScanBlocked: blocking is on and the image has critical findings.
+    """
+    tenant = await module_scopes.scope_config(
+        session, "scaibunker", module_scopes.TENANT, principal.tenant_id
+    )
+    partner = await module_scopes.scope_config(
+        session, "scaibunker", module_scopes.PARTNER, principal.partner_id
+    )
+    block = tenant.get("block_on_critical", partner.get("block_on_critical", False))
+    if not block:
+        return
+    critical = (
+        await session.scalars(
+            select(ImageFinding.seq).where(
+                ImageFinding.image_id == image.id, ImageFinding.severity == "critical"
+            )
+        )
+    ).first()
+    if critical is not None:
+        raise errors.ImageScanBlocked(
+            f"image {image.name} has critical vulnerabilities and block_on_critical is on",
+            details={"image_id": image.id, "scan": image.scan},
+        )
 
 
 def _text(value: Any, limit: int) -> str | None:
