@@ -58,9 +58,9 @@ def vm_host_ready() -> None:
         pytest.skip(reason)
 
 
-@pytest.fixture(scope="session")
-def busybox_tree(vm_host_ready: None) -> Iterator[Path]:
-    top = Path(tempfile.mkdtemp(prefix="sbvm-tree-", dir="/var/tmp"))
+def build_busybox_tree(top: Path) -> Path:
+    """A static busybox root at ``top/rootfs`` (users root and user, a root-only file),
+    id-shifted by :data:`DEFAULT_ID_BASE` like the worker's image cache."""
     root = top / "rootfs"
     (root / "bin").mkdir(parents=True)
     for sub in ("etc", "tmp", "proc", "sys", "dev", "home", "root"):
@@ -82,7 +82,13 @@ def busybox_tree(vm_host_ready: None) -> Iterator[Path]:
     (root / "etc" / "owned-by-root").write_text("root only\n")
     (root / "etc" / "owned-by-root").chmod(0o600)
     shift_tree(root, DEFAULT_ID_BASE)
-    yield root
+    return root
+
+
+@pytest.fixture(scope="session")
+def busybox_tree(vm_host_ready: None) -> Iterator[Path]:
+    top = Path(tempfile.mkdtemp(prefix="sbvm-tree-", dir="/var/tmp"))
+    yield build_busybox_tree(top)
     shutil.rmtree(top, ignore_errors=True)
 
 

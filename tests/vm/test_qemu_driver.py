@@ -62,7 +62,7 @@ async def test_exec_sees_env_hostname_and_unshifted_owners(vm: Vm) -> None:
 async def test_files_land_on_the_overlay_and_the_base_disk_is_untouched(
     vm: Vm, qemu_driver: QemuDriver
 ) -> None:
-    base = qemu_driver._base_disk_path(vm.spec.rootfs)
+    base = qemu_driver.base_disk_path(vm.spec.rootfs)
     before = _sha256(base)
     blob = os.urandom(300_000)
     response = await vm.client.request("PUT", "/v1/files", {"path": "blob.bin"}, blob, timeout_s=60)

@@ -1,5 +1,5 @@
 """Entry point of the guest agent: ``python -m scaigrid.agent --listen PATH`` (containers)
-or ``python -m scaigrid.agent --serial NAME`` (microVMs).
+or ``--serial NAME`` (QEMU microVMs) or ``--vsock PORT`` (Firecracker microVMs).
 
 Runs as PID 1 of the bunker. Listens on a unix socket (mode 0600) in a directory the
 worker bind-mounts from the host, and serves the protocol of
@@ -45,7 +45,8 @@ _log = logging.getLogger("scaigrid.agent")
 _PEERCRED = struct.Struct("3i")
 
 
-_USAGE = """usage: python -m scaigrid.agent (--listen PATH | --serial NAME) [--trust-any-peer]
+_USAGE = """usage: python -m scaigrid.agent (--listen PATH | --serial NAME | --vsock PORT)
+       [--trust-any-peer]
        [--ring-buffer-bytes N] [--retained-output-bytes N] [--shutdown-grace-s S]
        [--log-level LEVEL]"""
 
@@ -55,7 +56,8 @@ class Options:
 
     Attributes:
         listen: unix socket path to listen on (this or ``serial`` is required).
-        serial: name of the virtio-serial port to serve on (microVMs).
+        serial: name of the virtio-serial port to serve on (QEMU microVMs).
+        vsock: vsock port to listen on (Firecracker microVMs), 0 = unused.
         trust_any_peer: accept peers inside the bunker's pid namespace (tests only).
         ring_buffer_bytes: default capacity of each exec output buffer (1 MiB).
         retained_output_bytes: output budget of finished processes (64 MiB).
@@ -66,6 +68,7 @@ class Options:
     def __init__(self) -> None:
         self.listen = ""
         self.serial = ""
+        self.vsock = 0
         self.trust_any_peer = False
         self.ring_buffer_bytes = 1 << 20
         self.retained_output_bytes = 64 << 20
@@ -83,6 +86,7 @@ def parse_args(argv: list[str]) -> Options:
     converters: dict[str, tuple[str, Callable[[str], object]]] = {
         "--listen": ("listen", str),
         "--serial": ("serial", str),
+        "--vsock": ("vsock", int),
         "--ring-buffer-bytes": ("ring_buffer_bytes", int),
         "--retained-output-bytes": ("retained_output_bytes", int),
         "--shutdown-grace-s": ("shutdown_grace_s", float),
@@ -104,8 +108,8 @@ def parse_args(argv: list[str]) -> Options:
                 _usage(f"{name}: {exc}")
         else:
             _usage(f"unknown argument {arg!r}")
-    if bool(options.listen) == bool(options.serial):
-        _usage("exactly one of --listen and --serial is required")
+    if [bool(options.listen), bool(options.serial), bool(options.vsock)].count(True) != 1:
+        _usage("exactly one of --listen, --serial and --vsock is required")
     return options
 
 
@@ -126,6 +130,16 @@ def listen_socket(path: str) -> socket.socket:
     finally:
         os.umask(old_umask)
     os.chmod(path, 0o600)
+    sock.listen(16)
+    sock.setblocking(False)
+    return sock
+
+
+def listen_vsock(port: int) -> socket.socket:
+    """A listening ``AF_VSOCK`` stream socket on ``port`` for any CID (only the host can
+    connect to a guest's vsock ports; Firecracker forwards ``CONNECT <port>`` there)."""
+    sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    sock.bind((socket.VMADDR_CID_ANY, port))
     sock.listen(16)
     sock.setblocking(False)
     return sock
@@ -183,7 +197,15 @@ async def run(options: Options) -> int:
                 connections.discard(task)
             _log.info("agent.peer_disconnected peer_pid=%s", pid)
 
-    if options.serial:
+    if options.vsock:
+        vsock_server = await asyncio.start_server(
+            router.serve, sock=listen_vsock(options.vsock), limit=1 << 20
+        )
+        _log.info("agent.ready vsock=%d pid=%d", options.vsock, os.getpid())
+        await stopping.wait()
+        _log.info("agent.stopping")
+        vsock_server.close()
+    elif options.serial:
         serial = loop.create_task(serve_serial(options.serial, router.serve))
         _log.info("agent.ready serial=%s pid=%d", options.serial, os.getpid())
         await stopping.wait()

@@ -32,12 +32,9 @@ left by an earlier worker process (its command line must name the directory).
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
-import hashlib
 import math
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -58,11 +55,13 @@ from scaigrid.worker.vm.artifacts import (
     ensure_vm_artifacts,
     host_tsc_khz,
 )
+from scaigrid.worker.vm.console import Console, clean
 from scaigrid.worker.vm.disks import (
     DiskError,
-    bake_ext4,
+    base_disk_path,
     boot_script,
-    make_scratch_disk,
+    guest_agent_argv,
+    prepare_guest_disks,
     remove_tree,
 )
 
@@ -70,8 +69,6 @@ log = structlog.get_logger(__name__)
 
 QEMU_BINARY = "qemu-system-x86_64"
 AGENT_PORT_NAME = "agent"
-#: Console line (from the agent's log) that ends the boot wait.
-READY_MARKER = b"agent.ready"
 #: Seconds from QEMU start to ``agent.ready`` before the boot counts as failed.
 BOOT_TIMEOUT_S = 90.0
 #: Seconds the KVM probe may take before KVM counts as unusable.
@@ -81,13 +78,8 @@ QMP_TIMEOUT_S = 10.0
 HANDSHAKE_TIMEOUT_S = 10.0
 #: Seconds ``quit`` may take before QEMU is killed.
 QUIT_TIMEOUT_S = 3.0
-#: Lines of console kept per bunker (the tail reported on a failed boot).
-CONSOLE_TAIL_LINES = 40
-CONSOLE_LINE_MAX = 512
 #: Guest RAM floor in MiB: the kernel plus the Python agent need this much to boot.
 MIN_MEMORY_MB = 192
-_KEY_MARKERS = ("Kernel panic", "scaibunker-init:", "Traceback", "Error")
-_CONTROL = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -208,13 +200,9 @@ def probe_accel(artifacts: VmArtifacts, binary: str = QEMU_BINARY) -> str:
         log.info("qemu.kvm_unusable", reason="the probe guest did not power off in time")
         return "tcg"
     if result.returncode != 0:
-        log.info("qemu.kvm_unusable", reason=_clean(result.stdout + result.stderr)[-300:])
+        log.info("qemu.kvm_unusable", reason=clean(result.stdout + result.stderr)[-300:])
         return "tcg"
     return "kvm"
-
-
-def _clean(raw: bytes) -> str:
-    return _CONTROL.sub(b"", raw).decode("utf-8", errors="replace")
 
 
 class QemuHandle:
@@ -224,11 +212,7 @@ class QemuHandle:
         self.bunker_id = bunker_id
         self.state_dir = state_dir
         self.process = process
-        self.console: collections.deque[str] = collections.deque(maxlen=CONSOLE_TAIL_LINES)
-        #: Console lines that explain a failed boot (panics, init errors), kept even when
-        #: a long stack trace pushes them out of the tail.
-        self.key_lines: collections.deque[str] = collections.deque(maxlen=4)
-        self.ready = asyncio.Event()
+        self.console = Console()
         self.qmp: QMPClient | None = None
         self._reader: asyncio.Task[None] | None = None
 
@@ -244,34 +228,10 @@ class QemuHandle:
 
     def start_console(self) -> None:
         """Start reading the console into the tail (and watching for the ready line)."""
-        self._reader = asyncio.get_running_loop().create_task(self._read_console())
-
-    async def _read_console(self) -> None:
-        stream = self.process.stdout
-        if stream is None:
-            return
-        while True:
-            try:
-                line = await stream.readuntil(b"\n")
-            except asyncio.IncompleteReadError as exc:
-                line = exc.partial
-                if not line:
-                    return
-            except asyncio.LimitOverrunError as exc:
-                line = await stream.readexactly(exc.consumed)
-            if READY_MARKER in line and not self.ready.is_set():
-                self.ready.set()
-            text = _clean(line[:CONSOLE_LINE_MAX]).rstrip()
-            if any(marker in text for marker in _KEY_MARKERS):
-                self.key_lines.append(text)
-            self.console.append(text)
-
-    def console_tail(self, lines: int = 8) -> str:
-        """Key console lines (panics, init errors) then the last ``lines`` lines, joined
-        by `` | ``."""
-        tail = list(self.console)[-lines:]
-        key = [line for line in self.key_lines if line not in tail]
-        return " | ".join([*key, *(["..."] if key else []), *tail])
+        if self.process.stdout is not None:
+            self._reader = asyncio.get_running_loop().create_task(
+                self.console.read(self.process.stdout)
+            )
 
     async def open_agent_stream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """Connect to the agent's port socket and resynchronise the stream
@@ -401,15 +361,20 @@ class QemuDriver:
     async def _prepare(self, spec: BunkerSpec, state_dir: Path) -> MachineConfig:
         assert spec.agent_runtime is not None
         try:
-            base = await bake_ext4(
-                spec.rootfs, self._base_disk_path(spec.rootfs), id_base=self.id_base
+            boot = boot_script(
+                guest_agent_argv(spec.init_argv, ("--serial", AGENT_PORT_NAME)),
+                spec.env,
+                spec.hostname,
             )
-            runtime = await bake_ext4(
-                spec.agent_runtime, self.cache_dir / f"{spec.agent_runtime.name}.ext4"
+            disks = await prepare_guest_disks(
+                rootfs=spec.rootfs,
+                agent_runtime=spec.agent_runtime,
+                cache_dir=self.cache_dir,
+                state_dir=state_dir,
+                id_base=self.id_base,
+                disk_mb=spec.resources.disk_mb,
+                boot_sh=boot,
             )
-            scratch = state_dir / "scratch.ext4"
-            boot = boot_script(agent_argv(spec.init_argv), spec.env, spec.hostname)
-            await make_scratch_disk(scratch, max(64, spec.resources.disk_mb), boot)
         except DiskError as exc:
             raise DriverError(str(exc)) from exc
         return MachineConfig(
@@ -421,19 +386,16 @@ class QemuDriver:
             cmdline=kernel_cmdline(self.tsc_khz),
             qmp_socket=state_dir / "qmp.sock",
             drives=(
-                Drive("base", base, readonly=True),
-                Drive("scratch", scratch),
-                Drive("runtime", runtime, readonly=True),
+                Drive("base", disks.base, readonly=True),
+                Drive("scratch", disks.scratch),
+                Drive("runtime", disks.runtime, readonly=True),
             ),
             ports=(SerialPort(AGENT_PORT_NAME, state_dir / "agent.sock"),),
         )
 
-    def _base_disk_path(self, rootfs: Path) -> Path:
-        st = rootfs.stat()
-        key = hashlib.sha256(
-            f"{rootfs.resolve()}\0{st.st_ino}\0{st.st_mtime_ns}\0{self.id_base}".encode()
-        ).hexdigest()[:24]
-        return self.cache_dir / "base" / f"{key}.ext4"
+    def base_disk_path(self, rootfs: Path) -> Path:
+        """Where the base ext4 of the image tree ``rootfs`` is cached."""
+        return base_disk_path(self.cache_dir, rootfs, self.id_base)
 
     async def _launch(self, bunker_id: str, state_dir: Path, machine: MachineConfig) -> QemuHandle:
         started = time.monotonic()
@@ -452,7 +414,7 @@ class QemuDriver:
         handle = QemuHandle(bunker_id, state_dir, process)
         self._handles[bunker_id] = handle
         handle.start_console()
-        ready = asyncio.ensure_future(handle.ready.wait())
+        ready = asyncio.ensure_future(handle.console.ready.wait())
         exited = asyncio.ensure_future(process.wait())
         try:
             await asyncio.wait(
@@ -461,13 +423,13 @@ class QemuDriver:
         finally:
             ready.cancel()
             exited.cancel()
-        if not handle.ready.is_set():
+        if not handle.console.ready.is_set():
             if process.returncode is None:
                 reason = f"the guest agent was not ready within {self.boot_timeout_s:.0f} s"
             else:
                 await handle.wait_exit()
                 reason = f"the VM exited during boot (status {process.returncode})"
-            raise DriverError(f"{reason}; console: {handle.console_tail()}")
+            raise DriverError(f"{reason}; console: {handle.console.tail()}")
         log.info(
             "qemu.booted",
             bunker_id=bunker_id,
@@ -543,24 +505,6 @@ class QemuDriver:
             for entry in self._bunkers_dir.iterdir()
             if is_id(entry.name, "bnk") and entry.name not in self._handles
         )
-
-
-def agent_argv(init_argv: tuple[str, ...]) -> list[str]:
-    """The container agent argv with ``--listen PATH`` replaced by ``--serial agent``.
-
-    Raises:
-        DriverError: ``init_argv`` is empty.
-    """
-    if not init_argv:
-        raise DriverError("the qemu driver needs the agent's argv")
-    argv: list[str] = []
-    args = iter(init_argv)
-    for arg in args:
-        if arg == "--listen":
-            next(args, None)
-        elif not arg.startswith("--listen="):
-            argv.append(arg)
-    return [*argv, "--serial", AGENT_PORT_NAME]
 
 
 def _kill_leftover(state_dir: Path) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import hashlib
 import os
 import shlex
 import shutil
@@ -29,6 +30,7 @@ import signal
 import subprocess
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
@@ -103,7 +105,7 @@ async def _mkfs(tree: Path, output: Path, size_mib: int, *, id_base: int | None)
             "sh",
             "-c",
             'exec 3<>"$2" && cd "$1" && exec nsenter --user --target="$3" -- '
-            'mkfs.ext4 -F -q -E lazy_itable_init=0 -d . /proc/self/fd/3',
+            "mkfs.ext4 -F -q -E lazy_itable_init=0 -d . /proc/self/fd/3",
             "sh",
             str(tree),
             str(output),
@@ -238,3 +240,65 @@ def _write_boot(top: Path, boot_sh: str) -> None:
 def remove_tree(path: Path) -> None:
     """Remove ``path`` and everything below it, if present."""
     shutil.rmtree(path, ignore_errors=True)
+
+
+def guest_agent_argv(init_argv: Sequence[str], transport: Sequence[str]) -> list[str]:
+    """The container agent argv with ``--listen PATH`` replaced by ``transport`` (e.g.
+    ``("--serial", "agent")`` or ``("--vsock", "1024")``).
+
+    Raises:
+        DiskError: ``init_argv`` is empty.
+    """
+    if not init_argv:
+        raise DiskError("a microVM needs the agent's argv")
+    argv: list[str] = []
+    args = iter(init_argv)
+    for arg in args:
+        if arg == "--listen":
+            next(args, None)
+        elif not arg.startswith("--listen="):
+            argv.append(arg)
+    return [*argv, *transport]
+
+
+def base_disk_path(cache_dir: Path, rootfs: Path, id_base: int) -> Path:
+    """Cache path of the base ext4 of the image tree ``rootfs`` (keyed by its path, inode
+    and mtime, so a rebuilt image gets a new disk)."""
+    st = rootfs.stat()
+    key = hashlib.sha256(
+        f"{rootfs.resolve()}\0{st.st_ino}\0{st.st_mtime_ns}\0{id_base}".encode()
+    ).hexdigest()[:24]
+    return cache_dir / "base" / f"{key}.ext4"
+
+
+@dataclass(frozen=True)
+class GuestDisks:
+    """The three disks of a microVM, in ``/dev/vda``, ``vdb``, ``vdc`` order."""
+
+    base: Path
+    scratch: Path
+    runtime: Path
+
+
+async def prepare_guest_disks(
+    *,
+    rootfs: Path,
+    agent_runtime: Path,
+    cache_dir: Path,
+    state_dir: Path,
+    id_base: int,
+    disk_mb: int,
+    boot_sh: str,
+) -> GuestDisks:
+    """Bake (or reuse) the base and runtime disks and create the scratch disk.
+
+    Raises:
+        DiskError: a bake or the scratch disk failed.
+    """
+    base = await bake_ext4(
+        rootfs, await asyncio.to_thread(base_disk_path, cache_dir, rootfs, id_base), id_base=id_base
+    )
+    runtime = await bake_ext4(agent_runtime, cache_dir / f"{agent_runtime.name}.ext4")
+    scratch = state_dir / "scratch.ext4"
+    await make_scratch_disk(scratch, max(64, disk_mb), boot_sh)
+    return GuestDisks(base=base, scratch=scratch, runtime=runtime)
