@@ -38,12 +38,13 @@ import structlog
 from scaigrid.worker.bunkers import AgentLaunch, BunkerSupervisor
 from scaigrid.worker.drivers.base import Driver, DriverError
 from scaigrid.worker.drivers.container import ContainerDriver
+from scaigrid.worker.drivers.firecracker import FirecrackerDriver
 from scaigrid.worker.drivers.qemu import QemuDriver
 from scaigrid.worker.images import ImageStore
 from scaigrid.worker.link import LinkAuthRejected, LinkClient, LinkConfigError
 from scaigrid.worker.link.handlers import build_handlers
 from scaigrid.worker.net.audit import EgressAudit, LocalDirSink
-from scaigrid.worker.net.manager import NetworkManager, default_pool, worker_tag
+from scaigrid.worker.net.manager import NetworkManager, worker_tag
 from scaigrid.worker.rootfs import ImageCache
 from scaigrid.worker.rootfs.agent_runtime import (
     AgentRuntimeError,
@@ -137,10 +138,19 @@ def _qemu_driver(settings: WorkerSettings) -> Driver:
     )
 
 
+def _firecracker_driver(settings: WorkerSettings) -> Driver:
+    if (settings.vm_kernel is None) != (settings.vm_initramfs is None):
+        raise DriverError("set both vm_kernel and vm_initramfs, or neither")
+    return FirecrackerDriver(
+        settings.data_dir, kernel=settings.vm_kernel, initramfs=settings.vm_initramfs
+    )
+
+
 #: Driver factories by name, in default preference order.
 DRIVER_FACTORIES: Final[dict[str, Callable[[WorkerSettings], Driver]]] = {
     "container": _container_driver,
     "qemu": _qemu_driver,
+    "firecracker": _firecracker_driver,
 }
 #: Drivers used when ``drivers`` is unset. MicroVM drivers are opt-in: the scheduler prefers
 #: ``microvm``, so an automatic TCG driver (seconds per boot) would take every bunker.
@@ -277,7 +287,7 @@ def make_network(settings: WorkerSettings) -> NetworkManager | None:
     audit_dir = settings.audit_dir or settings.data_dir / "audit"
     return NetworkManager(
         tag=tag,
-        pool=settings.net_pool or default_pool(tag),
+        pool=settings.net_pool,
         uplink_netns=settings.net_uplink_netns,
         deny=[str(cidr) for cidr in settings.net_deny],
         audit=EgressAudit(LocalDirSink(audit_dir)),
