@@ -192,3 +192,25 @@ async def test_bandwidth_caps_bunker_egress(manager: NetworkManager) -> None:
     fast = await asyncio.to_thread(run_in_netns, free.netns, lambda: _upload_seconds(nbytes))
     assert slow > 1.5, slow
     assert fast < slow / 4, (fast, slow)
+
+
+async def test_two_workers_on_one_uplink_get_distinct_pools(inet: Inet) -> None:
+    tag_a = secrets.token_hex(6)
+    tag_b = f"{(int(tag_a, 16) + 1024) % (1 << 48):012x}"
+    assert default_pool(tag_a) == default_pool(tag_b)
+    first = NetworkManager(tag=tag_a, uplink_netns=inet.name)
+    second = NetworkManager(tag=tag_b, uplink_netns=inet.name)
+    await first.start()
+    try:
+        await second.start()
+        try:
+            assert first.pool != second.pool
+            a = await first.attach(_bid(), NetRequest("unrestricted", upstreams=UPSTREAM))
+            b = await second.attach(_bid(), NetRequest("unrestricted", upstreams=UPSTREAM))
+            assert await connect(a.netns, WEB_IPS[0]) == "ok"
+            assert await connect(b.netns, WEB_IPS[0]) == "ok"
+        finally:
+            await second.close()
+    finally:
+        await first.close()
+    assert first.leftovers() == [] and second.leftovers() == []

@@ -225,7 +225,9 @@ class NetworkManager:
 
     Args:
         tag: worker tag (:func:`worker_tag`); prefixes every namespace name.
-        pool: IPv4 network of /30 blocks (at least a /29).
+        pool: IPv4 network of /30 blocks (at least a /29); ``None`` picks a /20 of
+            ``100.64.0.0/10`` at start: :func:`default_pool`, or the next one holding no
+            address of the uplink namespace (so workers on one host do not collide).
         uplink_netns: namespace the router's uplink leads to; ``None`` for the root namespace.
         deny: extra CIDRs no bunker may reach (control plane, storage, databases).
         on_query: ``(bunker_id, record)`` for every DNS query a bunker makes.
@@ -236,16 +238,17 @@ class NetworkManager:
         self,
         *,
         tag: str,
-        pool: ipaddress.IPv4Network,
+        pool: ipaddress.IPv4Network | None = None,
         uplink_netns: str | None = None,
         deny: Sequence[str] = (),
         on_query: QuerySink | None = None,
         audit: EgressAudit | None = None,
     ) -> None:
-        if pool.prefixlen > 29:
+        if pool is not None and pool.prefixlen > 29:
             raise ValueError("the address pool must be at least a /29")
         self.tag = tag
-        self.pool = pool
+        self._fixed_pool = pool is not None
+        self.pool = pool if pool is not None else default_pool(tag)
         self.uplink_netns = uplink_netns
         self.deny = tuple(deny)
         self.router = f"sb{tag}-rtr"
@@ -285,6 +288,8 @@ class NetworkManager:
         """
         removed = await asyncio.to_thread(self._reconcile)
         try:
+            if not self._fixed_pool:
+                self.pool = await asyncio.to_thread(self._choose_pool)
             await asyncio.to_thread(self._build_router)
             self._exec = NetnsExecutor(self.router)
             self._nft = await self._exec.run(nft.Nft)
@@ -306,6 +311,26 @@ class NetworkManager:
         for name in removed:
             log.info("net_leftover_removed", netns=name)
         return removed
+
+    def _choose_pool(self) -> ipaddress.IPv4Network:
+        """The first /20 from :func:`default_pool` on that no uplink-side address falls in."""
+
+        def taken(ipr: IPRoute) -> list[ipaddress.IPv4Address]:
+            return [
+                ipaddress.IPv4Address(a.get("IFA_ADDRESS"))
+                for a in ipr.get_addr(family=socket.AF_INET)
+                if a.get("IFA_ADDRESS")
+            ]
+
+        used = ipr_in(self.uplink_netns, taken)
+        first = default_pool(self.tag)
+        start = (int(first.network_address) - int(_CGNAT.network_address)) // 4096
+        for step in range(1024):
+            index = (start + step) % 1024
+            pool = ipaddress.IPv4Network((int(_CGNAT.network_address) + index * 4096, 20))
+            if not any(address in pool for address in used):
+                return pool
+        raise NetworkError("every /20 of 100.64.0.0/10 is in use on the uplink")
 
     def _delete_uplink_peer(self) -> None:
         def delete(ipr: IPRoute) -> None:
