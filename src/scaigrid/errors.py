@@ -133,6 +133,10 @@ TransitMissingInterfaces = _make(
 )
 ResourceInUse = _make("ResourceInUse", "RESOURCE_IN_USE", 409, Conflict)
 ObjectNotFound = _make("ObjectNotFound", "OBJECT_NOT_FOUND", 404, NotFound)
+#: The object store behind the storage proxy cannot be reached (retry later; issue #8).
+ObjectStoreUnavailable = _make(
+    "ObjectStoreUnavailable", "OBJECT_STORE_UNAVAILABLE", 503, Unavailable
+)
 
 _BY_CODE: dict[str, type[ScaiGridError]] = {}
 for _cls in list(globals().values()):
