@@ -105,9 +105,10 @@ class Proxy:
         return f"{self.url}/v1/modules/scaibunker/storage/objects"
 
 
-def start_proxy(env_extra: dict[str, str], data_dir: Path) -> Proxy:
-    """Start ``scaigrid serve`` with ``SCAIGRID_MODE=bunker_proxy`` (no database, no Redis)."""
-    port = free_port()
+def start_proxy(env_extra: dict[str, str], data_dir: Path, port: int | None = None) -> Proxy:
+    """Start ``scaigrid serve`` with ``SCAIGRID_MODE=bunker_proxy`` (no database, no Redis) on
+    ``port`` (default: a free one)."""
+    port = port or free_port()
     env = {
         **os.environ,
         "SCAIGRID_MODE": "bunker_proxy",

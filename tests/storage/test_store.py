@@ -9,12 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from scaigrid.errors import ObjectNotFound, RangeNotSatisfiable, ValidationFailed
+from scaigrid.errors import (
+    ObjectNotFound,
+    ObjectStoreUnavailable,
+    RangeNotSatisfiable,
+    ValidationFailed,
+)
 from scaigrid.modules.scaibunker.storage.settings import StorageSettings
 from scaigrid.modules.scaibunker.storage.store import (
     LocalObjectStore,
     ObjectStore,
-    ObjectStoreUnavailable,
     S3ObjectStore,
     build_store,
 )

@@ -9,6 +9,7 @@ from scaigrid.modules.scaibunker.quotas.models import (
     QuotaContribution,
     QuotaProfile,
 )
+from scaigrid.modules.scaibunker.snapshots.models import Snapshot
 from scaigrid.modules.scaibunker.workers.models import Worker, WorkerJoinToken
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "QuotaBucketLock",
     "QuotaContribution",
     "QuotaProfile",
+    "Snapshot",
     "UsageRecord",
     "Worker",
     "WorkerJoinToken",

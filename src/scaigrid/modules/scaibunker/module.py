@@ -16,6 +16,7 @@ from scaigrid.modules.scaibunker.images.service import rescan_loop, seed_builtin
 from scaigrid.modules.scaibunker.module_config import ScaiBunkerConfig
 from scaigrid.modules.scaibunker.network.router import router as network_router
 from scaigrid.modules.scaibunker.quotas.router import router as quotas_router
+from scaigrid.modules.scaibunker.snapshots.router import router as snapshots_router
 from scaigrid.modules.scaibunker.state import ModuleState
 from scaigrid.modules.scaibunker.storage.router import router as storage_router
 from scaigrid.modules.scaibunker.storage.service import StorageService, open_storage
@@ -44,6 +45,7 @@ class ScaiBunkerModule:
             network_router,
             quotas_router,
             storage_router,
+            snapshots_router,
         ):
             self.router.include_router(sub)
         self.proxy_router.include_router(storage_router)
@@ -58,6 +60,8 @@ class ScaiBunkerModule:
         if settings.mode == "bunker_proxy":
             return
         state = ModuleState(app.state.db, settings)
+        state.storage = app.state.scaibunker_storage
+        state.storage_url = StorageSettings().storage_proxy_url or settings.public_url
         app.state.scaibunker = state
         lifecycle.start(state)
         await seed_builtin_images(state)

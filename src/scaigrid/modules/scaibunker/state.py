@@ -10,6 +10,7 @@ import structlog
 from starlette.requests import HTTPConnection
 
 from scaigrid.modules.scaibunker.config import ModuleConfig
+from scaigrid.modules.scaibunker.storage.service import StorageService
 from scaigrid.modules.scaibunker.workers.hub import WorkerHub
 from scaigrid.platform.db import Database
 from scaigrid.settings import Settings
@@ -26,6 +27,8 @@ class ModuleState:
         hub: live worker connections.
         config: effective module configuration.
         placement_lock: serialises placement so concurrent creates cannot overfill a worker.
+        storage: the object store and capability secrets (set by the module's startup).
+        storage_url: base URL workers reach the storage proxy at (snapshot tasks).
     """
 
     def __init__(self, db: Database, settings: Settings) -> None:
@@ -34,6 +37,8 @@ class ModuleState:
         self.hub = WorkerHub()
         self.config = ModuleConfig()
         self.placement_lock = asyncio.Lock()
+        self.storage: StorageService | None = None
+        self.storage_url = settings.public_url
         self._tasks: set[asyncio.Task[Any]] = set()
         self._bunker_waiters: dict[str, asyncio.Event] = {}
 

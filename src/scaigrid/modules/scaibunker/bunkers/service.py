@@ -25,6 +25,7 @@ from scaigrid.modules.scaibunker.images.service import check_scan_gate, resolve_
 from scaigrid.modules.scaibunker.network import admission
 from scaigrid.modules.scaibunker.network.config import network_config
 from scaigrid.modules.scaibunker.quotas import service as quotas
+from scaigrid.modules.scaibunker.snapshots import restore as snapshot_restore
 from scaigrid.modules.scaibunker.state import ModuleState
 from scaigrid.modules.scaibunker.workers import scheduler
 from scaigrid.platform.auth import Principal
@@ -447,7 +448,12 @@ async def provision(state: ModuleState, bunker_id: str, image: Image) -> None:
             params["snapshot"] = await snapshot_restore.worker_params(state, snapshot_id)
         except errors.ScaiGridError as exc:
             await set_state(
-                state, bunker_id, "failed", "boot_failed", only_from=("pending",), message=exc.message
+                state,
+                bunker_id,
+                "failed",
+                "boot_failed",
+                only_from=("pending",),
+                message=exc.message,
             )
             return
     connection = state.hub.get(worker_id)

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import structlog
 
+from scaigrid.errors import ObjectStoreUnavailable
 from scaigrid.modules.scaibunker.storage import capabilities
 from scaigrid.modules.scaibunker.storage.settings import StorageSettings
 from scaigrid.modules.scaibunker.storage.store import (
     ObjectStore,
-    ObjectStoreUnavailable,
     S3ObjectStore,
     build_store,
 )

@@ -43,6 +43,11 @@ class StorageSettings(BaseSettings):
     s3_timeout_s: float = Field(
         default=30.0, gt=0, description="Connect and read timeout of one S3 call, seconds."
     )
+    storage_proxy_url: str | None = Field(
+        default=None,
+        description="Base URL workers use for the storage proxy (a load balancer in front of "
+        "bunker_proxy processes); default: the controller's SCAIGRID_PUBLIC_URL.",
+    )
     storage_capability_secret: SecretStr | None = Field(
         default=None,
         description="HMAC secret of storage capabilities (>= 32 bytes). Required in "

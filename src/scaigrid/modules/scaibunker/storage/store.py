@@ -8,7 +8,8 @@
 
 Keys are validated with :func:`~.capabilities.validate_key` before any backend sees them.
 Errors: :class:`~scaigrid.errors.ObjectNotFound` (404) for a missing key and
-:class:`ObjectStoreUnavailable` (503, ``retry_after``) when the backend cannot be reached.
+:class:`~scaigrid.errors.ObjectStoreUnavailable` (503, ``retry_after``) when the backend
+cannot be reached.
 boto3 is synchronous; its calls run in worker threads so the event loop never blocks.
 """
 
@@ -30,7 +31,7 @@ import structlog
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from scaigrid.errors import ObjectNotFound, RangeNotSatisfiable, Unavailable
+from scaigrid.errors import ObjectNotFound, ObjectStoreUnavailable, RangeNotSatisfiable
 from scaigrid.modules.scaibunker.storage.capabilities import validate_key
 from scaigrid.modules.scaibunker.storage.settings import StorageSettings
 
@@ -41,13 +42,6 @@ log = structlog.get_logger(__name__)
 
 READ_CHUNK_BYTES: Final = 1024 * 1024
 T = TypeVar("T")
-
-
-class ObjectStoreUnavailable(Unavailable):
-    """``OBJECT_STORE_UNAVAILABLE`` (503): the object store cannot be reached; retry later."""
-
-    code = "OBJECT_STORE_UNAVAILABLE"
-    status_code = 503
 
 
 @dataclass(frozen=True)
