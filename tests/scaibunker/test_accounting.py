@@ -20,6 +20,7 @@ from scaigrid.modules.scaibunker.accounting.service import record_usage_once, se
 from scaigrid.modules.scaibunker.bunkers.models import Bunker
 from scaigrid.modules.scaibunker.bunkers.states import record_creation, transition
 from scaigrid.platform.db import Database
+from scaigrid.platform.events.models import Event
 from scaigrid.platform.migrate import run_alembic
 from scaigrid.platform.permissions import Role
 
@@ -125,6 +126,12 @@ async def test_ninety_seconds_alive_is_billed_ninety_seconds(db: Database) -> No
     assert records[0].memory_mb_seconds == pytest.approx(256 * 58)
     assert all(r.gpu_seconds == 0 and r.egress_bytes == 0 for r in records)
     assert records[0].lifecycle_mode == "session"
+    async with db.sessionmaker() as session:
+        events = (
+            await session.scalars(select(Event).where(Event.event_type == "scaibunker.usage"))
+        ).all()
+    assert [e.payload["period_end"] for e in events] == [r.period_end.isoformat() for r in records]
+    assert all(e.payload["bunker_id"] == bunker_id and e.tenant_id == "ten_a" for e in events)
 
 
 async def test_paused_bunker_accrues_no_cpu(db: Database) -> None:

@@ -14,9 +14,10 @@ Two loops run in every controller process that owns the module state:
   booted fresh from their image on another worker (retried each pass; ``reschedule_failed``
   after :attr:`ModuleConfig.reschedule_give_up_s`), and the worker is marked ``offline``.
 
-Leadership: the embedded default runs one controller process, which is the leader. Several
-controller processes sharing one database would each run the loops; every transition is
-guarded by the bunker's current state, so a second runner finds nothing left to do.
+Leadership: with Redis one controller process leads (a renewed lock key); without Redis the
+embedded default runs one controller process, which is the leader. Every transition is also
+guarded by the bunker's current state, so a pass that overlaps a leader change finds nothing
+left to do.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from scaigrid.modules.scaibunker.bunkers import service as bunker_service
 from scaigrid.modules.scaibunker.bunkers.models import Bunker
 from scaigrid.modules.scaibunker.bunkers.states import TERMINAL, transition
 from scaigrid.modules.scaibunker.images.models import Image
+from scaigrid.modules.scaibunker.leadership import Leadership
 from scaigrid.modules.scaibunker.state import ModuleState
 from scaigrid.modules.scaibunker.workers import scheduler
 from scaigrid.modules.scaibunker.workers.models import Worker
@@ -210,26 +212,45 @@ async def _loop(
     name: str,
     interval_s: float,
     state: ModuleState,
+    leadership: Leadership,
     once: Callable[[ModuleState], Awaitable[object]],
 ) -> None:
     while True:
         try:
-            await once(state)
+            if await leadership.claim():
+                await once(state)
         except Exception as exc:
             log.error("lifecycle_pass_failed", loop=name, exc_info=exc)
         await asyncio.sleep(interval_s)
 
 
-def start(state: ModuleState) -> None:
-    """Start the reaper, the heartbeat monitor and usage recording as background tasks."""
-    config = state.config
-    state.spawn(_loop("reaper", config.reaper_interval_s, state, reap_once), name="reaper")
-    state.spawn(
-        _loop("worker_monitor", config.monitor_interval_s, state, monitor_workers_once),
-        name="worker-monitor",
-    )
-    state.spawn(_loop("usage", config.usage_interval_s, state, _record_usage), name="usage-records")
-
-
 async def _record_usage(state: ModuleState) -> None:
     await accounting.record_usage_once(state.db)
+
+
+async def _run(state: ModuleState, leadership: Leadership) -> None:
+    config = state.config
+    try:
+        await asyncio.gather(
+            _loop("reaper", config.reaper_interval_s, state, leadership, reap_once),
+            _loop(
+                "worker_monitor",
+                config.monitor_interval_s,
+                state,
+                leadership,
+                monitor_workers_once,
+            ),
+            _loop("usage", config.usage_interval_s, state, leadership, _record_usage),
+        )
+    finally:
+        await leadership.close()
+
+
+def start(state: ModuleState) -> None:
+    """Start the reaper, the heartbeat monitor and usage recording in the background.
+
+    They act only while this process leads (see :mod:`~scaigrid.modules.scaibunker.leadership`).
+    """
+    settings = state.settings
+    leadership = Leadership(settings.redis_url, f"{settings.redis_prefix}scaibunker:leader")
+    state.spawn(_run(state, leadership), name="lifecycle")

@@ -2,7 +2,8 @@
 
 Every :attr:`ModuleConfig.usage_interval_s` seconds one :class:`UsageRecord` is written per
 bunker that is live, or that ended after its last record (the final record covers the
-remainder). Figures come from the stored status history, not from the ticker: the seconds a
+remainder), and a ``scaibunker.usage`` event is emitted through the platform's event outbox in
+the same transaction. Figures come from the stored status history, not from the ticker: the seconds a
 bunker spent ``running`` (CPU) and ``running`` or ``paused`` (memory, disk, GPU) inside the
 period are measured between the exact instants of its state changes, so consecutive records
 partition its life and a bunker alive 90 s is billed 90 s whatever the ticks were.
@@ -17,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
+from typing import Any
 
 import structlog
 from sqlalchemy import func, or_, select
@@ -25,9 +27,11 @@ from sqlalchemy.exc import IntegrityError
 from scaigrid.modules.scaibunker.accounting.models import UsageRecord
 from scaigrid.modules.scaibunker.bunkers.models import Bunker, BunkerStatusEvent
 from scaigrid.platform.db import Database, utcnow
+from scaigrid.platform.events.service import emit
 
 log = structlog.get_logger(__name__)
 
+USAGE_EVENT = "scaibunker.usage"
 #: Shortest period written for a live bunker, in seconds.
 MIN_PERIOD_S = 1.0
 
@@ -61,6 +65,24 @@ def seconds_in_states(
         elif status == "paused":
             paused += seconds
     return StateSeconds(running, paused)
+
+
+def usage_payload(record: UsageRecord) -> dict[str, Any]:
+    """The ``scaibunker.usage`` event payload: the record's SPEC §1.9 fields."""
+    return {
+        "bunker_id": record.bunker_id,
+        "tenant_id": record.tenant_id,
+        "user_id": record.user_id,
+        "period_start": record.period_start.isoformat(),
+        "period_end": record.period_end.isoformat(),
+        "cpu_millicore_seconds": record.cpu_millicore_seconds,
+        "memory_mb_seconds": record.memory_mb_seconds,
+        "disk_mb_seconds": record.disk_mb_seconds,
+        "gpu_seconds": record.gpu_seconds,
+        "egress_bytes": record.egress_bytes,
+        "lifecycle_mode": record.lifecycle_mode,
+        "network_profile": record.network_profile,
+    }
 
 
 async def record_usage_once(db: Database, now: datetime | None = None) -> int:
@@ -119,16 +141,18 @@ async def record_usage_once(db: Database, now: datetime | None = None) -> int:
             try:
                 async with session.begin_nested():
                     session.add(record)
+                    emit(
+                        session, USAGE_EVENT, bunker.tenant_id, usage_payload(record), "scaibunker"
+                    )
             except IntegrityError:
                 continue
             written += 1
             log.info(
-                "scaibunker.usage",
+                "usage_recorded",
                 bunker_id=bunker.id,
                 period_start=start.isoformat(),
                 period_end=end.isoformat(),
                 cpu_millicore_seconds=record.cpu_millicore_seconds,
-                memory_mb_seconds=record.memory_mb_seconds,
             )
         await session.commit()
     return written
