@@ -214,3 +214,17 @@ async def test_two_workers_on_one_uplink_get_distinct_pools(inet: Inet) -> None:
     finally:
         await first.close()
     assert first.leftovers() == [] and second.leftovers() == []
+
+
+async def test_allowed_name_pointing_at_forbidden_addresses_stays_blocked(
+    manager: NetworkManager, inet: Inet
+) -> None:
+    uplink_side, _ = manager._block(0)
+    inet.set_zone({"rebind.test": [METADATA_IP, uplink_side]})
+    bunker = await manager.attach(
+        _bid(), NetRequest("allowlisted", allowlist=("rebind.test",), upstreams=UPSTREAM)
+    )
+    answer = await resolve(bunker.netns, bunker.gateway, "rebind.test")
+    assert _a_records(answer) == sorted([METADATA_IP, uplink_side])
+    for ip in (METADATA_IP, uplink_side):
+        assert await connect(bunker.netns, ip, timeout_s=0.5) in REFUSED_OR_DROPPED, ip
