@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 from typing import Any
 
@@ -9,7 +10,7 @@ import httpx
 import pytest
 
 from tests.e2e.conftest import create_bunker
-from tests.fixtures.stack import BASE, Stack
+from tests.fixtures.stack import BASE, DEFAULT_QUOTA_PROFILE_ID, E2E_CAPS, Stack
 
 pytestmark = pytest.mark.e2e
 
@@ -170,3 +171,49 @@ def test_timers_may_shorten_but_not_lengthen(stack: Stack, busybox_image: str) -
         )
         assert response.status_code == 422
         assert response.json()["error"]["code"] == "VALIDATION_ERROR"
+
+
+def test_fifty_concurrent_creates_admit_exactly_five(stack: Stack, busybox_image: str) -> None:
+    with stack.client() as client:
+        usage = client.get(f"{BASE}/quota-profiles/usage").json()["data"][0]
+        assert usage["profile_id"] == DEFAULT_QUOTA_PROFILE_ID
+        live = usage["current"]["bunkers"]
+        caps = {**E2E_CAPS, "max_concurrent_bunkers": live + 5}
+        assert client.patch(
+            f"{BASE}/quota-profiles/{DEFAULT_QUOTA_PROFILE_ID}", json=caps
+        ).is_success
+        try:
+
+            def create(_: int) -> httpx.Response:
+                with stack.client() as own:
+                    return own.post(
+                        f"{BASE}/bunkers",
+                        json={
+                            "image": busybox_image,
+                            "cpu_millicores": 100,
+                            "memory_mb": 128,
+                            "disk_mb": 64,
+                        },
+                    )
+
+            with concurrent.futures.ThreadPoolExecutor(50) as pool:
+                responses = list(pool.map(create, range(50)))
+            codes = sorted(r.status_code for r in responses)
+            assert codes == [201] * 5 + [429] * 45, codes
+            refused = next(r for r in responses if r.status_code == 429).json()["error"]
+            assert refused["code"] == "BUNKER_QUOTA_EXCEEDED"
+            (detail,) = refused["details"]
+            assert detail["field"] == "max_concurrent_bunkers"
+            assert (detail["cap"], detail["current"], detail["requested"]) == (
+                live + 5,
+                live + 5,
+                1,
+            )
+            assert detail["profile_id"] == DEFAULT_QUOTA_PROFILE_ID
+            ids = [r.json()["data"]["id"] for r in responses if r.status_code == 201]
+            for bunker_id in ids:
+                client.delete(f"{BASE}/bunkers/{bunker_id}")
+            after = client.get(f"{BASE}/quota-profiles/usage").json()["data"][0]["current"]
+            assert after["bunkers"] == live
+        finally:
+            client.patch(f"{BASE}/quota-profiles/{DEFAULT_QUOTA_PROFILE_ID}", json=E2E_CAPS)
