@@ -228,3 +228,15 @@ async def test_allowed_name_pointing_at_forbidden_addresses_stays_blocked(
     assert _a_records(answer) == sorted([METADATA_IP, uplink_side])
     for ip in (METADATA_IP, uplink_side):
         assert await connect(bunker.netns, ip, timeout_s=0.5) in REFUSED_OR_DROPPED, ip
+
+
+async def test_large_answers_fit_in_one_udp_reply(manager: NetworkManager, inet: Inet) -> None:
+    many = [f"198.18.1.{i}" for i in range(1, 61)]
+    inet.set_zone({"many.test": many})
+    bunker = await manager.attach(
+        _bid(), NetRequest("allowlisted", allowlist=("many.test",), upstreams=UPSTREAM)
+    )
+    reply = await resolve(bunker.netns, bunker.gateway, "many.test")
+    assert reply is not None and len(reply.pack()) <= 512
+    got = _a_records(reply)
+    assert got and set(got) <= set(many) and len(got) < len(many)

@@ -10,7 +10,8 @@ It listens on the bunker's gateway address (UDP port 53, inside the router names
   and only then replies;
 * answers other query types of allowed names with an empty ``NOERROR`` (bunkers are IPv4-only,
   so no AAAA records);
-* drops packets that are not one DNS query with one question.
+* drops packets that are not one DNS query with one question;
+* serves UDP only and keeps replies within 512 bytes by leaving out surplus answers.
 
 Packet parsing and building use ``dnslib``.
 """
@@ -39,6 +40,9 @@ MIN_ALLOW_TTL_S = 60
 #: Queries one resolver handles at once; more are dropped (the client retries).
 MAX_IN_FLIGHT = 64
 _MAX_UDP = 4096
+#: Largest reply sent (RFC 1035 §4.2.1 without EDNS); answers beyond it are left out rather
+#: than setting TC, as the resolver serves no TCP.
+MAX_UDP_REPLY = 512
 
 SocketFactory = Callable[[], Awaitable[socket.socket]]
 AnswerSink = Callable[[list[str], int], Awaitable[None]]
@@ -159,8 +163,12 @@ class BunkerResolver(asyncio.DatagramProtocol):
         self._on_query(
             QueryRecord(name, str(qtype), verdict, addresses, str(RCODE.get(rcode)), src)
         )
+        packed = reply.pack()
+        while len(packed) > MAX_UDP_REPLY and reply.rr:
+            reply.rr.pop()
+            packed = reply.pack()
         if self._transport is not None and not self._transport.is_closing():
-            self._transport.sendto(reply.pack(), src)
+            self._transport.sendto(packed, src)
 
     async def _resolve(self, qname: object, reply: DNSRecord) -> tuple[int, tuple[str, ...]]:
         query = DNSRecord.question(str(qname), "A")
