@@ -37,6 +37,9 @@ log = structlog.get_logger(__name__)
 PROVISIONING_TIMEOUT_S = 120.0
 DESTROY_TIMEOUT_S = 30.0
 PAUSE_TIMEOUT_S = 10.0
+#: ``last_activity_at`` is written at most once per this many seconds (idle timers count in
+#: whole seconds; this keeps a database write off most exec and files calls).
+ACTIVITY_RESOLUTION_S = 1.0
 MASK = "***"
 
 
@@ -121,7 +124,8 @@ async def ensure_running(state: ModuleState, principal: Principal, bunker_id: st
     """Load a bunker the caller owns, ready for exec, files and shell (SPEC §1.11, §2.6).
 
     A bunker its idle timer paused (``status_reason: idle_timeout``) is resumed first and the
-    call proceeds once it runs; ``last_activity_at`` is set to now. Uses its own session.
+    call proceeds once it runs; ``last_activity_at`` is set to now (at most once a second).
+    Uses its own session.
 
     Raises:
         errors.BunkerNotFound: unknown or not owned by the caller.
@@ -142,8 +146,11 @@ async def ensure_running(state: ModuleState, principal: Principal, bunker_id: st
             raise errors.BunkerNotRunning(
                 f"bunker {bunker_id} is {bunker.status}", details={"status": bunker.status}
             )
-        bunker.last_activity_at = utcnow()
-        await session.commit()
+        now = utcnow()
+        last = bunker.last_activity_at
+        if last is None or (now - last).total_seconds() >= ACTIVITY_RESOLUTION_S:
+            bunker.last_activity_at = now
+            await session.commit()
         return bunker
 
 
