@@ -2,12 +2,12 @@
 
 Every :attr:`ModuleConfig.usage_interval_s` seconds one :class:`UsageRecord` is written per
 bunker that is live, or that ended after its last record (the final record covers the
-remainder), and a ``scaibunker.usage`` event is emitted through the platform's event outbox in
-the same transaction. Figures come from the stored status history, not from the ticker: the seconds a
-bunker spent ``running`` (CPU) and ``running`` or ``paused`` (memory, disk, GPU) inside the
-period are measured between the exact instants of its state changes, so consecutive records
-partition its life and a bunker alive 90 s is billed 90 s whatever the ticks were.
-``egress_bytes`` is 0 until egress is measured (network issue).
+remainder), and a ``scaibunker.usage`` event is emitted through the platform's event outbox
+in the same transaction. Figures come from the stored status history, not from the ticker:
+the seconds a bunker spent ``running`` (CPU) and ``running`` or ``paused`` (memory, disk,
+GPU) inside the period are measured between the exact instants of its state changes, so
+consecutive records partition its life and a bunker alive 90 s is billed 90 s whatever the
+ticks were. ``egress_bytes`` is 0 until egress is measured (network issue).
 
 Records are unique per (bunker, period start), so two controller processes writing the same
 period store it once.
