@@ -26,6 +26,7 @@ from pathlib import Path
 
 import httpx
 import redis
+from sqlalchemy import select
 from tests.fixtures.stack import BASE, free_port
 
 from benchmarks.run import percentile
