@@ -52,32 +52,50 @@ class OciStack:
         self._wait(lambda: key_file.exists() and self._healthy(), "controller")
         self.admin_key = key_file.read_text().strip()
         with self.client() as client:
-            token = client.post(f"{BASE}/workers/join-tokens", json={}).json()["data"]["token"]
             client.patch(
                 f"{BASE}/quota-profiles/{DEFAULT_QUOTA_PROFILE_ID}", json=E2E_CAPS
             ).raise_for_status()
-        worker_dir = root / "worker"
+        self.registry = registry
+        self.workers: list[subprocess.Popen[bytes]] = []
+        self.worker_id = self.add_worker("worker")
+
+    def add_worker(self, name: str) -> str:
+        """Join one more worker (data dir ``root/name``); return its id once registered."""
+        bin_dir = Path(sys.executable).parent
+        with self.client() as client:
+            token = client.post(f"{BASE}/workers/join-tokens", json={}).json()["data"]["token"]
+            known = {w["id"] for w in client.get(f"{BASE}/workers").json()["data"]}
+        worker_dir = self.root / name
         worker_dir.mkdir(mode=0o711)
-        self.worker = subprocess.Popen(
-            [
-                str(bin_dir / "scaibunker-worker"),
-                "--controller",
-                self.url,
-                "--join-token",
-                token,
-                "--data-dir",
-                str(worker_dir),
-                "--insecure-registries",
-                registry.host,
-                "--cgroup-parent",
-                f"sbt-oci-{os.getpid()}",
-            ],
-            stdout=(root / "worker.log").open("ab"),
-            stderr=subprocess.STDOUT,
+        self.workers.append(
+            subprocess.Popen(
+                [
+                    str(bin_dir / "scaibunker-worker"),
+                    "--controller",
+                    self.url,
+                    "--join-token",
+                    token,
+                    "--data-dir",
+                    str(worker_dir),
+                    "--insecure-registries",
+                    self.registry.host,
+                    "--cgroup-parent",
+                    f"sbt-oci-{os.getpid()}-{name}",
+                    "--hostname",
+                    name,
+                ],
+                stdout=(self.root / f"{name}.log").open("ab"),
+                stderr=subprocess.STDOUT,
+            )
         )
         with self.client() as client:
-            self._wait(lambda: bool(client.get(f"{BASE}/workers").json()["data"]), "worker")
-            self.worker_id = client.get(f"{BASE}/workers").json()["data"][0]["id"]
+
+            def joined() -> list[str]:
+                found = client.get(f"{BASE}/workers").json()["data"]
+                return [w["id"] for w in found if w["id"] not in known]
+
+            self._wait(lambda: bool(joined()), name)
+            return joined()[0]
 
     def _healthy(self) -> bool:
         try:
@@ -116,7 +134,7 @@ class OciStack:
 
     def stop(self) -> None:
         """Stop the worker (its bunkers go with it), then the controller."""
-        for process in (self.worker, self.controller):
+        for process in (*self.workers, self.controller):
             process.terminate()
             try:
                 process.wait(30)
@@ -268,3 +286,59 @@ def test_cli_registers_and_shows_bake_progress(
     assert captured.out.strip().endswith("\tfailed")
     assert "error BAKE_FAILED" in captured.err and "manifest unknown" in captured.err
     assert cli_main(["image-register", "both", "--oci", ref, "--tar", "/x.tar"]) == 2
+
+
+def _wait_warm(client: httpx.Client, image_id: str, ready: int) -> dict[str, Any]:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        warm: dict[str, Any] = client.get(f"{BASE}/images/{image_id}/warm").json()["data"]
+        if warm["warm"]["ready"] >= ready or warm["warm"]["failed"]:
+            return warm
+        time.sleep(0.2)
+    raise AssertionError(f"image {image_id} not warm on {ready} workers")
+
+
+def test_group_fans_out_and_strict_images_place_only_where_ready(
+    oci_stack: OciStack, registry: Registry
+) -> None:
+    first = oci_stack.worker_id
+    second = oci_stack.add_worker("second")
+    work = oci_stack.root / "fan"
+    work.mkdir(exist_ok=True)
+    ref = registry.push("e2e/fan:v1", [_busybox_layer(work / "l.tar", "fan")], work=work)
+    with oci_stack.client() as client:
+        group = client.post(
+            f"{BASE}/availability-groups",
+            json={"name": "fleet", "scope": "platform", "worker_ids": [first, second]},
+        )
+        assert group.status_code == 201, group.text
+        created = client.post(
+            f"{BASE}/images",
+            json={"name": "fanned", "scope": "platform", "source": {"kind": "oci", "ref": ref}},
+        ).json()["data"]
+        assert created["warm"]["queued"] == 2
+        assert oci_stack.wait_image(created["id"])["status"] == "ready"
+        warm = _wait_warm(client, created["id"], 2)
+        assert warm["warm"] == {"queued": 0, "ready": 2, "failed": 0, "skipped": 0}
+        assert {w["worker_id"] for w in warm["workers"]} == {first, second}
+
+        pinned = client.post(
+            f"{BASE}/images",
+            json={
+                "name": "pinned",
+                "source": {"kind": "oci", "ref": ref},
+                "bake_worker_id": second,
+            },
+        ).json()["data"]
+        assert oci_stack.wait_image(pinned["id"])["status"] == "ready"
+        # both stay up, yet both go where the image is ready, not to the emptier first worker
+        bunkers = [
+            client.post(f"{BASE}/bunkers", params={"wait_s": 60}, json={"image": "pinned"}).json()[
+                "data"
+            ]
+            for _ in range(2)
+        ]
+        assert [b["status"] for b in bunkers] == ["running", "running"], bunkers
+        assert [b["worker_id"] for b in bunkers] == [second, second]
+        for bunker in bunkers:
+            client.delete(f"{BASE}/bunkers/{bunker['id']}")
