@@ -133,8 +133,8 @@ async def run_debootstrap(
 
     Raises:
         ImageBuildError: bad arguments, no mirror, debootstrap failed or timed out; the
-            message carries the tail of debootstrap's output. ``target`` is left as is (it may
-            hold mounts debootstrap made; unmount before deleting).
+            message carries the tail of debootstrap's output. ``target`` is left as is; it
+            holds no mounts (debootstrap runs in its own mount namespace).
     """
     if not _SUITE_RE.match(suite):
         raise ImageBuildError(f"invalid debootstrap suite {suite!r}")
@@ -144,7 +144,12 @@ async def run_debootstrap(
     if bad:
         raise ImageBuildError(f"invalid package names: {', '.join(bad)}")
     mirror = find_mirror(suite, apt_dir)
-    argv = ["debootstrap", f"--variant={variant}"]
+    # In a container-like host debootstrap bind-mounts the host's /dev/null, /dev/zero, …
+    # into the target. A private mount namespace keeps those mounts away from the host:
+    # they vanish with debootstrap, so no later chown, shift or delete of the tree can
+    # reach a host device node, even when debootstrap is killed half way.
+    argv = ["unshare", "--mount", "--propagation", "private", "--"]
+    argv += ["debootstrap", f"--variant={variant}"]
     if packages:
         argv.append("--include=" + ",".join(packages))
     argv += [suite, str(target), mirror]
