@@ -181,7 +181,8 @@ def shift_tree(root: Path, base: int) -> ShiftStats:
         Counts of what was done.
 
     Raises:
-        OSError: an entry could not be changed (the tree is then partly shifted; discard it).
+        OSError: an entry could not be changed, or (``EXDEV``) a mount point lies inside the
+            tree; the tree is then partly shifted: discard it.
     """
     seen: set[int] = set()
     entries = squashed = capabilities = 0
@@ -190,6 +191,10 @@ def shift_tree(root: Path, base: int) -> ShiftStats:
     while stack:
         current = stack.pop()
         st = os.lstat(current)
+        if st.st_dev != root_dev:
+            # A mount inside the tree (a bind-mounted host file or directory): touching it
+            # would change the host, so the tree is refused.
+            raise OSError(errno.EXDEV, f"{current} is a mount point inside the image tree")
         entries += 1
         if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
             if st.st_ino in seen:
@@ -198,7 +203,7 @@ def shift_tree(root: Path, base: int) -> ShiftStats:
         was_squashed, had_caps = _shift_entry(current, st, base)
         squashed += was_squashed
         capabilities += had_caps
-        if stat.S_ISDIR(st.st_mode) and st.st_dev == root_dev:
+        if stat.S_ISDIR(st.st_mode):
             with os.scandir(current) as it:
                 stack.extend(entry.path for entry in it)
     log.info(
