@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from tests.fixtures.stack import BASE, Stack, build_busybox_tar, start_stack
+from tests.fixtures.stack import BASE, Stack, build_busybox_tar, remove_data_dir, start_stack
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 SECTION = "## Walking skeleton (issue #2)"
@@ -263,7 +263,7 @@ def main() -> None:
         results = measure(stack, image, args.creates, args.execs)
     finally:
         stack.stop()
-        shutil.rmtree(data_dir, ignore_errors=True)
+        remove_data_dir(data_dir)
     command = ".venv/bin/python -m benchmarks.run " + " ".join(
         f"--{k} {v}"
         for k, v in (("image", args.image), ("creates", args.creates), ("execs", args.execs))

@@ -6,7 +6,6 @@ registered from a tarball the fixture builds.
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +13,14 @@ from typing import Any
 
 import pytest
 
-from tests.fixtures.stack import BASE, Stack, StackError, build_busybox_tar, start_stack
+from tests.fixtures.stack import (
+    BASE,
+    Stack,
+    StackError,
+    build_busybox_tar,
+    remove_data_dir,
+    start_stack,
+)
 
 
 @pytest.fixture(scope="session")
@@ -33,7 +39,8 @@ def stack() -> Iterator[Stack]:
         yield running
     finally:
         running.stop()
-        shutil.rmtree(data_dir, ignore_errors=True)
+        leaked = remove_data_dir(data_dir)
+    assert not leaked, f"the stack left mounts behind: {leaked}"
 
 
 @pytest.fixture(scope="session")
