@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -231,3 +233,36 @@ def test_store_unreachable_fails_the_snapshot_and_keeps_the_bunker(
         assert _wait_snapshot(client, again["snapshot_id"])["status"] == "ready"
         restored = _create(client, snapshot_id=again["snapshot_id"]).json()["data"]
         assert _exec(client, restored["id"], "cat /keep") == "keep\n"
+
+
+def _other_tenant_key(stack: Stack) -> str:
+    scaigrid = str(Path(sys.executable).parent / "scaigrid")
+
+    def run(*argv: str) -> str:
+        done = subprocess.run(
+            [scaigrid, "admin", *argv], env=stack.env, check=True, capture_output=True, text=True
+        )
+        return done.stdout.strip().split()[-1]
+
+    tenant = run("create-tenant", "--name", "snapshot-thief")
+    run("create-user", "--tenant", tenant, "--email", "thief@other.test", "--role", "tenant_admin")
+    return run("create-key", "--user", "thief@other.test")
+
+
+def test_another_tenants_snapshot_is_404(fleet: tuple[Stack, ExtraWorker, str]) -> None:
+    stack = fleet[0]
+    with stack.client() as client:
+        source = _create(client, image="busybox").json()["data"]
+        taken = client.post(f"{BASE}/bunkers/{source['id']}/snapshot").json()["data"]
+        assert _wait_snapshot(client, taken["snapshot_id"])["status"] == "ready"
+    with stack.client(_other_tenant_key(stack)) as thief:
+        for response in (
+            thief.get(f"{BASE}/snapshots/{taken['snapshot_id']}"),
+            thief.delete(f"{BASE}/snapshots/{taken['snapshot_id']}"),
+            _create(thief, snapshot_id=taken["snapshot_id"]),
+        ):
+            assert response.status_code == 404, response.text
+            assert response.json()["error"]["code"] == "SNAPSHOT_NOT_FOUND"
+        assert thief.get(f"{BASE}/snapshots").json()["data"] == []
+    with stack.client() as client:
+        assert client.get(f"{BASE}/snapshots/{taken['snapshot_id']}").status_code == 200
