@@ -103,7 +103,11 @@ def test_unrestricted_bunker(net_stack: Stack, busybox: str, inet: Inet) -> None
             assert f"hello from {ip}" in result["stdout"], result
         for ip in (METADATA_IP, "127.0.0.1"):
             assert "hello" not in _sh(net_stack, bunker["id"], _get(ip))["stdout"], ip
-        looked_up = _sh(net_stack, bunker["id"], f"nslookup web.test {GATEWAY}")
+        # The worker wrote /etc/resolv.conf naming the bunker's resolver.
+        conf = _sh(net_stack, bunker["id"], f"cat /etc/resolv.conf; echo gw={GATEWAY}")
+        gateway = conf["stdout"].rsplit("gw=", 1)[1].strip()
+        assert f"nameserver {gateway}" in conf["stdout"], conf
+        looked_up = _sh(net_stack, bunker["id"], "nslookup web.test")
         assert WEB_IPS[1] in looked_up["stdout"], looked_up
         assert bunker["id"] in _namespaces()
     finally:

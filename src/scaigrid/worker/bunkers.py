@@ -404,6 +404,8 @@ class BunkerSupervisor:
                 )
             record.handle = await driver.start(spec)
             record.agent = await self._first_contact(record.handle)
+            if netns_path is not None:
+                await self._point_resolver(record.agent, request.bunker_id)
             record.boot_ms = round((time.monotonic() - started) * 1000)
         except BaseException as exc:
             cleanup.close()
@@ -510,6 +512,29 @@ class BunkerSupervisor:
             raise NetworkError("this worker runs without bunker networking")
         attachment = await self.network.attach(request.bunker_id, request.network)
         return attachment.netns_path
+
+    async def _point_resolver(self, agent: AgentClient, bunker_id: str) -> None:
+        """Write ``/etc/resolv.conf`` naming the bunker's DNS resolver (its gateway).
+
+        A read-only or odd image only loses the file: the policy is enforced on the worker,
+        so the bunker still reaches exactly what its profile allows.
+        """
+        attachment = self.network.attachment(bunker_id) if self.network is not None else None
+        if attachment is None:
+            return
+        content = f"nameserver {attachment.gateway}\noptions timeout:2 attempts:2\n".encode()
+        try:
+            response = await agent.request(
+                "PUT",
+                "/v1/files",
+                {"path": "/etc/resolv.conf", "user": "root", "mode": 0o644, "parents": True},
+                content,
+                timeout_s=AGENT_CONNECT_TIMEOUT_S,
+            )
+            async with response:
+                await response.json()
+        except (AgentError, AgentConnectionLost, TimeoutError) as exc:
+            log.warning("bunker_resolv_conf_failed", bunker_id=bunker_id, error=str(exc))
 
     def _driver_for(self, request: CreateRequest) -> Driver:
         """The driver named in ``request`` (the scheduler's choice), else the first.
