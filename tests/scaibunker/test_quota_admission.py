@@ -147,7 +147,9 @@ async def test_ceilings_and_per_bunker_caps(db: Database) -> None:
     await _set_caps(db, per_bunker_max_memory=64)
     with pytest.raises(errors.BunkerQuotaExceeded) as raised:
         await _create(db, contextlib.nullcontext())
-    assert [d["field"] for d in raised.value.details] == ["per_bunker_max_memory"]
+    details = raised.value.details
+    assert isinstance(details, list)
+    assert [d["field"] for d in details] == ["per_bunker_max_memory"]
     async with db.sessionmaker() as session:
         with pytest.raises(errors.BunkerQuotaExceeded) as ceiling:
             await service.admit(
@@ -157,5 +159,6 @@ async def test_ceilings_and_per_bunker_caps(db: Database) -> None:
                 service.Ask(16001, 128, 64, 0, False),
                 PlatformCeilings(),
             )
+    assert isinstance(ceiling.value.details, list)
     detail = ceiling.value.details[0]
     assert (detail["profile_id"], detail["bucket"], detail["cap"]) == (None, "platform", 16000)

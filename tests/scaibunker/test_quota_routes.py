@@ -136,6 +136,7 @@ async def test_group_shared_profile_governs_every_member(
     await _admit_and_insert(db, admin.tenant_id, admin.user_id)
     with pytest.raises(errors.BunkerQuotaExceeded) as refused:
         await _admit_and_insert(db, admin.tenant_id, admin.user_id)
+    assert isinstance(refused.value.details, list)
     (detail,) = refused.value.details
     assert (detail["field"], detail["bucket"], detail["cap"], detail["current"]) == (
         "max_concurrent_bunkers",
