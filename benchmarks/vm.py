@@ -117,8 +117,8 @@ def main() -> None:
     results = asyncio.run(measure(args.boots, args.execs, args.accel))
     boot, bare, execs = results["boot"], results["bare"], results["exec"]
     print(f"machine: {platform.node()}, {platform.machine()}")
-    print("| measurement | n | p50 ms | p99 ms | baseline | p50 ms | p99 ms | ratio p50 |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| measurement | n | p50 ms | p99 ms | baseline | n | p50 ms | p99 ms | ratio p50 |")
+    print("|---|---|---|---|---|---|---|---|---|")
     print(
         f"| boot → agent ready (qemu driver) | {len(boot)} | {percentile(boot, 50):.0f} | "
         f"{percentile(boot, 99):.0f} | bare QEMU boot, trivial init | {len(bare)} | "
@@ -127,7 +127,7 @@ def main() -> None:
     )
     print(
         f"| exec round trip, `true` (agent over virtio-serial) | {len(execs)} | "
-        f"{percentile(execs, 50):.1f} | {percentile(execs, 99):.1f} | — | | | |"
+        f"{percentile(execs, 50):.1f} | {percentile(execs, 99):.1f} | — | | | | |"
     )
 
 

@@ -80,3 +80,12 @@ async def test_a_restarted_worker_kills_the_vms_it_finds(
     assert await handle.wait_exit() == -signal.SIGKILL
     assert spec.bunker_id not in await restarted.list_leftovers()
     await qemu_driver.stop(spec.bunker_id)
+
+
+async def test_a_network_namespace_is_refused_before_anything_starts(
+    qemu_driver: QemuDriver, make_spec: SpecFactory
+) -> None:
+    spec = make_spec(netns_path="/var/run/netns/not-used")
+    with pytest.raises(DriverError, match="only the 'isolated' network profile"):
+        await qemu_driver.start(spec)
+    assert not (qemu_driver._bunkers_dir / spec.bunker_id).exists()

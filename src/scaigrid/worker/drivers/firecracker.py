@@ -293,12 +293,18 @@ class FirecrackerDriver:
         """Boot a microVM for ``spec``; return once its agent logged ``agent.ready``.
 
         Raises:
-            DriverError: disks, the API or the boot failed (a boot failure ends with the
+            DriverError: a network namespace was asked for (only ``isolated`` runs yet),
+                disks, the API or the boot failed (a boot failure ends with the
                 console tail); nothing is left behind.
         """
         state_dir = self._state_dir(spec.bunker_id)
         if spec.agent_runtime is None:
             raise DriverError("the firecracker driver needs the agent runtime")
+        if spec.netns_path is not None:
+            raise DriverError(
+                "the firecracker driver runs only the 'isolated' network profile so far "
+                "(no tap device in the bunker's network namespace yet)"
+            )
         await asyncio.to_thread(remove_tree, state_dir)
         await asyncio.to_thread(state_dir.mkdir, 0o700)
         try:

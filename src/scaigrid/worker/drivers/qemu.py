@@ -341,13 +341,19 @@ class QemuDriver:
         """Boot a microVM for ``spec``; return once its agent logged ``agent.ready``.
 
         Raises:
-            DriverError: a disk could not be made, QEMU failed, or the agent was not ready
+            DriverError: a network namespace was asked for (only ``isolated`` runs yet), a
+                disk could not be made, QEMU failed, or the agent was not ready
                 within ``boot_timeout_s`` (the message ends with the console tail);
                 nothing is left behind.
         """
         state_dir = self._state_dir(spec.bunker_id)
         if spec.agent_runtime is None:
             raise DriverError("the qemu driver needs the agent runtime")
+        if spec.netns_path is not None:
+            raise DriverError(
+                "the qemu driver runs only the 'isolated' network profile so far "
+                "(no tap device in the bunker's network namespace yet)"
+            )
         await asyncio.to_thread(remove_tree, state_dir)
         await asyncio.to_thread(state_dir.mkdir, 0o700)
         try:
