@@ -342,3 +342,52 @@ def test_group_fans_out_and_strict_images_place_only_where_ready(
         assert [b["worker_id"] for b in bunkers] == [second, second]
         for bunker in bunkers:
             client.delete(f"{BASE}/bunkers/{bunker['id']}")
+
+
+def test_deactivation_evicts_except_under_running_bunkers(
+    oci_stack: OciStack, registry: Registry
+) -> None:
+    work = oci_stack.root / "evict"
+    work.mkdir(exist_ok=True)
+    ref = registry.push("e2e/evict:v1", [_busybox_layer(work / "l.tar", "evict")], work=work)
+    worker = oci_stack.worker_id
+    with oci_stack.client() as client:
+        ids = {}
+        for name in ("busy", "idle"):
+            created = client.post(
+                f"{BASE}/images",
+                json={
+                    "name": name,
+                    "source": {"kind": "oci", "ref": ref},
+                    "bake_worker_id": worker,
+                },
+            ).json()["data"]
+            assert oci_stack.wait_image(created["id"])["status"] == "ready"
+            ids[name] = created["id"]
+        bunker = client.post(
+            f"{BASE}/bunkers", params={"wait_s": 60}, json={"image": "busy"}
+        ).json()["data"]
+        assert bunker["status"] == "running", bunker
+        tree = oci_stack.root / "worker" / "images" / ids["busy"] / "rootfs"
+        idle_tree = oci_stack.root / "worker" / "images" / ids["idle"] / "rootfs"
+        assert tree.is_dir() and idle_tree.is_dir()
+
+        for image_id in ids.values():
+            response = client.post(f"{BASE}/images/{image_id}/deactivate")
+            assert response.json()["data"]["status"] == "deactivated"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            busy = client.get(f"{BASE}/images/{ids['busy']}/warm").json()["data"]["workers"]
+            idle = client.get(f"{BASE}/images/{ids['idle']}/warm").json()["data"]["workers"]
+            if not idle and busy and busy[0]["error"]:
+                break
+            time.sleep(0.2)
+        assert idle == [] and not idle_tree.exists()
+        assert busy[0]["state"] == "ready" and "used by 1 bunker root" in busy[0]["error"]
+        assert tree.is_dir()
+        still = client.post(
+            f"{BASE}/bunkers/{bunker['id']}/exec",
+            json={"command": ["/bin/busybox", "cat", "/etc/marker"]},
+        ).json()["data"]
+        assert still["stdout"] == "evict"
+        client.delete(f"{BASE}/bunkers/{bunker['id']}")

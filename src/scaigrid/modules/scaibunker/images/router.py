@@ -103,13 +103,17 @@ async def get_image(image_id: str, principal: ReaderDep, session: SessionDep) ->
 
 @router.post("/images/{image_id}/deactivate")
 async def deactivate_image(
-    image_id: str, principal: ManagerDep, session: SessionDep
+    image_id: str, principal: ManagerDep, state: StateDep, session: SessionDep
 ) -> JSONResponse:
-    """Deactivate an image for good: new bunkers can no longer name it."""
+    """Deactivate an image for good: new bunkers can no longer name it.
+
+    Workers then drop their copies, except where bunkers still run on it.
+    """
     image = await _visible_image(session, principal, image_id)
     _managed(principal, image)
     image.status = "deactivated"
     await session.commit()
+    state.spawn(service.evict_image(state, image.id), name=f"evict-{image.id}")
     return ok(await _render(session, image))
 
 

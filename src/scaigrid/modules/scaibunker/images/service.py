@@ -42,6 +42,7 @@ log = structlog.get_logger(__name__)
 
 BAKE_TIMEOUT_S = 1800.0
 SCAN_TIMEOUT_S = 900.0
+EVICT_TIMEOUT_S = 300.0
 #: Seconds between two rescans of every ``ready`` image (SPEC §7.7: daily).
 RESCAN_INTERVAL_S = 86400.0
 WARM_STATES = ("queued", "ready", "failed", "skipped")
@@ -563,6 +564,52 @@ async def rescan_loop(state: ModuleState, interval_s: float = RESCAN_INTERVAL_S)
             ready = (await session.scalars(select(Image.id).where(Image.status == "ready"))).all()
         for image_id in ready:
             await scan_image(state, image_id)
+
+
+async def evict_image(state: ModuleState, image_id: str) -> dict[str, str]:
+    """Ask every connected worker holding ``image_id`` to drop it (after deactivation).
+
+    A worker refuses while a bunker's root still uses the image (``IMAGE_IN_USE``); that
+    worker keeps its ``ready`` row with the refusal as ``error``, and running bunkers are
+    unaffected (SPEC §7.4).
+
+    Returns:
+        ``{worker_id: "evicted" | "in_use" | "failed"}`` for the workers asked.
+    """
+    async with state.db.sessionmaker() as session:
+        holders = (
+            await session.scalars(
+                select(ImageWorker.worker_id).where(
+                    ImageWorker.image_id == image_id, ImageWorker.state == "ready"
+                )
+            )
+        ).all()
+    connected = set(state.hub.connected_ids())
+    outcome: dict[str, str] = {}
+    for worker_id in holders:
+        if worker_id not in connected:
+            continue
+        try:
+            await state.hub.require(worker_id).call(
+                TaskKind.IMAGE_EVICT, {"image_id": image_id}, timeout_s=EVICT_TIMEOUT_S
+            )
+        except errors.ScaiGridError as exc:
+            outcome[worker_id] = "in_use" if exc.code == "IMAGE_IN_USE" else "failed"
+            log.info(
+                "image_evict_refused", image_id=image_id, worker_id=worker_id, reason=exc.message
+            )
+            await _record_warm(state, image_id, worker_id, "ready", exc.message)
+            continue
+        outcome[worker_id] = "evicted"
+        async with state.db.sessionmaker() as session:
+            await session.execute(
+                delete(ImageWorker).where(
+                    ImageWorker.image_id == image_id, ImageWorker.worker_id == worker_id
+                )
+            )
+            await session.commit()
+        log.info("image_evicted", image_id=image_id, worker_id=worker_id)
+    return outcome
 
 
 async def seed_builtin_images(state: ModuleState) -> None:
