@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from fastapi import FastAPI
 from prometheus_client import Counter
 
@@ -60,8 +61,11 @@ async def test_module_catalogue(
 
 
 async def test_bunker_proxy_mode_has_no_database_and_only_system_routes(
-    settings_for: Any, tmp_path: Path
+    settings_for: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The storage proxy verifies capabilities statelessly, so it refuses to start without
+    # the shared secret (scaibunker storage settings).
+    monkeypatch.setenv("SCAIBUNKER_STORAGE_CAPABILITY_SECRET", "s" * 48)
     settings = settings_for(tmp_path, mode="bunker_proxy")
     app = create_app(settings)
     async with app.router.lifespan_context(app):

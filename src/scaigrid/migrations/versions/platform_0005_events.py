@@ -75,9 +75,7 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_webhook_deliveries")),
     )
-    op.create_index(
-        op.f("ix_webhook_deliveries_webhook_id"), "webhook_deliveries", ["webhook_id"]
-    )
+    op.create_index(op.f("ix_webhook_deliveries_webhook_id"), "webhook_deliveries", ["webhook_id"])
     op.create_index(op.f("ix_webhook_deliveries_status"), "webhook_deliveries", ["status"])
 
 
