@@ -204,3 +204,23 @@ async def test_chain_on_every_database(empty_database_url: str, tmp_path: Path) 
         assert (await verify_chain(db)).broken_seq == 11
     finally:
         await db.dispose()
+
+
+async def test_module_reads_are_recorded_only_where_read_audit_is_on(
+    platform_client: httpx.AsyncClient, admin_headers: dict[str, str], make_identity: MakeIdentity
+) -> None:
+    watched = await make_identity(role="tenant_admin")
+    unwatched = await make_identity(role="tenant_admin")
+    bunkers = "/v1/modules/scaibunker/bunkers"
+    config = "/v1/modules/scaibunker/config"
+    await platform_client.get(bunkers, headers=watched.headers)
+    put = await platform_client.put(config, json={"read_audit": True}, headers=watched.headers)
+    assert put.status_code == 200
+    await platform_client.get(bunkers, headers=watched.headers)
+    await platform_client.get(bunkers, headers=unwatched.headers)
+    await platform_client.get("/v1/modules", headers=watched.headers)  # not a module route
+
+    records = (await platform_client.get("/v1/audit-log", headers=admin_headers)).json()["data"]
+    reads = [r for r in records if r["action"].startswith("GET ")]
+    assert [(r["action"], r["actor_id"]) for r in reads] == [(f"GET {bunkers}", watched.user_id)]
+    assert reads[0]["outcome"] == "SUCCESS"

@@ -1,4 +1,5 @@
-"""Pure ASGI middleware that records every POST, PUT, PATCH and DELETE (SPEC §1.7).
+"""Pure ASGI middleware that records every POST, PUT, PATCH and DELETE, and every module
+``GET`` when that module's ``read_audit`` config is on for the caller's tenant (SPEC §1.7).
 
 It only watches ``send`` (the status, and the body of small JSON responses to learn a created
 resource's id), so streamed uploads and downloads pass through untouched; WebSockets and
@@ -18,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from scaigrid.platform.audit.service import AuditEntry, AuditLog
 from scaigrid.platform.auth.principal import Principal
 from scaigrid.platform.envelope import request_id_from_scope
+from scaigrid.platform.modules.service import effective_value
 
 log = structlog.get_logger(__name__)
 
@@ -58,7 +60,7 @@ def _created_id(body: bytes) -> str | None:
 
 
 class AuditMiddleware:
-    """Append one audit record per mutating HTTP request to ``app.state.audit``.
+    """Append one audit record per audited HTTP request to ``app.state.audit``.
 
     Args:
         app: the next ASGI app.
@@ -68,7 +70,13 @@ class AuditMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in AUDITED_METHODS:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        mutating = scope["method"] in AUDITED_METHODS
+        if not mutating and not (
+            scope["method"] == "GET" and scope["path"].startswith(_MODULE_PREFIX)
+        ):
             await self.app(scope, receive, send)
             return
         status = 500
@@ -91,7 +99,34 @@ class AuditMiddleware:
         try:
             await self.app(scope, receive, watching_send)
         finally:
-            await self._record(scope, status, bytes(captured))
+            if mutating or await self._read_audit_on(scope):
+                await self._record(scope, status, bytes(captured))
+
+    async def _read_audit_on(self, scope: Scope) -> bool:
+        """True when the GET went to a module whose ``read_audit`` config is on for the
+        caller's tenant (SPEC §1.7)."""
+        state = scope.get("state", {})
+        principal: Principal | None = state.get("principal")
+        module_name: str | None = state.get("module")
+        app_state = scope["app"].state
+        if principal is None or module_name is None or app_state.db is None:
+            return False
+        module = app_state.modules.get(module_name)
+        model = getattr(module, "config_model", None)
+        try:
+            async with app_state.db.sessionmaker() as session:
+                value = await effective_value(
+                    session,
+                    model,
+                    module_name,
+                    principal.tenant_id,
+                    principal.partner_id,
+                    "read_audit",
+                )
+        except SQLAlchemyError:
+            log.exception("audit.read_audit_lookup_failed", module=module_name)
+            return True
+        return value is True
 
     async def _record(self, scope: Scope, status: int, body: bytes) -> None:
         audit: AuditLog | None = getattr(scope["app"].state, "audit", None)

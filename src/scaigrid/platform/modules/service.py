@@ -107,3 +107,20 @@ async def put_config(
     row.config = merged
     await session.flush()
     return merged
+
+
+async def effective_value(
+    session: AsyncSession,
+    model: type[BaseModel] | None,
+    module: str,
+    tenant_id: str,
+    partner_id: str,
+    key: str,
+) -> Any:
+    """The value of config ``key`` for a tenant: its own override, else its partner's, else
+    the global default (None when the module has no such key)."""
+    for scope_type, scope_id in ((TENANT, tenant_id), (PARTNER, partner_id)):
+        overrides = await scope_config(session, module, scope_type, scope_id)
+        if key in overrides:
+            return overrides[key]
+    return global_config(model).get(key)
