@@ -203,8 +203,13 @@ def archive_layer(upper: Path, out: IO[bytes], base: int, level: int = ZSTD_LEVE
     layer_bytes = entries = skipped = 0
     with (
         compressor.stream_writer(cast(IO[bytes], hashing), closefd=False) as zwriter,
-        tarfile.open(fileobj=zwriter, mode="w|", format=tarfile.PAX_FORMAT) as tar,
+        tarfile.open(
+            fileobj=zwriter, mode="w|", format=tarfile.PAX_FORMAT, bufsize=COPY_BUFFER_BYTES
+        ) as tar,
     ):
+        # 1 MiB file reads instead of tarfile's 16 KiB (``copybufsize`` is missing from
+        # typeshed's TarFile): a third of the archive time on a 500 MB layer.
+        setattr(tar, "copybufsize", COPY_BUFFER_BYTES)  # noqa: B010
         stack = ["."]
         while stack:
             rel = stack.pop()
@@ -294,7 +299,7 @@ def _safe_target(root: str, rel: str) -> str:
 
 def _write_sparse(source: IO[bytes], target: str, size: int) -> None:
     """Copy ``size`` bytes, seeking over all-zero 64 KiB blocks so holes stay holes."""
-    zero = bytes(_SPARSE_BLOCK)
+    zero = bytes(COPY_BUFFER_BYTES)
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         left = size
@@ -303,9 +308,12 @@ def _write_sparse(source: IO[bytes], target: str, size: int) -> None:
             if not block:
                 raise SnapshotCorrupt("archive ends inside a file")
             left -= len(block)
-            view = memoryview(block)
-            for offset in range(0, len(view), _SPARSE_BLOCK):
-                piece = view[offset : offset + _SPARSE_BLOCK]
+            # bytes == bytes is one memcmp; a whole zero block is skipped at once.
+            if block == zero[: len(block)]:
+                os.lseek(fd, len(block), os.SEEK_CUR)
+                continue
+            for offset in range(0, len(block), _SPARSE_BLOCK):
+                piece = block[offset : offset + _SPARSE_BLOCK]
                 if piece == zero[: len(piece)]:
                     os.lseek(fd, len(piece), os.SEEK_CUR)
                 else:
@@ -404,7 +412,7 @@ def restore_layer(
         with (
             archive.open("rb") as raw,
             zstandard.ZstdDecompressor().stream_reader(raw) as reader,
-            tarfile.open(fileobj=reader, mode="r|") as tar,
+            tarfile.open(fileobj=reader, mode="r|", bufsize=COPY_BUFFER_BYTES) as tar,
         ):
             for info in tar:
                 if info.isreg():
