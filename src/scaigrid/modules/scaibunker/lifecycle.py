@@ -33,7 +33,7 @@ from scaigrid import errors
 from scaigrid.modules.scaibunker.accounting import service as accounting
 from scaigrid.modules.scaibunker.bunkers import service as bunker_service
 from scaigrid.modules.scaibunker.bunkers.models import Bunker
-from scaigrid.modules.scaibunker.bunkers.states import TERMINAL, transition
+from scaigrid.modules.scaibunker.bunkers.states import TERMINAL, bunker_lock, transition
 from scaigrid.modules.scaibunker.images.models import Image
 from scaigrid.modules.scaibunker.leadership import Leadership
 from scaigrid.modules.scaibunker.state import ModuleState
@@ -46,8 +46,8 @@ log = structlog.get_logger(__name__)
 
 async def _stop_and_end(state: ModuleState, bunker_id: str, reason: str) -> None:
     """``stopping`` (``reason``) → destroy on the worker → ``expired``."""
-    async with state.db.sessionmaker() as session:
-        bunker = await session.get(Bunker, bunker_id)
+    async with bunker_lock(bunker_id), state.db.sessionmaker() as session:
+        bunker = await session.get(Bunker, bunker_id, with_for_update=True)
         if bunker is None or bunker.status in TERMINAL or bunker.status == "stopping":
             return
         transition(session, bunker, "stopping", reason)
@@ -105,8 +105,8 @@ async def reap_once(state: ModuleState) -> None:
 
 async def _replace_persistent(state: ModuleState, bunker_id: str) -> None:
     """Place a ``pending`` persistent bunker that has no worker and boot it from its image."""
-    async with state.db.sessionmaker() as session:
-        bunker = await session.get(Bunker, bunker_id)
+    async with bunker_lock(bunker_id), state.db.sessionmaker() as session:
+        bunker = await session.get(Bunker, bunker_id, with_for_update=True)
         if bunker is None or bunker.status != "pending" or bunker.worker_id is not None:
             return
         if utcnow() - bunker.status_changed_at > timedelta(
@@ -164,10 +164,10 @@ async def monitor_workers_once(state: ModuleState) -> list[str]:
         for worker in lost:
             worker.connection = "offline"
         await session.commit()
-        bunkers = (
+        bunker_ids = (
             (
                 await session.scalars(
-                    select(Bunker).where(
+                    select(Bunker.id).where(
                         Bunker.worker_id.in_(lost_ids), Bunker.status.not_in(TERMINAL)
                     )
                 )
@@ -175,21 +175,9 @@ async def monitor_workers_once(state: ModuleState) -> list[str]:
             if lost_ids
             else []
         )
-        for bunker in bunkers:
-            if bunker.status == "stopping":
-                end = (
-                    "expired"
-                    if bunker.status_reason in ("idle_timeout", "max_lifetime")
-                    else ("terminated")
-                )
-                transition(session, bunker, end, bunker.status_reason)
-            elif bunker.lifecycle_mode == "persistent":
-                if bunker.status != "pending":
-                    transition(session, bunker, "pending", "worker_lost")
-                bunker.worker_id = None
-            else:
-                transition(session, bunker, "failed", "worker_lost")
-        await session.commit()
+    for bunker_id in bunker_ids:
+        await _fail_out(state, bunker_id, lost_ids)
+    async with state.db.sessionmaker() as session:
         orphans = (
             await session.scalars(
                 select(Bunker.id).where(
@@ -199,13 +187,32 @@ async def monitor_workers_once(state: ModuleState) -> list[str]:
                 )
             )
         ).all()
-    for bunker in bunkers:
-        state.bunker_changed(bunker.id)
     for worker_id in lost_ids:
-        log.warning("worker_lost", worker_id=worker_id, bunkers=len(bunkers))
+        log.warning("worker_lost", worker_id=worker_id, bunkers=len(bunker_ids))
     for bunker_id in orphans:
         await _replace_persistent(state, bunker_id)
     return lost_ids
+
+
+async def _fail_out(state: ModuleState, bunker_id: str, lost_ids: list[str]) -> None:
+    """Apply worker loss to one bunker (SPEC §10.6), re-checked under its lock."""
+    async with bunker_lock(bunker_id), state.db.sessionmaker() as session:
+        bunker = await session.get(Bunker, bunker_id, with_for_update=True)
+        if bunker is None or bunker.status in TERMINAL or bunker.worker_id not in lost_ids:
+            return
+        if bunker.status == "stopping":
+            ends_expired = bunker.status_reason in ("idle_timeout", "max_lifetime")
+            transition(
+                session, bunker, "expired" if ends_expired else "terminated", bunker.status_reason
+            )
+        elif bunker.lifecycle_mode == "persistent":
+            if bunker.status != "pending":
+                transition(session, bunker, "pending", "worker_lost")
+            bunker.worker_id = None
+        else:
+            transition(session, bunker, "failed", "worker_lost")
+        await session.commit()
+    state.bunker_changed(bunker_id)
 
 
 async def _loop(

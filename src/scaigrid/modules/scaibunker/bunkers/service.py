@@ -14,7 +14,12 @@ from scaigrid import errors
 from scaigrid.ids import new_id
 from scaigrid.modules.scaibunker.bunkers.models import Bunker
 from scaigrid.modules.scaibunker.bunkers.schemas import CreateBunkerRequest, iso
-from scaigrid.modules.scaibunker.bunkers.states import TERMINAL, record_creation, transition
+from scaigrid.modules.scaibunker.bunkers.states import (
+    TERMINAL,
+    bunker_lock,
+    record_creation,
+    transition,
+)
 from scaigrid.modules.scaibunker.config import (
     DEFAULT_CPU_MILLICORES,
     DEFAULT_DISK_MB,
@@ -163,22 +168,28 @@ async def _worker_call(state: ModuleState, bunker: Bunker, kind: str) -> None:
 
 async def _pause(state: ModuleState, session: AsyncSession, bunker: Bunker, reason: str) -> None:
     await _worker_call(state, bunker, TaskKind.BUNKER_PAUSE)
-    await session.refresh(bunker)
-    if bunker.status == "running":
+    async with bunker_lock(bunker.id):
+        await session.refresh(bunker, with_for_update=True)
+        if bunker.status != "running":
+            await session.commit()
+            return
         transition(session, bunker, "paused", reason)
         await session.commit()
-        state.bunker_changed(bunker.id)
-        log.info("bunker_paused", bunker_id=bunker.id, reason=reason)
+    state.bunker_changed(bunker.id)
+    log.info("bunker_paused", bunker_id=bunker.id, reason=reason)
 
 
 async def _resume(state: ModuleState, session: AsyncSession, bunker: Bunker, reason: str) -> None:
     await _worker_call(state, bunker, TaskKind.BUNKER_RESUME)
-    await session.refresh(bunker)
-    if bunker.status == "paused":
+    async with bunker_lock(bunker.id):
+        await session.refresh(bunker, with_for_update=True)
+        if bunker.status != "paused":
+            await session.commit()
+            return
         transition(session, bunker, "running", reason)
         await session.commit()
-        state.bunker_changed(bunker.id)
-        log.info("bunker_resumed", bunker_id=bunker.id, reason=reason)
+    state.bunker_changed(bunker.id)
+    log.info("bunker_resumed", bunker_id=bunker.id, reason=reason)
 
 
 async def pause_for(state: ModuleState, bunker_id: str, reason: str) -> None:
@@ -412,8 +423,8 @@ async def set_state(
     Returns:
         True when the transition was applied.
     """
-    async with state.db.sessionmaker() as session:
-        bunker = await session.get(Bunker, bunker_id)
+    async with bunker_lock(bunker_id), state.db.sessionmaker() as session:
+        bunker = await session.get(Bunker, bunker_id, with_for_update=True)
         if bunker is None or bunker.status not in only_from:
             return False
         for key, value in (fields or {}).items():
@@ -536,10 +547,13 @@ async def terminate_bunker(
         errors.BunkerNotFound: unknown or invisible bunker.
     """
     bunker = await get_visible(session, principal, bunker_id)
-    if bunker.status in TERMINAL or bunker.status == "stopping":
-        return bunker
-    transition(session, bunker, "stopping", "api_terminate")
-    await session.commit()
+    async with bunker_lock(bunker_id):
+        await session.refresh(bunker, with_for_update=True)
+        if bunker.status in TERMINAL or bunker.status == "stopping":
+            await session.commit()
+            return bunker
+        transition(session, bunker, "stopping", "api_terminate")
+        await session.commit()
     state.bunker_changed(bunker_id)
     await destroy_on_worker(state, bunker.worker_id, bunker_id)
     await set_state(state, bunker_id, "terminated", "api_terminate", only_from=("stopping",))

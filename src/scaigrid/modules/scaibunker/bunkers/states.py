@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from datetime import datetime
 from typing import Final
 
@@ -31,6 +33,24 @@ ALLOWED: Final[frozenset[tuple[str, str]]] = frozenset(
         ("paused", "pending"),
     }
 )
+
+
+_LOCKS: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+
+
+def bunker_lock(bunker_id: str) -> asyncio.Lock:
+    """The in-process lock of one bunker's state.
+
+    Hold it around read-check-transition-commit so two tasks of this process (a provision
+    step and a terminate, say) cannot both act on the same stale state; callers re-read the
+    bunker inside it. Between controller processes on PostgreSQL or MariaDB the row lock
+    taken by re-reading ``with_for_update`` does the same.
+    """
+    lock = _LOCKS.get(bunker_id)
+    if lock is None:
+        lock = asyncio.Lock()
+        _LOCKS[bunker_id] = lock
+    return lock
 
 
 class IllegalTransition(errors.Conflict):
