@@ -133,3 +133,17 @@ async def test_config_merges_resets_with_null_and_refuses_bad_keys(
     assert got["scope_config"] == {"exec_limits": {"default_timeout_s": 30}}
     user = await make_identity(role="tenant_user", tenant=boss.tenant_slug)
     assert _code(await client.get(url, headers=user.headers), 403) == "AUTHZ_PERMISSION_DENIED"
+
+
+async def test_custom_roles_only_take_keys_of_enabled_modules(
+    platform_client: httpx.AsyncClient, make_identity: MakeIdentity
+) -> None:
+    boss = await make_identity(role="tenant_admin")
+    role = {"name": "r", "module_permissions": ["scaibunker:files"]}
+    assert (await platform_client.post(f"{BASE}/disable", headers=boss.headers)).status_code == 200
+    refused = await platform_client.post("/v1/iam/custom-roles", json=role, headers=boss.headers)
+    assert _code(refused, 422) == "VALIDATION_ERROR"
+    assert refused.json()["error"]["details"][0]["field"] == "module_permissions[0]"
+    assert (await platform_client.post(f"{BASE}/enable", headers=boss.headers)).status_code == 200
+    made = await platform_client.post("/v1/iam/custom-roles", json=role, headers=boss.headers)
+    assert made.status_code == 201

@@ -23,6 +23,7 @@ from scaigrid.platform.db import get_session
 from scaigrid.platform.envelope import ok, ok_list
 from scaigrid.platform.iam import service as iam
 from scaigrid.platform.iam.models import CustomRole, Group, GroupMember, RoleMapping, UserRole
+from scaigrid.platform.modules.service import is_enabled
 from scaigrid.platform.pagination import Cursor, Limit, page
 from scaigrid.platform.permissions import CORE_PERMISSIONS, permissions_for_role
 from scaigrid.platform.tenancy.models import User
@@ -138,13 +139,21 @@ async def put_module_permissions(
 async def create_custom_role(
     body: CustomRoleIn, principal: CurrentPrincipal, session: Session
 ) -> JSONResponse:
-    """Create a custom role in ``tenant_id`` (default: the caller's)."""
+    """Create a custom role in ``tenant_id`` (default: the caller's). ``module_permissions``
+    may only name keys of modules enabled for the tenant (422 otherwise)."""
     tenant = await administered_tenant(session, principal, body.tenant_id or principal.tenant_id)
     core = iam.validate_keys(body.core_permissions, CORE_PERMISSIONS, "core_permissions")
     module = iam.validate_keys(
         body.module_permissions, iam.MODULE_PERMISSIONS, "module_permissions"
     )
     iam.check_grantable(principal, [*core, *module])
+    for index, key in enumerate(module):
+        name = key.split(":", 1)[0]
+        if not await is_enabled(session, name, tenant.id, tenant.partner_id):
+            raise errors.ValidationFailed(
+                f"The {name} module is not enabled for this tenant",
+                details=[{"field": f"module_permissions[{index}]", "message": "module disabled"}],
+            )
     if await session.scalar(
         select(CustomRole.id).where(CustomRole.tenant_id == tenant.id, CustomRole.name == body.name)
     ):
