@@ -1,7 +1,8 @@
 """OCI pull from a registry that wants bearer tokens (Docker Registry token authentication,
 the scheme Docker Hub uses for anonymous pulls): the real ``docker-registry`` configured with
 ``auth: token``, and a token server on loopback that signs RS256 JWTs with a self-signed
-certificate the registry trusts. Anonymous token requests get pull access only.
+certificate the registry trusts. Anonymous token requests get pull access to repositories
+outside ``private/``; the credentials ``pusher:secret`` get push and pull everywhere.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ class _TokenServer(BaseHTTPRequestHandler):
         for scope in query.get("scope", []):
             kind, name, actions = scope.split(":", 2)
             wanted = actions.split(",")
-            granted = [a for a in wanted if a == "pull" or (pusher and a == "push")]
+            public = not name.startswith("private/")
+            granted = [a for a in wanted if pusher or (a == "pull" and public)]
             access.append({"type": kind, "name": name, "actions": granted})
         self.requests.append({"scope": query.get("scope", []), "pusher": pusher})
         now = datetime.datetime.now(datetime.UTC)
@@ -149,7 +151,7 @@ def token_registry() -> Iterator[tuple[str, list[dict[str, Any]]]]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _push(host: str, work: Path) -> str:
+def _push(host: str, work: Path, repo: str = "auth/app") -> str:
     with tarfile.open(work / "layer.tar", "w") as tar:
         tar.add(shutil.which("busybox") or "/bin/busybox", arcname="bin/busybox")
     layout = work / "layout"
@@ -159,7 +161,7 @@ def _push(host: str, work: Path) -> str:
         ["umoci", "raw", "add-layer", "--image", f"{layout}:t", str(work / "layer.tar")],
         check=True,
     )
-    ref = f"{host}/auth/app:v1"
+    ref = f"{host}/{repo}:v1"
     subprocess.run(
         [
             "skopeo",
@@ -200,3 +202,25 @@ async def test_missing_repository_behind_token_auth_fails(
     cache = ImageCache(work / "cache", insecure_registries=frozenset({host}))
     with pytest.raises(ImageBuildError, match="manifest unknown"):
         await cache.ensure("img_nope", {"kind": "oci", "ref": f"{host}/auth/none:v1"})
+
+
+async def test_private_repository_needs_the_operator_auth_file(
+    token_registry: tuple[str, list[dict[str, Any]]], work: Path
+) -> None:
+    host, requests = token_registry
+    ref = _push(host, work, "private/app")
+    anonymous = ImageCache(work / "anon", insecure_registries=frozenset({host}))
+    with pytest.raises(ImageBuildError, match=r"(?i)unauthorized|denied|authentication required"):
+        await anonymous.ensure("img_private", {"kind": "oci", "ref": ref})
+    auth_file = work / "auth.json"
+    auth_file.write_text(
+        json.dumps({"auths": {host: {"auth": base64.b64encode(b"pusher:secret").decode()}}})
+    )
+    auth_file.chmod(0o600)
+    requests.clear()
+    cache = ImageCache(
+        work / "cache", insecure_registries=frozenset({host}), registry_auth_file=auth_file
+    )
+    tree = await cache.ensure("img_private", {"kind": "oci", "ref": ref})
+    assert (tree / "bin" / "busybox").is_file()
+    assert requests and all(r["pusher"] for r in requests)

@@ -304,7 +304,11 @@ async def build_daemon(settings: WorkerSettings) -> WorkerDaemon:
     drivers = await asyncio.to_thread(make_drivers, settings)
     launch = await asyncio.to_thread(prepare_agent_launch, settings)
     images = ImageStore(
-        ImageCache(settings.data_dir / "images", insecure_registries=settings.insecure_registries)
+        ImageCache(
+            settings.data_dir / "images",
+            insecure_registries=settings.insecure_registries,
+            registry_auth_file=settings.registry_auth_file,
+        )
     )
     supervisor = BunkerSupervisor(
         drivers=drivers,
@@ -382,6 +386,11 @@ async def serve(settings: WorkerSettings) -> int:
 @click.option("--cgroup-parent", help="Cgroup directory of this worker's bunkers.")
 @click.option(
     "--insecure-registries", help="Registry hosts pulled over plain HTTP, host:port,host:port."
+)
+@click.option(
+    "--registry-auth-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="containers-auth.json with registry credentials for OCI pulls.",
 )
 @click.option(
     "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help="Log level."

@@ -46,6 +46,9 @@ Every setting is read from an environment variable with the prefix ``SCAIBUNKER_
 - ``insecure_registries`` (``SCAIBUNKER_INSECURE_REGISTRIES``, default none): registry
   hosts (``host:port``, comma-separated) that OCI image pulls reach over plain HTTP without
   certificate checks, e.g. a registry on 127.0.0.1; every other registry needs valid HTTPS.
+- ``registry_auth_file`` (``SCAIBUNKER_REGISTRY_AUTH_FILE``, default none): a
+  containers-auth.json(5) file (as written by ``skopeo login``) with the operator's registry
+  credentials for OCI pulls; without it pulls are anonymous.
 """
 
 from __future__ import annotations
@@ -85,6 +88,7 @@ class WorkerSettings(BaseSettings):
     audit_dir: Path | None = None
     log_level: LogLevel = "info"
     insecure_registries: Annotated[frozenset[str], NoDecode] = Field(default_factory=frozenset)
+    registry_auth_file: Path | None = None
     vm_kernel: Path | None = None
     vm_initramfs: Path | None = None
     vm_accel: Literal["kvm", "tcg"] | None = None

@@ -98,6 +98,8 @@ class ImageCache:
         pull_timeout_s: deadline of one OCI pull (a registry that stalls is cut off here).
         insecure_registries: registry hosts (``host:port``) an OCI pull reaches over plain
             HTTP without certificate checks; every other registry needs valid HTTPS.
+        registry_auth_file: containers-auth.json with the operator's registry credentials
+            (OCI pulls are anonymous when ``None``).
     """
 
     def __init__(
@@ -108,12 +110,14 @@ class ImageCache:
         debootstrap_timeout_s: float = 1800.0,
         pull_timeout_s: float = 1800.0,
         insecure_registries: frozenset[str] = frozenset(),
+        registry_auth_file: Path | None = None,
     ) -> None:
         self.cache_dir = cache_dir
         self.id_base = id_base
         self.debootstrap_timeout_s = debootstrap_timeout_s
         self.pull_timeout_s = pull_timeout_s
         self.insecure_registries = insecure_registries
+        self.registry_auth_file = registry_auth_file
         self._locks: dict[str, asyncio.Lock] = {}
         cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
 
@@ -270,10 +274,17 @@ class ImageCache:
 
     async def _populate_oci(self, tree: Path, ref_text: str) -> str:
         ref = OciReference(ref_text)
-        insecure = self.insecure_registries
-        digest = await resolve_digest(ref, insecure_hosts=insecure)
+        insecure, auth = self.insecure_registries, self.registry_auth_file
+        digest = await resolve_digest(ref, insecure_hosts=insecure, auth_file=auth)
         layout, bundle = tree.parent / "layout", tree.parent / "bundle"
-        await pull(ref, digest, layout, insecure_hosts=insecure, timeout_s=self.pull_timeout_s)
+        await pull(
+            ref,
+            digest,
+            layout,
+            insecure_hosts=insecure,
+            auth_file=auth,
+            timeout_s=self.pull_timeout_s,
+        )
         members = await asyncio.to_thread(check_layout_layers, layout)
         rootfs = await unpack(layout, bundle, timeout_s=self.pull_timeout_s)
         await asyncio.to_thread(_replace_dir, tree, rootfs)

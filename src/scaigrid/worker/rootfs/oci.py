@@ -18,7 +18,10 @@ Pipeline for ``{"kind": "oci", "ref": "registry/repo:tag"}`` (SPEC §7.2, HOST-N
    modes and extended attributes exactly.
 
 Registries are reached over HTTPS with certificate checks, except the hosts named in
-``insecure_hosts`` (plain HTTP, for a local test registry).
+``insecure_hosts`` (plain HTTP, for a local test registry). Pulls are anonymous unless the
+worker's operator gives an ``auth_file`` (containers-auth.json(5), the format of ``skopeo
+login`` / ``docker login``): then skopeo presents the credentials it holds for the registry.
+Tenants never supply credentials (SPEC §7.2).
 """
 
 from __future__ import annotations
@@ -90,6 +93,10 @@ def _tls_flag(ref: OciReference, insecure_hosts: Collection[str], flag: str) -> 
     return [f"--{flag}=false"] if ref.host in insecure_hosts else []
 
 
+def _auth_flag(auth_file: Path | None) -> list[str]:
+    return ["--authfile", str(auth_file)] if auth_file is not None else []
+
+
 def _registry_reason(exc: CommandError) -> str:
     """The registry's own words from a failed skopeo run (its last stderr line)."""
     if exc.result is None:
@@ -101,7 +108,11 @@ def _registry_reason(exc: CommandError) -> str:
 
 
 async def resolve_digest(
-    ref: OciReference, *, insecure_hosts: Collection[str] = (), timeout_s: float = 120.0
+    ref: OciReference,
+    *,
+    insecure_hosts: Collection[str] = (),
+    auth_file: Path | None = None,
+    timeout_s: float = 120.0,
 ) -> str:
     """Pin ``ref`` to the ``sha256:<hex>`` of the manifest (or list/index) it names now.
 
@@ -118,6 +129,7 @@ async def resolve_digest(
         "--retry-times",
         "2",
         *_tls_flag(ref, insecure_hosts, "tls-verify"),
+        *_auth_flag(auth_file),
         ref.transport(),
     ]
     try:
@@ -140,6 +152,7 @@ async def pull(
     layout: Path,
     *,
     insecure_hosts: Collection[str] = (),
+    auth_file: Path | None = None,
     timeout_s: float = 1800.0,
     retries: int = 2,
 ) -> None:
@@ -150,6 +163,7 @@ async def pull(
         digest: manifest digest from :func:`resolve_digest`.
         layout: directory for the OCI layout (created by skopeo).
         insecure_hosts: registry hosts reached over plain HTTP.
+        auth_file: containers-auth.json with registry credentials (anonymous when ``None``).
         timeout_s: deadline of the whole copy; a registry that stalls is cut off here.
         retries: skopeo's retries of a failed request.
 
@@ -170,6 +184,7 @@ async def pull(
         "--retry-times",
         str(retries),
         *_tls_flag(ref, insecure_hosts, "src-tls-verify"),
+        *_auth_flag(auth_file),
         ref.transport(digest=digest),
         f"oci:{layout}:{_LAYOUT_TAG}",
     ]
