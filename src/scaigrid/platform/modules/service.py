@@ -119,8 +119,18 @@ async def effective_value(
 ) -> Any:
     """The value of config ``key`` for a tenant: its own override, else its partner's, else
     the global default (None when the module has no such key)."""
-    for scope_type, scope_id in ((TENANT, tenant_id), (PARTNER, partner_id)):
-        overrides = await scope_config(session, module, scope_type, scope_id)
+    rows = {
+        row.scope_type: row.config
+        for row in await session.scalars(
+            select(ModuleScope).where(
+                ModuleScope.module == module,
+                ((ModuleScope.scope_type == TENANT) & (ModuleScope.scope_id == tenant_id))
+                | ((ModuleScope.scope_type == PARTNER) & (ModuleScope.scope_id == partner_id)),
+            )
+        )
+    }
+    for scope_type in (TENANT, PARTNER):
+        overrides = rows.get(scope_type) or {}
         if key in overrides:
             return overrides[key]
     return global_config(model).get(key)
