@@ -288,3 +288,76 @@ async def test_real_firecracker_boots_the_agent(fc_data: Path, make_spec: SpecFa
         await client.close()
     finally:
         await driver.stop(spec.bunker_id)
+
+
+@pytest.fixture
+def bunker_netns() -> Iterator[str]:
+    """A namespace shaped like the network manager's: ``eth0`` (a veth whose peer stays in
+    the root namespace) with 10.254.254.2/30 and a default route via .1."""
+    import uuid
+
+    from pyroute2 import netns
+
+    from scaigrid.worker.net.manager import create_netns, ipr_in
+
+    name = f"sbvmfc-{uuid.uuid4().hex[:8]}"
+    peer = f"sbvp{uuid.uuid4().hex[:8]}"
+    create_netns(name)
+
+    def outside(ipr: Any) -> None:
+        ipr.link("add", ifname=peer, kind="veth", peer={"ifname": "eth0", "net_ns_fd": name})
+
+    def inside(ipr: Any) -> None:
+        index = ipr.link_lookup(ifname="eth0")[0]
+        ipr.addr("add", index=index, address="10.254.254.2", prefixlen=30)
+        ipr.link("set", index=index, state="up")
+        ipr.route("add", dst="0.0.0.0/0", gateway="10.254.254.1")
+
+    try:
+        ipr_in(None, outside)
+        ipr_in(name, inside)
+        yield f"/var/run/netns/{name}"
+    finally:
+        netns.remove(name)
+
+
+async def test_a_network_gets_a_tap_nic_and_the_vmm_runs_in_the_namespace(
+    swagger: dict[str, Any],
+    fake_bin: Path,
+    fc_log: Path,
+    fc_data: Path,
+    make_spec: SpecFactory,
+    bunker_netns: str,
+) -> None:
+    from scaigrid.worker.net.manager import ipr_in
+    from scaigrid.worker.vm.network import BRIDGE, TAP, guest_mac
+
+    driver = fake_driver(fake_bin, fc_data)
+    spec = make_spec(netns_path=bunker_netns)
+    handle = await driver.start(spec)
+    try:
+        api = [c for c in calls(fc_log) if "method" in c]
+        for call in api:
+            validate_call(swagger, call["method"], call["path"], call["body"])
+        by_path = {c["path"]: c["body"] for c in api}
+        assert by_path["/network-interfaces/eth0"] == {
+            "iface_id": "eth0",
+            "host_dev_name": TAP,
+            "guest_mac": guest_mac(spec.bunker_id),
+        }
+        vmm_netns = os.readlink(f"/proc/{handle.process.pid}/ns/net")
+        assert vmm_netns != os.readlink("/proc/self/ns/net")
+
+        def links(ipr: Any) -> dict[str, Any]:
+            return {
+                link.get_attr("IFLA_IFNAME"): link.get_attr("IFLA_MASTER")
+                for link in ipr.get_links()
+            }
+
+        found = ipr_in(os.path.basename(bunker_netns), links)
+        bridge_index = ipr_in(
+            os.path.basename(bunker_netns), lambda ipr: ipr.link_lookup(ifname=BRIDGE)[0]
+        )
+        assert found["eth0"] == bridge_index and found[TAP] == bridge_index
+    finally:
+        await driver.stop(spec.bunker_id)

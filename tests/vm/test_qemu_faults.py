@@ -82,10 +82,11 @@ async def test_a_restarted_worker_kills_the_vms_it_finds(
     await qemu_driver.stop(spec.bunker_id)
 
 
-async def test_a_network_namespace_is_refused_before_anything_starts(
+async def test_a_missing_network_namespace_fails_the_boot_and_leaves_nothing(
     qemu_driver: QemuDriver, make_spec: SpecFactory
 ) -> None:
-    spec = make_spec(netns_path="/var/run/netns/not-used")
-    with pytest.raises(DriverError, match="only the 'isolated' network profile"):
+    spec = make_spec(netns_path="/var/run/netns/sbvm-no-such-namespace")
+    with pytest.raises(DriverError, match="cannot give the VM its network"):
         await qemu_driver.start(spec)
     assert not (qemu_driver._bunkers_dir / spec.bunker_id).exists()
+    assert _qemu_pids_for(spec.bunker_id) == []

@@ -107,3 +107,35 @@ def test_a_container_bunker_is_placed_on_the_container_driver(vm_stack: Stack) -
         bunker = _create(client, isolation="container")
         assert (bunker["driver"], bunker["isolation"]) == ("container", "container")
         client.delete(f"{BASE}/bunkers/{bunker['id']}")
+
+
+DNS_PROBE = "nslookup scaibunker-probe.invalid 2>&1; cat /etc/resolv.conf; ip -4 route"
+
+
+def _dns(client: httpx.Client, bunker_id: str) -> str:
+    ran = client.post(f"{BASE}/bunkers/{bunker_id}/exec", json={"command": DNS_PROBE})
+    assert ran.status_code == 200, ran.text
+    return str(ran.json()["data"]["stdout"])
+
+
+def test_a_network_profile_works_the_same_in_a_microvm_and_a_container(
+    vm_stack: Stack,
+) -> None:
+    """The ``registry`` profile: the bunker's resolver (its gateway) answers and refuses a
+    name outside the registry list, in a VM exactly as in a container."""
+    with vm_stack.client(timeout_s=240) as client:
+        vm = _create(client, network_profile="registry")
+        assert vm["driver"] == "qemu"
+        container = _create(client, network_profile="registry", isolation="container")
+        try:
+            in_vm, in_container = _dns(client, vm["id"]), _dns(client, container["id"])
+        finally:
+            client.delete(f"{BASE}/bunkers/{vm['id']}")
+            client.delete(f"{BASE}/bunkers/{container['id']}")
+    for output in (in_vm, in_container):
+        assert "can't find scaibunker-probe.invalid" in output, output
+        assert "timed out" not in output
+        assert "default via" in output and "nameserver" in output
+    # The guest's resolver is its gateway, as for the container.
+    vm_gateway = in_vm.split("default via ")[1].split()[0]
+    assert f"nameserver {vm_gateway}" in in_vm

@@ -11,8 +11,8 @@ tests). Boot, per bunker (state in ``data_dir/firecracker/<bunker_id>/``, mode 0
    --exec-file <firecracker> --uid --gid --chroot-base-dir <dir> -- --api-sock ...``, with
    every file hard-linked into the chroot and API paths given relative to it);
 3. ``PUT /machine-config``, ``PUT /boot-source``, ``PUT /drives/{rootfs,scratch,runtime}``,
-   ``PUT /vsock`` (guest CID 3, ``uds_path`` in the state dir), then ``PUT /actions``
-   ``InstanceStart``;
+   ``PUT /network-interfaces/eth0`` (with a network), ``PUT /vsock`` (guest CID 3,
+   ``uds_path`` in the state dir), then ``PUT /actions`` ``InstanceStart``;
 4. wait for the agent's ``agent.ready`` line on the serial console (Firecracker's stdout).
 
 The agent listens on vsock port :data:`AGENT_VSOCK_PORT`; the host connects to the vsock
@@ -21,7 +21,10 @@ the stream is the agent's (a fresh connection each time, so no resync handshake)
 Pause/resume are ``PATCH /vm {"state": "Paused"|"Resumed"}``. Stop kills the process and
 removes the state (and chroot) directory; it works from the id alone.
 
-No network interface is attached yet (loopback only, the ``isolated`` profile).
+Networking: for any profile but ``isolated`` the bunker's namespace is rewired for a tap
+(:mod:`scaigrid.worker.vm.network`), Firecracker runs in that namespace (``nsenter
+--net``) with ``PUT /network-interfaces/eth0`` on the tap, and the guest takes the
+namespace's address, route and resolver.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from typing import Any
 
 import httpx
 import structlog
+from pyroute2.netlink.exceptions import NetlinkError
 
 from scaigrid.ids import is_id
 from scaigrid.worker.drivers.base import BunkerHandle, BunkerSpec, DriverError, DriverInfo
@@ -57,6 +61,13 @@ from scaigrid.worker.vm.disks import (
     guest_agent_argv,
     prepare_guest_disks,
     remove_tree,
+)
+from scaigrid.worker.vm.network import (
+    TAP,
+    GuestNetwork,
+    VmNetworkError,
+    attach_tap,
+    guest_network_script,
 )
 
 log = structlog.get_logger(__name__)
@@ -92,6 +103,7 @@ def api_calls(
     memory_mb: int,
     disks: Mapping[str, tuple[str, bool]],
     vsock_uds: str,
+    nic: tuple[str, str] | None = None,
 ) -> list[tuple[str, str, dict[str, Any]]]:
     """The configuration calls before ``InstanceStart``: ``[(method, path, body)]``.
 
@@ -101,6 +113,7 @@ def api_calls(
         vcpus, memory_mb: machine size.
         disks: ``{drive_id: (path, read_only)}`` in ``/dev/vdX`` order.
         vsock_uds: vsock unix socket path as Firecracker sees it.
+        nic: ``(tap device, guest MAC)`` of the guest's ``eth0``, if any.
     """
     calls: list[tuple[str, str, dict[str, Any]]] = [
         (
@@ -126,6 +139,14 @@ def api_calls(
                     "is_read_only": read_only,
                     "cache_type": "Unsafe",
                 },
+            )
+        )
+    if nic is not None:
+        calls.append(
+            (
+                "PUT",
+                "/network-interfaces/eth0",
+                {"iface_id": "eth0", "host_dev_name": nic[0], "guest_mac": nic[1]},
             )
         )
     calls.append(("PUT", "/vsock", {"guest_cid": GUEST_CID, "uds_path": vsock_uds}))
@@ -293,21 +314,17 @@ class FirecrackerDriver:
         """Boot a microVM for ``spec``; return once its agent logged ``agent.ready``.
 
         Raises:
-            DriverError: a network namespace was asked for (only ``isolated`` runs yet),
-                disks, the API or the boot failed (a boot failure ends with the
+            DriverError: the network namespace could not be rewired, or disks, the API
+                or the boot failed (a boot failure ends with the
                 console tail); nothing is left behind.
         """
         state_dir = self._state_dir(spec.bunker_id)
         if spec.agent_runtime is None:
             raise DriverError("the firecracker driver needs the agent runtime")
-        if spec.netns_path is not None:
-            raise DriverError(
-                "the firecracker driver runs only the 'isolated' network profile so far "
-                "(no tap device in the bunker's network namespace yet)"
-            )
         await asyncio.to_thread(remove_tree, state_dir)
         await asyncio.to_thread(state_dir.mkdir, 0o700)
         try:
+            network = await self._attach_network(spec)
             try:
                 disks = await prepare_guest_disks(
                     rootfs=spec.rootfs,
@@ -320,11 +337,12 @@ class FirecrackerDriver:
                         guest_agent_argv(spec.init_argv, ("--vsock", str(AGENT_VSOCK_PORT))),
                         spec.env,
                         spec.hostname,
+                        network=guest_network_script(network) if network is not None else (),
                     ),
                 )
             except DiskError as exc:
                 raise DriverError(str(exc)) from exc
-            return await self._boot(spec, state_dir, disks)
+            return await self._boot(spec, state_dir, disks, network)
         except BaseException:
             await self.stop(spec.bunker_id)
             raise
@@ -334,8 +352,21 @@ class FirecrackerDriver:
         ``data_dir/jail``, short enough for unix socket paths inside it)."""
         return self.data_dir / "jail" / Path(self.binary).name / bunker_id
 
+    @staticmethod
+    async def _attach_network(spec: BunkerSpec) -> GuestNetwork | None:
+        if spec.netns_path is None:
+            return None
+        try:
+            return await asyncio.to_thread(attach_tap, spec.netns_path, spec.bunker_id)
+        except (VmNetworkError, NetlinkError, OSError) as exc:
+            raise DriverError(f"cannot give the VM its network: {exc}") from exc
+
     async def _boot(
-        self, spec: BunkerSpec, state_dir: Path, disks: GuestDisks
+        self,
+        spec: BunkerSpec,
+        state_dir: Path,
+        disks: GuestDisks,
+        network: GuestNetwork | None,
     ) -> FirecrackerHandle:
         files = {
             "kernel": self.artifacts.kernel,
@@ -371,6 +402,8 @@ class FirecrackerDriver:
             api_socket, vsock_socket = state_dir / "api.sock", state_dir / "vsock.sock"
             vsock_path = str(vsock_socket)
             argv = [self.binary, "--api-sock", str(api_socket)]
+        if spec.netns_path is not None:
+            argv = ["nsenter", f"--net={spec.netns_path}", "--", *argv]
         try:
             process = await asyncio.create_subprocess_exec(
                 *argv,
@@ -402,6 +435,7 @@ class FirecrackerDriver:
                 "runtime": (seen["runtime"], True),
             },
             vsock_uds=vsock_path,
+            nic=(TAP, network.mac) if network is not None else None,
         )
         for method, path, body in calls:
             await handle.api(method, path, body)

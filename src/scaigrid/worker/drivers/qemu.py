@@ -22,7 +22,10 @@ Devices are data (:class:`Drive`, :class:`SerialPort`) turned into arguments in 
   agent's ``agent.ready`` line on the console ends the boot wait, and the tail is the
   reason of a failed boot.
 
-No network device is attached yet: the guest has loopback only (the ``isolated`` profile).
+Networking: for any profile but ``isolated`` the bunker's network namespace is rewired for
+a tap (:mod:`scaigrid.worker.vm.network`), QEMU runs inside that namespace
+(``nsenter --net``) with a virtio-net device on the tap, and the guest takes the
+namespace's address, route and resolver; ``isolated`` bunkers get no NIC (loopback only).
 
 State per bunker: ``data_dir/qemu/<bunker_id>/`` (0700) with the sockets, the scratch
 disk and ``qemu.pid``; :meth:`QemuDriver.stop` works from the id alone and kills a QEMU
@@ -43,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
+from pyroute2.netlink.exceptions import NetlinkError
 from qemu.qmp import QMPClient, QMPError
 
 from scaigrid.agent.serial import host_handshake
@@ -63,6 +67,13 @@ from scaigrid.worker.vm.disks import (
     guest_agent_argv,
     prepare_guest_disks,
     remove_tree,
+)
+from scaigrid.worker.vm.network import (
+    TAP,
+    GuestNetwork,
+    VmNetworkError,
+    attach_tap,
+    guest_network_script,
 )
 
 log = structlog.get_logger(__name__)
@@ -100,6 +111,14 @@ class SerialPort:
 
 
 @dataclass(frozen=True)
+class Nic:
+    """A virtio-net device backed by an existing tap device."""
+
+    tap: str
+    mac: str
+
+
+@dataclass(frozen=True)
 class MachineConfig:
     """Everything :func:`qemu_argv` turns into a command line.
 
@@ -112,6 +131,8 @@ class MachineConfig:
         qmp_socket: QMP unix socket QEMU listens on.
         drives: disks, in ``/dev/vdX`` order.
         ports: virtio-serial ports.
+        nics: virtio-net devices on tap devices of ``netns_path``.
+        netns_path: network namespace QEMU runs in (``nsenter --net``), if any.
     """
 
     accel: str
@@ -123,6 +144,8 @@ class MachineConfig:
     qmp_socket: Path | None = None
     drives: tuple[Drive, ...] = ()
     ports: tuple[SerialPort, ...] = ()
+    nics: tuple[Nic, ...] = ()
+    netns_path: str | None = None
     extra: tuple[str, ...] = field(default=())
 
 
@@ -133,7 +156,9 @@ def kernel_cmdline(tsc_khz: int, *extra: str) -> str:
 
 def qemu_argv(machine: MachineConfig, binary: str = QEMU_BINARY) -> list[str]:
     """The QEMU command line for ``machine`` (serial console on stdout)."""
+    prefix = ["nsenter", f"--net={machine.netns_path}", "--"] if machine.netns_path else []
     argv = [
+        *prefix,
         binary,
         "-accel",
         machine.accel,
@@ -172,6 +197,13 @@ def qemu_argv(machine: MachineConfig, binary: str = QEMU_BINARY) -> list[str]:
             f"socket,id={chardev},path={port.socket},server=on,wait=off",
             "-device",
             f"virtserialport,chardev={chardev},name={port.name}",
+        ]
+    for index, nic in enumerate(machine.nics):
+        argv += [
+            "-netdev",
+            f"tap,id=net{index},ifname={nic.tap},script=no,downscript=no",
+            "-device",
+            f"virtio-net-device,netdev=net{index},mac={nic.mac}",
         ]
     return [*argv, *machine.extra]
 
@@ -341,36 +373,44 @@ class QemuDriver:
         """Boot a microVM for ``spec``; return once its agent logged ``agent.ready``.
 
         Raises:
-            DriverError: a network namespace was asked for (only ``isolated`` runs yet), a
-                disk could not be made, QEMU failed, or the agent was not ready
+            DriverError: the network namespace could not be rewired, a disk could not be
+                made, QEMU failed, or the agent was not ready
                 within ``boot_timeout_s`` (the message ends with the console tail);
                 nothing is left behind.
         """
         state_dir = self._state_dir(spec.bunker_id)
         if spec.agent_runtime is None:
             raise DriverError("the qemu driver needs the agent runtime")
-        if spec.netns_path is not None:
-            raise DriverError(
-                "the qemu driver runs only the 'isolated' network profile so far "
-                "(no tap device in the bunker's network namespace yet)"
-            )
         await asyncio.to_thread(remove_tree, state_dir)
         await asyncio.to_thread(state_dir.mkdir, 0o700)
         try:
-            machine = await self._prepare(spec, state_dir)
+            network = await self._attach_network(spec)
+            machine = await self._prepare(spec, state_dir, network)
             handle = await self._launch(spec.bunker_id, state_dir, machine)
         except BaseException:
             await self.stop(spec.bunker_id)
             raise
         return handle
 
-    async def _prepare(self, spec: BunkerSpec, state_dir: Path) -> MachineConfig:
+    @staticmethod
+    async def _attach_network(spec: BunkerSpec) -> GuestNetwork | None:
+        if spec.netns_path is None:
+            return None
+        try:
+            return await asyncio.to_thread(attach_tap, spec.netns_path, spec.bunker_id)
+        except (VmNetworkError, NetlinkError, OSError) as exc:
+            raise DriverError(f"cannot give the VM its network: {exc}") from exc
+
+    async def _prepare(
+        self, spec: BunkerSpec, state_dir: Path, network: GuestNetwork | None
+    ) -> MachineConfig:
         assert spec.agent_runtime is not None
         try:
             boot = boot_script(
                 guest_agent_argv(spec.init_argv, ("--serial", AGENT_PORT_NAME)),
                 spec.env,
                 spec.hostname,
+                network=guest_network_script(network) if network is not None else (),
             )
             disks = await prepare_guest_disks(
                 rootfs=spec.rootfs,
@@ -397,6 +437,8 @@ class QemuDriver:
                 Drive("runtime", disks.runtime, readonly=True),
             ),
             ports=(SerialPort(AGENT_PORT_NAME, state_dir / "agent.sock"),),
+            nics=(Nic(TAP, network.mac),) if network is not None else (),
+            netns_path=spec.netns_path,
         )
 
     def base_disk_path(self, rootfs: Path) -> Path:
