@@ -15,6 +15,7 @@ from scaigrid.agent.serial import H2_PREFACE, agent_handshake, host_handshake
 from scaigrid.worker.drivers.qemu import (
     Drive,
     MachineConfig,
+    Nic,
     SerialPort,
     kernel_cmdline,
     qemu_argv,
@@ -123,6 +124,23 @@ def test_qemu_command_line_is_built_from_device_data(tmp_path: Path) -> None:
     assert f"id=s,file={tmp_path}/s,format=raw,if=none,cache=unsafe" in argv
     assert "virtserialport,chardev=port0,name=agent" in argv
     assert joined.index("drive=base") < joined.index("drive=s")
+
+
+def test_a_nic_runs_qemu_inside_the_bunker_namespace(tmp_path: Path) -> None:
+    machine = MachineConfig(
+        accel="tcg",
+        vcpus=1,
+        memory_mb=256,
+        kernel=tmp_path / "vmlinux",
+        initramfs=tmp_path / "initrd",
+        cmdline=kernel_cmdline(2100000),
+        nics=(Nic("vmtap0", "02:00:00:00:00:01"),),
+        netns_path="/var/run/netns/sb-x",
+    )
+    argv = qemu_argv(machine)
+    assert argv[:3] == ["nsenter", "--net=/var/run/netns/sb-x", "--"]
+    assert "tap,id=net0,ifname=vmtap0,script=no,downscript=no" in argv
+    assert "virtio-net-device,netdev=net0,mac=02:00:00:00:00:01" in argv
 
 
 def test_agent_needs_exactly_one_transport() -> None:
