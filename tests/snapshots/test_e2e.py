@@ -71,8 +71,8 @@ def snap_stack(s3_server: S3Server) -> Iterator[tuple[Stack, Proxy]]:
 def fleet(snap_stack: tuple[Stack, Proxy]) -> Iterator[tuple[Stack, ExtraWorker, str]]:
     """The stack, worker B (extra process, busybox warmed) and worker A's id (dev worker)."""
     stack, _proxy = snap_stack
-    tar_path = build_busybox_tar(Path(tempfile.mkdtemp(dir="/var/tmp")))
-    stack.register_image("busybox", {"kind": "tar", "path": str(tar_path)})
+    tar_dir = Path(tempfile.mkdtemp(dir="/var/tmp"))
+    stack.register_image("busybox", {"kind": "tar", "path": str(build_busybox_tar(tar_dir))})
     data_dir = Path(tempfile.mkdtemp(prefix="scaibunker-snap-b-", dir="/var/tmp"))
     os.chmod(data_dir, 0o755)
     worker = ExtraWorker(stack, data_dir)
@@ -87,6 +87,7 @@ def fleet(snap_stack: tuple[Stack, Proxy]) -> Iterator[tuple[Stack, ExtraWorker,
     finally:
         worker.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
+        shutil.rmtree(tar_dir, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
@@ -266,3 +267,18 @@ def test_another_tenants_snapshot_is_404(fleet: tuple[Stack, ExtraWorker, str]) 
         assert thief.get(f"{BASE}/snapshots").json()["data"] == []
     with stack.client() as client:
         assert client.get(f"{BASE}/snapshots/{taken['snapshot_id']}").status_code == 200
+
+
+def test_terminate_with_final_snapshot(fleet: tuple[Stack, ExtraWorker, str]) -> None:
+    stack = fleet[0]
+    with stack.client() as client:
+        source = _create(client, image="busybox").json()["data"]
+        _exec(client, source["id"], "echo last words > /final")
+        gone = client.delete(f"{BASE}/bunkers/{source['id']}", params={"snapshot": "true"})
+        assert gone.status_code == 200, gone.text
+        bunker = gone.json()["data"]
+        assert bunker["status"] == "terminated" and bunker["final_snapshot_id"]
+        snap = client.get(f"{BASE}/snapshots/{bunker['final_snapshot_id']}").json()["data"]
+        assert snap["status"] == "ready" and snap["bunker_id"] == source["id"]
+        restored = _create(client, snapshot_id=snap["snapshot_id"]).json()["data"]
+        assert _exec(client, restored["id"], "cat /final") == "last words\n"

@@ -21,6 +21,7 @@ from scaigrid.modules.scaibunker.bunkers.schemas import (
     MkdirRequest,
     MoveRequest,
 )
+from scaigrid.modules.scaibunker.snapshots import service as snapshots_service
 from scaigrid.modules.scaibunker.state import ModuleState, get_state
 from scaigrid.platform.auth import Principal, require
 from scaigrid.platform.db import get_session
@@ -116,9 +117,17 @@ async def get_bunker(bunker_id: str, principal: CreatorDep, session: SessionDep)
 
 @router.delete("/bunkers/{bunker_id}")
 async def terminate_bunker(
-    bunker_id: str, principal: CreatorDep, state: StateDep, session: SessionDep
+    bunker_id: str,
+    principal: CreatorDep,
+    state: StateDep,
+    session: SessionDep,
+    snapshot: bool = False,
 ) -> JSONResponse:
-    """Terminate a bunker (idempotent on stopping and terminal bunkers)."""
+    """Terminate a bunker (idempotent on stopping and terminal bunkers); with
+    ``snapshot=true`` take a final snapshot first (``final_snapshot_id``) and terminate only
+    once it is ``ready``."""
+    if snapshot:
+        await snapshots_service.final_snapshot(state, session, principal, bunker_id)
     bunker = await service.terminate_bunker(state, session, principal, bunker_id)
     return ok(service.bunker_to_dict(bunker))
 

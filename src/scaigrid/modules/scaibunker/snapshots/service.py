@@ -43,6 +43,9 @@ log = structlog.get_logger(__name__)
 SNAPSHOT_TIMEOUT_S: Final = 3600.0
 LIVE: Final = ("pending", "uploading")
 _locks: dict[str, asyncio.Lock] = {}
+_jobs: dict[str, asyncio.Task[Any]] = {}
+#: Longest a ``DELETE /bunkers/{id}?snapshot=true`` waits for its final snapshot, seconds.
+FINAL_SNAPSHOT_WAIT_S: Final = 600.0
 
 
 def _manifest(bunker: Bunker, image: Image | None) -> dict[str, Any]:
@@ -97,8 +100,38 @@ async def take_snapshot(
     session.add(snapshot)
     await session.commit()
     lock = _locks.setdefault(bunker_id, asyncio.Lock())
-    state.spawn(_run(state, snapshot.id, bunker.worker_id, lock), name=f"snapshot-{snapshot.id}")
+    _jobs[snapshot.id] = state.spawn(
+        _run(state, snapshot.id, bunker.worker_id, lock), name=f"snapshot-{snapshot.id}"
+    )
     log.info("snapshot_requested", snapshot_id=snapshot.id, bunker_id=bunker_id)
+    return snapshot
+
+
+async def final_snapshot(
+    state: ModuleState, session: AsyncSession, principal: Principal, bunker_id: str
+) -> Snapshot:
+    """``DELETE /bunkers/{id}?snapshot=true``, first half: take a snapshot, wait until it is
+    ``ready`` and record it as the bunker's ``final_snapshot_id``. The caller terminates.
+
+    Raises:
+        errors.BunkerNotFound, errors.BunkerNotRunning: as :func:`take_snapshot`.
+        errors.ObjectStoreUnavailable: the snapshot failed or did not finish in
+            :data:`FINAL_SNAPSHOT_WAIT_S`; the bunker is left running, nothing is lost.
+    """
+    snapshot = await take_snapshot(state, session, principal, bunker_id, "final")
+    job = _jobs.get(snapshot.id)
+    if job is not None:
+        await asyncio.wait({job}, timeout=FINAL_SNAPSHOT_WAIT_S)
+    await session.refresh(snapshot)
+    if snapshot.status != "ready":
+        raise errors.ObjectStoreUnavailable(
+            f"final snapshot {snapshot.id} is {snapshot.status}: {snapshot.status_reason}; "
+            "the bunker was not terminated",
+            retry_after=30,
+        )
+    bunker = await get_visible(session, principal, bunker_id)
+    bunker.final_snapshot_id = snapshot.id
+    await session.commit()
     return snapshot
 
 
@@ -123,6 +156,15 @@ async def _remove_objects(storage: StorageService, snapshot: Snapshot) -> None:
 
 
 async def _run(
+    state: ModuleState, snapshot_id: str, worker_id: str | None, lock: asyncio.Lock
+) -> None:
+    try:
+        await _run_locked(state, snapshot_id, worker_id, lock)
+    finally:
+        _jobs.pop(snapshot_id, None)
+
+
+async def _run_locked(
     state: ModuleState, snapshot_id: str, worker_id: str | None, lock: asyncio.Lock
 ) -> None:
     async with lock:
