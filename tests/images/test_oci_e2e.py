@@ -33,6 +33,8 @@ class OciStack:
 
     def __init__(self, root: Path, registry: Registry) -> None:
         self.root = root
+        self.registry = registry
+        self.workers: list[subprocess.Popen[bytes]] = []
         bin_dir = Path(sys.executable).parent
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
@@ -49,15 +51,17 @@ class OciStack:
             stderr=subprocess.STDOUT,
         )
         key_file = root / "controller" / "admin-api-key"
-        self._wait(lambda: key_file.exists() and self._healthy(), "controller")
-        self.admin_key = key_file.read_text().strip()
-        with self.client() as client:
-            client.patch(
-                f"{BASE}/quota-profiles/{DEFAULT_QUOTA_PROFILE_ID}", json=E2E_CAPS
-            ).raise_for_status()
-        self.registry = registry
-        self.workers: list[subprocess.Popen[bytes]] = []
-        self.worker_id = self.add_worker("worker")
+        try:
+            self._wait(lambda: key_file.exists() and self._healthy(), "controller")
+            self.admin_key = key_file.read_text().strip()
+            with self.client() as client:
+                client.patch(
+                    f"{BASE}/quota-profiles/{DEFAULT_QUOTA_PROFILE_ID}", json=E2E_CAPS
+                ).raise_for_status()
+            self.worker_id = self.add_worker("worker")
+        except BaseException:
+            self.stop()
+            raise
 
     def add_worker(self, name: str) -> str:
         """Join one more worker (data dir ``root/name``); return its id once registered."""
@@ -147,11 +151,13 @@ class OciStack:
 def oci_stack(registry: Registry) -> Iterator[OciStack]:
     root = Path(tempfile.mkdtemp(prefix="sbt-oci-e2e-", dir="/var/tmp"))
     root.chmod(0o711)
-    stack = OciStack(root, registry)
     try:
-        yield stack
+        stack = OciStack(root, registry)
+        try:
+            yield stack
+        finally:
+            stack.stop()
     finally:
-        stack.stop()
         subprocess.run(["rm", "-rf", "--one-file-system", str(root)], check=False)
 
 
