@@ -90,6 +90,8 @@ def busybox_tree(vm_host_ready: None) -> Iterator[Path]:
     top = Path(tempfile.mkdtemp(prefix="sbvm-tree-", dir="/var/tmp"))
     yield build_busybox_tree(top)
     shutil.rmtree(top, ignore_errors=True)
+    # Base disks are keyed by the tree's inode: this session's are never used again.
+    shutil.rmtree(VM_DATA / "vm-cache" / "base", ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
