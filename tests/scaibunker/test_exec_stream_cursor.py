@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 
-from scaigrid.modules.scaibunker.bunkers.exec import _StreamCursor, sse_frame
+from scaigrid.modules.scaibunker.bunkers.exec import HeadTail, _StreamCursor, sse_frame
 from scaigrid.modules.scaibunker.bunkers.processes import incomplete_utf8_tail
 
 
@@ -59,3 +59,13 @@ def test_incomplete_utf8_tail() -> None:
     assert incomplete_utf8_tail(b"a" + euro[:1]) == 1
     assert incomplete_utf8_tail(b"\x80\x80\x80\x80") == 0
     assert incomplete_utf8_tail(b"\xff") == 0
+
+
+def test_head_tail_counts_dropped_bytes_as_omitted_and_never_spans_the_hole() -> None:
+    sink = HeadTail(8)
+    sink.feed(b"ab")
+    sink.skip(100)
+    sink.feed(b"0123456789")
+    assert sink.truncated and sink.total == 112
+    assert (bytes(sink.head), bytes(sink.tail)) == (b"ab", b"6789")
+    assert sink.render("utf8") == "ab\n[... 106 bytes omitted ...]\n6789"

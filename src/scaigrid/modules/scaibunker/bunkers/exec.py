@@ -52,6 +52,16 @@ class HeadTail:
             if len(self.tail) > self.tail_limit:
                 del self.tail[: len(self.tail) - self.tail_limit]
 
+    def skip(self, count: int) -> None:
+        """Account for ``count`` bytes that never arrived (the agent's ring buffer dropped
+        them): they count as omitted; the head stops growing and the tail restarts, since
+        neither may span the hole."""
+        if count <= 0:
+            return
+        self.total += count
+        self.head_limit = len(self.head)
+        self.tail.clear()
+
     @property
     def truncated(self) -> bool:
         """True when bytes between head and tail were dropped."""
@@ -69,9 +79,41 @@ class HeadTail:
         return f"{head}\n[... {omitted} bytes omitted ...]\n{tail}"
 
 
-async def _drain(stream: InboundStream, sink: HeadTail) -> None:
+async def _collect_gaps(handle: TaskHandle, gaps: dict[str, list[tuple[int, int]]]) -> None:
+    """Move gap notices that already arrived into ``gaps[stream]`` as ``(resume_offset,
+    dropped_bytes)``. Progress arrives in order with the stream data, so every gap that
+    precedes a chunk has been delivered by the time that chunk is read."""
+    while True:
+        try:
+            progress = await handle.next_progress(0.0)
+        except errors.AgentUnavailable:
+            return
+        if progress is None:
+            return
+        stream = str(progress.get("stream"))
+        if progress.get("event") == "gap" and stream in gaps:
+            gaps[stream].append((int(progress["offset"]), int(progress["dropped_bytes"])))
+
+
+def _apply_gaps(sink: HeadTail, pending: list[tuple[int, int]]) -> None:
+    while pending and sink.total >= pending[0][0] - pending[0][1]:
+        resume, _ = pending.pop(0)
+        sink.skip(resume - sink.total)
+
+
+async def _drain(
+    stream: InboundStream,
+    sink: HeadTail,
+    name: str,
+    handle: TaskHandle,
+    gaps: dict[str, list[tuple[int, int]]],
+) -> None:
     async for chunk in stream:
+        await _collect_gaps(handle, gaps)
+        _apply_gaps(sink, gaps[name])
         sink.feed(chunk)
+    await _collect_gaps(handle, gaps)
+    _apply_gaps(sink, gaps[name])
 
 
 async def _feed(stream: OutboundStream, data: bytes) -> None:
@@ -151,9 +193,10 @@ async def run_foreground(
     handle = await connection.start_task(
         TaskKind.EXEC_START, params, bunker_id=bunker.id, streams=streams
     )
+    gaps: dict[str, list[tuple[int, int]]] = {"stdout": [], "stderr": []}
     pumps = [
-        asyncio.ensure_future(_drain(stdout, out)),
-        asyncio.ensure_future(_drain(stderr, err)),
+        asyncio.ensure_future(_drain(stdout, out, "stdout", handle, gaps)),
+        asyncio.ensure_future(_drain(stderr, err, "stderr", handle, gaps)),
     ]
     feeder = None
     if stdin_stream is not None and stdin is not None:
@@ -284,21 +327,6 @@ class ExecEventStream:
         self.feeder = feeder
         self.stdin_stream = stdin_stream
 
-    async def _route_progress(self, cursors: dict[str, _StreamCursor]) -> None:
-        """Move gap notices that already arrived into their stream's cursor (progress
-        arrives in order with the data, so every gap before a chunk is seen here first)."""
-        while True:
-            try:
-                progress = await self.handle.next_progress(0.0)
-            except errors.AgentUnavailable:
-                return
-            if progress is None:
-                return
-            cursor = cursors.get(str(progress.get("stream")))
-            if progress.get("event") == "gap" and cursor is not None:
-                resume, dropped = int(progress["offset"]), int(progress["dropped_bytes"])
-                cursor.gaps.append((resume, dropped))
-
     async def frames(self) -> AsyncIterator[bytes]:
         """``start``, ``stdout``/``stderr``, keepalive comments every 15 s, then ``exit``."""
         cursors = {name: _StreamCursor(self.encoding) for name in self.outputs}
@@ -320,7 +348,7 @@ class ExecEventStream:
                         break
                     yield b": keepalive\n\n"
                     continue
-                await self._route_progress(cursors)
+                await _collect_gaps(self.handle, {n: c.gaps for n, c in cursors.items()})
                 if chunk is None:
                     open_streams.discard(name)
                     events = cursors[name].finish()

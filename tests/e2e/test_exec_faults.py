@@ -1,0 +1,194 @@
+"""End to end: exec and files under hostile workloads and clients (issue #5 fault list)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import create_bunker
+from tests.fixtures.stack import BASE, Stack
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def bunker_id(stack: Stack, busybox_image: str) -> Any:
+    bunker = create_bunker(stack, busybox_image, memory_mb=256, disk_mb=256)
+    yield bunker["id"]
+    with stack.client() as client:
+        client.delete(f"{BASE}/bunkers/{bunker['id']}")
+
+
+def _exec(client: httpx.Client, bunker_id: str, command: Any, **fields: Any) -> dict[str, Any]:
+    response = client.post(f"{BASE}/bunkers/{bunker_id}/exec", json={"command": command, **fields})
+    assert response.status_code == 200, response.text
+    return dict(response.json()["data"])
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def _worker_pid(stack: Stack) -> int:
+    marker = str(stack.data_dir).encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"scaigrid.worker.main" in cmdline and marker in cmdline:
+            return int(entry.name)
+    raise AssertionError("the stack's worker process was not found")
+
+
+class _PeakRss:
+    """Samples the resident size of some processes every 20 ms until stopped."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+        self.base = {pid: _rss_kib(pid) for pid in pids}
+        self.peak = dict(self.base)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            for pid in self.pids:
+                self.peak[pid] = max(self.peak[pid], _rss_kib(pid))
+
+    def __enter__(self) -> _PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def growth_mib(self, pid: int) -> float:
+        return (self.peak[pid] - self.base[pid]) / 1024
+
+
+def test_a_gibibyte_of_output_keeps_controller_and_worker_memory_bounded(
+    stack: Stack, bunker_id: str
+) -> None:
+    total = 1 << 30
+    pids = [stack.process.pid, _worker_pid(stack)]
+    with stack.client(timeout_s=300) as client, _PeakRss(pids) as rss:
+        result = _exec(
+            client,
+            bunker_id,
+            f"head -c {total} /dev/zero | tr '\\0' x",
+            timeout_s=240,
+            max_output_bytes=1 << 20,
+        )
+    assert (result["status"], result["exit_code"]) == ("exited", 0)
+    assert result["stdout_truncated"] is True
+    head, marker, tail = result["stdout"].partition("\n[... ")
+    assert head == "x" * (1 << 19) and marker
+    omitted, _, kept_tail = tail.partition(" bytes omitted ...]\n")
+    assert int(omitted) + (1 << 20) == total
+    assert kept_tail == "x" * (1 << 19)
+    for pid in pids:
+        assert rss.growth_mib(pid) < 128, (pid, rss.growth_mib(pid))
+
+
+def test_hundred_concurrent_execs_in_one_bunker(stack: Stack, bunker_id: str) -> None:
+    def one(index: int) -> dict[str, Any]:
+        with stack.client() as client:
+            response = client.post(
+                f"{BASE}/bunkers/{bunker_id}/exec",
+                json={"command": f"echo {index}; sleep 0.2"},
+            )
+        assert response.status_code == 200, (response.text, stack.log_tail(20000))
+        return dict(response.json()["data"])
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=100) as pool:
+        results = list(pool.map(one, range(100)))
+    assert [(r["status"], r["stdout"]) for r in results] == [
+        ("exited", f"{i}\n") for i in range(100)
+    ]
+    assert len({r["exec_id"] for r in results}) == 100
+
+
+_SLOW_UPLOAD = """
+import sys, time, httpx
+url, key, bunker = sys.argv[1:4]
+def body():
+    for _ in range(1000):
+        yield b"x" * 65536
+        time.sleep(0.01)
+print("uploading", flush=True)
+httpx.put(
+    f"{url}/v1/modules/scaibunker/bunkers/{bunker}/files",
+    params={"path": "killed/upload.bin"},
+    content=body(),
+    headers={"Authorization": f"Bearer {key}", "Content-Type": "application/octet-stream"},
+    timeout=60,
+)
+"""
+
+
+def test_a_client_killed_mid_upload_leaves_no_file(stack: Stack, bunker_id: str) -> None:
+    with stack.client() as client:
+        _exec(client, bunker_id, "mkdir -p killed")
+        uploader = subprocess.Popen(
+            [sys.executable, "-c", _SLOW_UPLOAD, stack.url, stack.admin_key, bunker_id],
+            stdout=subprocess.PIPE,
+        )
+        assert uploader.stdout is not None
+        assert uploader.stdout.readline() == b"uploading\n"
+        time.sleep(2)
+        os.kill(uploader.pid, signal.SIGKILL)
+        uploader.wait(timeout=10)
+        listing: list[Any] = []
+        for _ in range(100):
+            listing = client.get(
+                f"{BASE}/bunkers/{bunker_id}/files/list", params={"path": "killed"}
+            ).json()["data"]
+            if not listing:
+                break
+            time.sleep(0.1)
+        assert listing == []
+
+
+def test_agent_answers_while_the_workload_uses_all_memory_and_pids(
+    stack: Stack, bunker_id: str
+) -> None:
+    with stack.client() as client:
+        bomb = _exec(
+            client,
+            bunker_id,
+            "f() { sleep 300 & f; }; f & "
+            "while true; do head -c 400000000 /dev/zero | tail >/dev/null; done",
+            background=True,
+        )
+        time.sleep(3)
+        for _ in range(3):
+            ping = _exec(client, bunker_id, ["true"], timeout_s=30)
+            assert ping["status"] in ("exited", "oom_killed"), ping
+        listing = client.get(f"{BASE}/bunkers/{bunker_id}/files/list", params={"path": "/"})
+        assert listing.status_code == 200
+        killed = _exec(client, bunker_id, "kill -9 -1", user="root", timeout_s=30)
+        assert killed["status"] in ("exited", "signaled"), killed
+        for _ in range(100):
+            record = client.get(f"{BASE}/bunkers/{bunker_id}/processes/{bomb['exec_id']}")
+            if record.json()["data"]["status"] != "running":
+                break
+            time.sleep(0.1)
+        after = _exec(client, bunker_id, "echo alive")
+        assert after["stdout"] == "alive\n"
