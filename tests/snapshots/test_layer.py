@@ -78,6 +78,13 @@ def build_upper(upper: Path, base: int) -> None:
         handle.seek(50 * MIB)
         handle.write(os.urandom(MIB))
     os.mkfifo(upper / "home" / "pipe")
+    ragged = upper / "home" / "ragged.img"
+    with ragged.open("wb") as handle:
+        # Data and holes at offsets that are not multiples of any read size.
+        handle.write(os.urandom(12345))
+        handle.seek(3 * MIB + 777)
+        handle.write(os.urandom(70000))
+        handle.truncate(9 * MIB + 5)
     (upper / "home" / "big").write_bytes(os.urandom(3 * MIB))
     sticky = upper / "tmp"
     sticky.mkdir()

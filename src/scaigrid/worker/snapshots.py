@@ -107,6 +107,47 @@ class _HashingWriter(io.RawIOBase):
         return len(view)
 
 
+class _HoleSkippingReader(io.RawIOBase):
+    """Reads a regular file of ``size`` bytes; holes (``SEEK_HOLE``) come back as zeros
+    made in memory instead of being read from disk (reading a 1 GiB hole costs ~3 s here)."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd = fd
+        self.size = size
+        self.pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        """Exactly ``n`` bytes (fewer only at the end of the file), as tarfile expects."""
+        left = self.size - self.pos
+        n = left if n < 0 else min(n, left)
+        parts: list[bytes] = []
+        while n > 0:
+            chunk = self._next(n)
+            parts.append(chunk)
+            n -= len(chunk)
+        return b"".join(parts)
+
+    def _next(self, n: int) -> bytes:
+        try:
+            data = os.lseek(self.fd, self.pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:
+                raise
+            data = self.size
+        if data > self.pos:
+            chunk = bytes(min(n, data - self.pos))
+        else:
+            hole = os.lseek(self.fd, self.pos, os.SEEK_HOLE)
+            chunk = os.pread(self.fd, min(n, hole - self.pos), self.pos)
+            if not chunk:
+                raise OSError(errno.EIO, "file shrank while it was archived")
+        self.pos += len(chunk)
+        return chunk
+
+
 def _unshift(value: int, base: int) -> int:
     shifted = value - base
     return shifted if 0 <= shifted < ID_RANGE_SIZE else OVERFLOW_ID
@@ -255,8 +296,11 @@ def archive_layer(upper: Path, out: IO[bytes], base: int, level: int = ZSTD_LEVE
                     continue
             if stat.S_ISREG(st.st_mode):
                 info.size = st.st_size
-                with open(path, "rb") as handle:
-                    tar.addfile(info, handle)
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+                try:
+                    tar.addfile(info, _HoleSkippingReader(fd, st.st_size))
+                finally:
+                    os.close(fd)
                 layer_bytes += st.st_size
             elif stat.S_ISLNK(st.st_mode):
                 info.type = tarfile.SYMTYPE
