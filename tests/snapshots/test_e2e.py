@@ -282,3 +282,33 @@ def test_terminate_with_final_snapshot(fleet: tuple[Stack, ExtraWorker, str]) ->
         assert snap["status"] == "ready" and snap["bunker_id"] == source["id"]
         restored = _create(client, snapshot_id=snap["snapshot_id"]).json()["data"]
         assert _exec(client, restored["id"], "cat /final") == "last words\n"
+
+
+def test_lost_persistent_bunker_comes_back_from_its_last_snapshot(
+    fleet: tuple[Stack, ExtraWorker, str],
+) -> None:
+    stack, worker_b, worker_a = fleet
+    with stack.client() as client:
+        if worker_b.process is None or worker_b.process.poll() is not None:
+            worker_b.start()
+            wait_online(client, HOSTNAME, 60)
+        bunker = _on_worker(
+            client, worker_b.worker_id, worker_a, image="busybox", lifecycle_mode="persistent"
+        )
+        _exec(client, bunker["id"], "echo saved > /saved")
+        taken = client.post(f"{BASE}/bunkers/{bunker['id']}/snapshot").json()["data"]
+        assert _wait_snapshot(client, taken["snapshot_id"])["status"] == "ready"
+        _exec(client, bunker["id"], "echo lost > /lost")
+
+        worker_b.kill()
+        deadline = time.monotonic() + 120
+        current: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            current = client.get(f"{BASE}/bunkers/{bunker['id']}").json()["data"]
+            if current["status"] == "running" and current["worker_id"] == worker_a:
+                break
+            time.sleep(0.5)
+        assert current["status"] == "running" and current["worker_id"] == worker_a, current
+        assert current["snapshot_id"] == taken["snapshot_id"]
+        assert _exec(client, bunker["id"], "cat /saved") == "saved\n"
+        assert _exec(client, bunker["id"], "test -e /lost || echo absent") == "absent\n"

@@ -36,6 +36,7 @@ from scaigrid.modules.scaibunker.bunkers.models import Bunker
 from scaigrid.modules.scaibunker.bunkers.states import TERMINAL, bunker_lock, transition
 from scaigrid.modules.scaibunker.images.models import Image
 from scaigrid.modules.scaibunker.leadership import Leadership
+from scaigrid.modules.scaibunker.snapshots import restore as snapshot_restore
 from scaigrid.modules.scaibunker.state import ModuleState
 from scaigrid.modules.scaibunker.workers import scheduler
 from scaigrid.modules.scaibunker.workers.models import Worker
@@ -104,7 +105,8 @@ async def reap_once(state: ModuleState) -> None:
 
 
 async def _replace_persistent(state: ModuleState, bunker_id: str) -> None:
-    """Place a ``pending`` persistent bunker that has no worker and boot it from its image."""
+    """Place a ``pending`` persistent bunker that has no worker and boot it from its latest
+    ``ready`` snapshot (or the snapshot it was created from), else from its image."""
     async with bunker_lock(bunker_id), state.db.sessionmaker() as session:
         bunker = await session.get(Bunker, bunker_id, with_for_update=True)
         if bunker is None or bunker.status != "pending" or bunker.worker_id is not None:
@@ -137,7 +139,12 @@ async def _replace_persistent(state: ModuleState, bunker_id: str) -> None:
                 return
             bunker.worker_id = placement.worker_id
             bunker.driver = placement.driver
-            bunker.status_reason = "rescheduled_from_image"
+            latest = await snapshot_restore.latest_ready(session, bunker_id)
+            if latest is not None:
+                bunker.snapshot_id = latest.id
+            bunker.status_reason = (
+                "rescheduled_from_snapshot" if bunker.snapshot_id else "rescheduled_from_image"
+            )
             await session.commit()
     log.info("bunker_rescheduled", bunker_id=bunker_id, worker_id=placement.worker_id)
     state.spawn(bunker_service.provision(state, bunker_id, image), name=f"provision-{bunker_id}")

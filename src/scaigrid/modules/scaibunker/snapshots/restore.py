@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scaigrid import errors
@@ -117,3 +118,15 @@ def sized(
         pick(request.memory_mb, "memory_mb", defaults[1]),
         pick(request.disk_mb, "disk_mb", defaults[2]),
     )
+
+
+async def latest_ready(session: AsyncSession, bunker_id: str) -> Snapshot | None:
+    """The newest ``ready`` snapshot taken of ``bunker_id`` (persistent re-placement, SPEC
+    §10.6), or None."""
+    query = (
+        select(Snapshot)
+        .where(Snapshot.bunker_id == bunker_id, Snapshot.status == "ready")
+        .order_by(Snapshot.id.desc())
+        .limit(1)
+    )
+    return (await session.scalars(query)).first()
