@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import stat
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -189,6 +191,43 @@ def test_download_to_a_path_replaces_it_when_complete(
     assert client.files.download(bunker_id, "/home/user/dl.bin", str(dest)) == len(data)
     assert dest.read_bytes() == data
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dl.bin"]
+
+
+def test_a_download_into_a_fifo_writes_through_it_and_keeps_it(
+    client: Client, standin: StandinState, bunker_id: str, tmp_path: Path
+) -> None:
+    """Like ``cp x /dev/null``: a special destination is written in place, never replaced."""
+    data = os.urandom(300_000)
+    standin.files[bunker_id]["/home/user/dl.bin"] = data
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    received = bytearray()
+
+    def drain() -> None:
+        with open(fifo, "rb") as reader:
+            while chunk := reader.read(65536):
+                received.extend(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    assert client.files.download(bunker_id, "dl.bin", fifo) == len(data)
+    reader.join(10)
+    assert bytes(received) == data
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
+
+
+def test_a_download_through_a_symlink_keeps_the_link(
+    client: Client, standin: StandinState, bunker_id: str, tmp_path: Path
+) -> None:
+    data = os.urandom(1000)
+    standin.files[bunker_id]["/home/user/dl.bin"] = data
+    real = tmp_path / "real.bin"
+    real.write_bytes(b"old")
+    link = tmp_path / "link.bin"
+    link.symlink_to(real)
+    client.files.download(bunker_id, "dl.bin", link)
+    assert link.is_symlink() and real.read_bytes() == data
 
 
 def test_a_broken_download_leaves_the_destination_untouched(

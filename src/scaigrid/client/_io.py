@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import secrets
+import stat
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Protocol, TypeAlias, cast
@@ -160,6 +161,15 @@ def _is_writable(dest: object) -> bool:
     return callable(getattr(dest, "write", None))
 
 
+def _is_special(path: Path) -> bool:
+    """True when ``path`` exists and is not a regular file (``/dev/null``, a FIFO, a tty):
+    such a destination is written in place, never replaced by a renamed temporary file."""
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
 def _temp_for(path: Path) -> tuple[Path, IO[bytes]]:
     temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
     # 0o666 so the finished file gets the usual umask-derived mode, as with open().
@@ -170,12 +180,18 @@ def _temp_for(path: Path) -> tuple[Path, IO[bytes]]:
 def save_chunks(chunks: Iterable[bytes], dest: DownloadTarget) -> int:
     """Write ``chunks`` to ``dest`` and return the number of bytes written.
 
-    A path is written through a temporary sibling file that replaces it at the end; on
-    any error the temporary file is removed and an existing ``dest`` is left untouched.
+    A path (symlinks resolved) is written through a temporary sibling file that replaces it
+    at the end; on any error the temporary file is removed and an existing ``dest`` is left
+    untouched. An existing destination that is not a regular file (``/dev/null``, a FIFO) is
+    written in place.
     """
     path = target_path(dest)
     if path is None:
         return _write_all(chunks, cast(WritableBinary, dest).write)
+    path = path.resolve()
+    if _is_special(path):
+        with open(path, "wb") as special:
+            return _write_all(chunks, special.write)
     temp, file = _temp_for(path)
     try:
         with file:
@@ -208,6 +224,13 @@ async def save_chunks_async(chunks: AsyncIterable[bytes], dest: DownloadTarget) 
     path = await asyncio.to_thread(target_path, dest)
     if path is None:
         return await _awrite_all(chunks, cast(WritableBinary, dest).write)
+    path = await asyncio.to_thread(path.resolve)
+    if await asyncio.to_thread(_is_special, path):
+        special = await asyncio.to_thread(open, path, "wb")
+        try:
+            return await _awrite_all(chunks, special.write)
+        finally:
+            await asyncio.to_thread(special.close)
     temp, file = await asyncio.to_thread(_temp_for, path)
     try:
         try:
