@@ -44,6 +44,17 @@ async def test_all_seven_namespaces_are_new(start_bunker: StartBunker) -> None:
         assert os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"), ns
 
 
+async def test_starting_a_bunker_leaves_the_hosts_dev_null_alone(
+    start_bunker: StartBunker,
+) -> None:
+    """crun chowns its stdio to the bunker's root; /dev/null must never be that stdio."""
+    os.chown("/dev/null", 0, 0)
+    await start_bunker()
+    st = os.stat("/dev/null")
+    assert (st.st_uid, st.st_gid) == (0, 0)
+    assert stat.S_ISCHR(st.st_mode)
+
+
 async def test_bunker_root_is_an_unprivileged_host_uid(
     driver: ContainerDriver, start_bunker: StartBunker
 ) -> None:

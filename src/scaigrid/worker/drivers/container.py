@@ -1103,7 +1103,7 @@ class ContainerDriver:
             result = subprocess.run(
                 [*self._launch_argv(runtime), "run", "--bundle", str(probe_dir), probe_id],
                 capture_output=True,
-                stdin=subprocess.DEVNULL,
+                input=b"",  # an empty pipe, never /dev/null (the runtime chowns its stdio)
                 timeout=self.start_timeout_s,
                 check=False,
             )
@@ -1339,12 +1339,17 @@ class ContainerDriver:
                 "--bundle",
                 str(state_dir),
                 bunker_id,
-                stdin=asyncio.subprocess.DEVNULL,
+                # The runtime chowns its stdio to the bunker's root (crun 1.8 does so even
+                # for /dev/null, which would hand the host's /dev/null to the bunker's id
+                # range): give it an empty pipe instead.
+                stdin=asyncio.subprocess.PIPE,
                 stdout=console,
                 stderr=console,
                 start_new_session=True,
                 env={"PATH": os.environ.get("PATH", DEFAULT_PATH)},
             )
+            if process.stdin is not None:
+                process.stdin.close()
         finally:
             os.close(console)
         handle = ContainerHandle(bunker_id, self.runtime, state_dir, process, argv)
