@@ -312,3 +312,39 @@ def test_lost_persistent_bunker_comes_back_from_its_last_snapshot(
         assert current["snapshot_id"] == taken["snapshot_id"]
         assert _exec(client, bunker["id"], "cat /saved") == "saved\n"
         assert _exec(client, bunker["id"], "test -e /lost || echo absent") == "absent\n"
+
+
+def test_user_capabilities_for_image_objects(
+    snap_stack: tuple[Stack, Proxy], fleet: tuple[Stack, ExtraWorker, str]
+) -> None:
+    stack, proxy = snap_stack
+    with stack.client() as client:
+        image_id = client.get(f"{BASE}/images", params={"name": "busybox"}).json()["data"][0]["id"]
+        prefix = f"scaibunker/images/{image_id}/"
+        minted = client.post(
+            f"{BASE}/storage/capabilities",
+            json={"methods": ["GET", "HEAD"], "prefix": prefix, "expires_in_s": 600},
+        )
+        assert minted.status_code == 201, minted.text
+        cap = minted.json()["data"]["capability"]
+        assert minted.json()["data"]["expires_at"]
+        # Accepted by the standalone proxy: the object is missing, not forbidden.
+        missing = httpx.get(
+            f"{proxy.url}{BASE}/storage/objects/{prefix}scan.json", params={"cap": cap}
+        )
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "OBJECT_NOT_FOUND"
+        for body in (
+            {"methods": ["PUT"], "prefix": prefix},
+            {"methods": ["GET"], "prefix": prefix, "expires_in_s": 3601},
+            {"methods": ["GET"], "key": "scaibunker/snapshots/x/y.tar.zst"},
+            {"methods": ["GET"], "prefix": prefix, "key": f"{prefix}a"},
+        ):
+            refused = client.post(f"{BASE}/storage/capabilities", json=body)
+            assert refused.status_code == 422, (body, refused.text)
+        unknown = client.post(
+            f"{BASE}/storage/capabilities",
+            json={"methods": ["GET"], "prefix": "scaibunker/images/img_nothere/"},
+        )
+        assert unknown.status_code == 403
+    not_served = httpx.post(f"{proxy.url}{BASE}/storage/capabilities", json={})
+    assert not_served.status_code == 404

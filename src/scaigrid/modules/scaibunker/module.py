@@ -18,6 +18,7 @@ from scaigrid.modules.scaibunker.network.router import router as network_router
 from scaigrid.modules.scaibunker.quotas.router import router as quotas_router
 from scaigrid.modules.scaibunker.snapshots.router import router as snapshots_router
 from scaigrid.modules.scaibunker.state import ModuleState
+from scaigrid.modules.scaibunker.storage.capability_router import router as capability_router
 from scaigrid.modules.scaibunker.storage.router import router as storage_router
 from scaigrid.modules.scaibunker.storage.service import StorageService, open_storage
 from scaigrid.modules.scaibunker.storage.settings import StorageSettings
@@ -45,6 +46,7 @@ class ScaiBunkerModule:
             network_router,
             quotas_router,
             storage_router,
+            capability_router,
             snapshots_router,
         ):
             self.router.include_router(sub)
