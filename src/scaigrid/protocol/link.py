@@ -79,6 +79,7 @@ class TaskKind:
     PROCESS_OUTPUT = "process.output"
     PROCESS_SIGNAL = "process.signal"
     PROCESS_STDIN = "process.stdin"
+    PROCESS_FOLLOW = "process.follow"
 
 
 class LinkClosed(ConnectionError):
