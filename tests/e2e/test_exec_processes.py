@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import time
 from typing import Any
 
@@ -156,3 +157,32 @@ def test_timeout_kills_double_forked_daemons_that_ignore_sigterm(
                 break
             time.sleep(0.1)
         assert survivors["exit_code"] == 1, survivors["stdout"]
+
+
+def test_output_follows_as_sse_from_an_offset_until_exit(stack: Stack, bunker_id: str) -> None:
+    with stack.client() as client:
+        started = _exec(
+            client, bunker_id, "for i in 1 2 3; do echo line$i; sleep 0.3; done", background=True
+        )
+        url = f"{BASE}/bunkers/{bunker_id}/processes/{started['exec_id']}/output"
+        events: list[tuple[str, Any]] = []
+        with client.stream(
+            "GET", url, params={"offset": 2}, headers={"Accept": "text/event-stream"}
+        ) as response:
+            assert response.status_code == 200
+            event = ""
+            for line in response.iter_lines():
+                if line.startswith("event: "):
+                    event = line[len("event: ") :]
+                elif line.startswith("data: "):
+                    events.append((event, json.loads(line[len("data: ") :])))
+        assert events[0] == ("start", {"exec_id": started["exec_id"], "pid": started["pid"]})
+        out = [d for e, d in events if e == "stdout"]
+        assert out[0]["seq"] == 2
+        assert "".join(d["data"] for d in out) == "line1\nline2\nline3\n"[2:]
+        assert events[-1][0] == "exit" and events[-1][1]["status"] == "exited"
+        missing = client.get(
+            f"{BASE}/bunkers/{bunker_id}/processes/exe_nothere/output",
+            headers={"Accept": "text/event-stream"},
+        )
+        assert missing.status_code == 404 and _error_code(missing) == "PROCESS_NOT_FOUND"

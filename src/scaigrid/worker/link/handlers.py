@@ -49,6 +49,11 @@ their SPEC code, a lost or silent agent is ``AGENT_UNAVAILABLE``).
 ``process.output``
     params ``{ref, stream, offset, max_bytes}`` (``max_bytes`` ≤ 256 KiB); result the agent's
     ``x-meta`` ``{stream, offset, next_offset, dropped_bytes, eof}`` plus ``data_b64``.
+``process.follow``
+    params ``{ref, stream, offset}``; stream ``output`` (worker → controller). Progress
+    ``{event: "start", exec_id, pid}``, then ``gap`` progress as for ``exec.start`` while the
+    bytes of ``stream`` from ``offset`` flow until the process finishes; result the agent's
+    ``x-result``. Deadline: an hour (a follower that outlives it reconnects with an offset).
 ``process.stdin``
     params ``{ref, data_b64, eof}`` (decoded data ≤ 256 KiB); result ``{bytes_written,
     stdin_open}``.
@@ -219,6 +224,12 @@ class TaskHandlers:
             TaskKind.PROCESS_OUTPUT: self.process_output,
             TaskKind.PROCESS_STDIN: self.process_stdin,
         }
+        specs[TaskKind.PROCESS_FOLLOW] = HandlerSpec(
+            _agent_errors(self.process_follow),
+            FILES_STREAM_DEADLINE_S,
+            timeout_code="AGENT_UNAVAILABLE",
+            outbound_roles=frozenset({"output"}),
+        )
         for kind, call in process_calls.items():
             specs[kind] = HandlerSpec(
                 _agent_errors(call), FILES_CALL_DEADLINE_S, timeout_code="AGENT_UNAVAILABLE"
@@ -399,6 +410,28 @@ class TaskHandlers:
             data = await response.read(PROCESS_CHUNK_BYTES)
             meta = _json_header(response, "x-meta")
         return {**meta, "data_b64": base64.b64encode(data).decode()}
+
+    async def process_follow(self, task: Task) -> dict[str, Any]:
+        """``process.follow`` → the agent's ``x-result`` after streaming the output."""
+        path = f"/v1/processes/{_process_ref(task.params)}/output"
+        args = {k: v for k, v in task.params.items() if k in ("stream", "offset")}
+        args["follow"] = True
+        out = task.outbound("output")
+        client = await self._bunkers.agent(task.require_bunker_id())
+        response = await client.request("GET", path, args, timeout_s=None)
+        try:
+            start = _json_header(response, "x-start")
+            await task.progress({"event": "start", **start})
+            async for kind, data in response.exec_events():
+                if kind in ("stdout", "stderr"):
+                    await out.write(data)
+                else:
+                    await task.progress({"event": "gap", **json.loads(data)})
+            result = json.loads((await response.trailers())["x-result"])
+        finally:
+            await response.aclose()
+        await out.end()
+        return _as_object(result)
 
     async def process_stdin(self, task: Task) -> dict[str, Any]:
         """``process.stdin`` → ``{bytes_written, stdin_open}``."""

@@ -318,7 +318,9 @@ class ExecEventStream:
         timeout_s: float,
         feeder: asyncio.Future[None] | None,
         stdin_stream: OutboundStream | None,
+        offsets: dict[str, int] | None = None,
     ) -> None:
+        self.offsets = offsets or {}
         self.handle = handle
         self.outputs = outputs
         self.start = start
@@ -330,6 +332,8 @@ class ExecEventStream:
     async def frames(self) -> AsyncIterator[bytes]:
         """``start``, ``stdout``/``stderr``, keepalive comments every 15 s, then ``exit``."""
         cursors = {name: _StreamCursor(self.encoding) for name in self.outputs}
+        for name, offset in self.offsets.items():
+            cursors[name].offset = offset
         queue: asyncio.Queue[tuple[str, bytes | None]] = asyncio.Queue(_SSE_QUEUE_CHUNKS)
         pumps = [
             asyncio.ensure_future(_pump_into(stream, name, queue))
@@ -446,4 +450,51 @@ async def start_streaming(
         timeout_s=timeout_s,
         feeder=feeder,
         stdin_stream=stdin_stream,
+    )
+
+
+FOLLOW_DEADLINE_S = 3600.0
+
+
+async def start_following(
+    state: ModuleState,
+    bunker: Bunker,
+    ref: str,
+    *,
+    stream: str,
+    offset: int,
+    encoding: str,
+) -> ExecEventStream:
+    """Follow a process's ``stream`` from byte ``offset`` as SSE (SPEC §3.6): the same
+    events as a streaming exec (``start``, ``stdout``/``stderr`` from ``offset``, ``exit``).
+
+    Raises:
+        errors.ScaiGridError: ``PROCESS_NOT_FOUND`` and other refusals, before any byte.
+    """
+    connection = state.hub.require(bunker.worker_id)
+    output = connection.open_inbound()
+    params = {"ref": ref, "stream": stream, "offset": offset}
+    try:
+        handle = await connection.start_task(
+            TaskKind.PROCESS_FOLLOW,
+            params,
+            bunker_id=bunker.id,
+            streams={"output": output.stream_id},
+        )
+        start = await handle.next_progress(START_TIMEOUT_S)
+        if start is None:
+            await handle.result(RESULT_GRACE_S)
+            raise errors.AgentUnavailable("the output stream ended before it started")
+    except BaseException:
+        output.close()
+        raise
+    return ExecEventStream(
+        handle,
+        {stream: output},
+        {"exec_id": start.get("exec_id"), "pid": start.get("pid")},
+        encoding=encoding,
+        timeout_s=FOLLOW_DEADLINE_S,
+        feeder=None,
+        stdin_stream=None,
+        offsets={stream: offset},
     )

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Query
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from scaigrid import errors
+from scaigrid.modules.scaibunker.bunkers import exec as exec_service
 from scaigrid.modules.scaibunker.bunkers import processes, service
 from scaigrid.modules.scaibunker.bunkers.models import Bunker
 from scaigrid.modules.scaibunker.bunkers.schemas import SignalRequest, StdinRequest
@@ -71,16 +72,27 @@ async def get_process(
 async def process_output(
     bunker_id: str,
     pid: str,
+    request: Request,
     principal: ExecutorDep,
     state: StateDep,
     stream: Literal["stdout", "stderr"] = "stdout",
     offset: Annotated[int, Query(ge=0)] = 0,
     max_bytes: Annotated[int, Query(ge=1, le=processes.CHUNK_BYTES)] = processes.CHUNK_BYTES,
     encoding: Literal["utf8", "base64"] = "utf8",
-) -> JSONResponse:
-    """Output from ``offset`` still in the ring buffer (at most ``max_bytes`` per call)."""
+) -> Response:
+    """Output from ``offset`` still in the ring buffer (at most ``max_bytes`` per call), or
+    with ``Accept: text/event-stream`` an SSE stream of it until the process ends."""
     processes.check_ref(pid)
     bunker = await _owned_running(state, principal, bunker_id)
+    if "text/event-stream" in request.headers.get("accept", ""):
+        events = await exec_service.start_following(
+            state, bunker, pid, stream=stream, offset=offset, encoding=encoding
+        )
+        return StreamingResponse(
+            events.frames(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
     chunk = await processes.read_output(
         state,
         bunker,
