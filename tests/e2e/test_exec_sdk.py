@@ -57,6 +57,9 @@ def test_sync_processes_start_stdin_output_signal(stack: Stack, bunker_id: str) 
             client.processes.write_stdin(bunker_id, sleeper, "x")
         record = client.processes.signal(bunker_id, sleeper, 9)
         assert record.exec_id == sleeper
+        followed = list(client.processes.follow(bunker_id, exec_id, offset=6))
+        assert (followed[0].kind, followed[-1].kind) == ("start", "exit")
+        assert b"".join(e.data for e in followed if e.kind == "stdout") == b"second"
         listed = [p.exec_id for p in client.processes.list(bunker_id)]
         assert {exec_id, sleeper} <= set(listed)
 

@@ -307,3 +307,14 @@ def process_stdin(bunker_id: str, ref: str | int, data: str | bytes, eof: bool) 
     else:
         body["data_b64"] = base64.b64encode(data).decode()
     return Call("POST", _process(bunker_id, ref, "stdin"), None, body)
+
+
+def follow_output(bunker_id: str, ref: str | int, stream: str, offset: int) -> Call:
+    """``GET /bunkers/{id}/processes/{ref}/output`` as an event stream (base64)."""
+    params = [("stream", stream), ("offset", str(offset)), ("encoding", "base64")]
+    return Call(
+        "GET",
+        _process(bunker_id, ref, "output"),
+        params,
+        headers={"Accept": "text/event-stream"},
+    )

@@ -363,6 +363,17 @@ class AsyncProcesses:
         answer = await self._t.data(_calls.process_stdin(bunker_id, ref, data, eof))
         return int(answer.get("bytes_written", 0))
 
+    async def follow(
+        self, bunker_id: str, ref: str | int, *, stream: str = "stdout", offset: int = 0
+    ) -> AsyncIterator[ExecEvent]:
+        """Yield a process's output from ``offset`` as it is produced, then ``exit``."""
+        call = _calls.follow_output(bunker_id, ref, stream, offset)
+        async with self._t.stream(call) as response:
+            async for event, data in _sse.aframes(response.aiter_lines()):
+                parsed = ExecEvent.from_sse(event, data)
+                if parsed is not None:
+                    yield parsed
+
     async def stream(
         self,
         bunker_id: str,

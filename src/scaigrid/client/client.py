@@ -543,6 +543,21 @@ class Processes:
         answer = self._t.data(_calls.process_stdin(bunker_id, ref, data, eof))
         return int(answer.get("bytes_written", 0))
 
+    def follow(
+        self, bunker_id: str, ref: str | int, *, stream: str = "stdout", offset: int = 0
+    ) -> Iterator[ExecEvent]:
+        """Yield a process's output from byte ``offset`` as it is produced (``start``,
+        ``stdout``/``stderr`` events with their offsets, then ``exit``).
+
+        Raises:
+            ProcessNotFound.
+        """
+        with self._t.stream(_calls.follow_output(bunker_id, ref, stream, offset)) as response:
+            for event, data in _sse.frames(response.iter_lines()):
+                parsed = ExecEvent.from_sse(event, data)
+                if parsed is not None:
+                    yield parsed
+
     def stream(
         self,
         bunker_id: str,
