@@ -217,7 +217,7 @@ def report(results: dict[str, Any], command: str, sizes: str) -> str:
         (
             "upload, PUT /files",
             "upload",
-            f"`{runtime} exec -i … cat >/dev/null`",
+            f"`cat FILE \\| {runtime} exec … cat >/dev/null`",
             "bare_upload",
             "≥ 300",
         ),
