@@ -301,13 +301,18 @@ def test_lost_persistent_bunker_comes_back_from_its_last_snapshot(
         _exec(client, bunker["id"], "echo lost > /lost")
 
         worker_b.kill()
-        deadline = time.monotonic() + 120
-        current: dict[str, Any] = {}
-        while time.monotonic() < deadline:
-            current = client.get(f"{BASE}/bunkers/{bunker['id']}").json()["data"]
-            if current["status"] == "running" and current["worker_id"] == worker_a:
-                break
-            time.sleep(0.5)
+        try:
+            deadline = time.monotonic() + 120
+            current: dict[str, Any] = {}
+            while time.monotonic() < deadline:
+                current = client.get(f"{BASE}/bunkers/{bunker['id']}").json()["data"]
+                if current["status"] == "running" and current["worker_id"] == worker_a:
+                    break
+                time.sleep(0.5)
+        finally:
+            # A SIGKILLed worker leaves its bunkers running; started again it stops them.
+            worker_b.start()
+            wait_online(client, HOSTNAME, 60)
         assert current["status"] == "running" and current["worker_id"] == worker_a, current
         assert current["snapshot_id"] == taken["snapshot_id"]
         assert _exec(client, bunker["id"], "cat /saved") == "saved\n"
