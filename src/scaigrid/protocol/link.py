@@ -35,6 +35,9 @@ PROTOCOL_VERSION: Final = 1
 STREAM_WINDOW_BYTES: Final = 1 << 20
 MAX_FRAME_PAYLOAD_BYTES: Final = 256 * 1024
 HEARTBEAT_INTERVAL_S: Final = 5
+#: Largest JSON message either side accepts; a worker answers a task whose result would be
+#: larger with an error instead (a bigger message would drop the whole channel).
+MAX_MESSAGE_BYTES: Final = 4 * 1024 * 1024
 _CREDIT_GRANT_BYTES: Final = STREAM_WINDOW_BYTES // 4
 _HEADER = struct.Struct(">Q")
 

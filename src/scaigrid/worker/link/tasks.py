@@ -31,11 +31,13 @@ import structlog
 
 from scaigrid.errors import ScaiGridError
 from scaigrid.protocol.link import (
+    MAX_MESSAGE_BYTES,
     InboundStream,
     LinkClosed,
     MsgType,
     OutboundStream,
     StreamMux,
+    dumps,
     error_payload,
 )
 
@@ -321,8 +323,17 @@ class TaskSession:
             return {**base, "ok": False, "error": error_payload(TASK_CANCELLED, "task cancelled")}
         exc = inner.exception()
         if exc is None:
+            message = {**base, "ok": True, "result": inner.result()}
+            if len(dumps(message)) > MAX_MESSAGE_BYTES - 1024:
+                bound.warning("task_result_too_large")
+                error = error_payload(
+                    "VALIDATION_ERROR",
+                    f"the {task.kind} result is too large for one answer; ask for less "
+                    "(a smaller depth or limit)",
+                )
+                return {**base, "ok": False, "error": error}
             bound.debug("task_done")
-            return {**base, "ok": True, "result": inner.result()}
+            return message
         if isinstance(exc, _DeadlinePassed):
             bound.warning("task_deadline_passed", deadline_s=deadline_s)
             error = error_payload(

@@ -19,6 +19,9 @@ from scaigrid.modules.scaibunker.state import ModuleState
 from scaigrid.protocol.link import LinkClosed, OutboundStream, TaskKind
 
 CALL_TIMEOUT_S = 60.0
+#: Entries a listing walks at most (pages of ``files/list`` included): deeper pages of a
+#: huge tree are listed from a subdirectory.
+MAX_LIST_WALK = 10_000
 FIRST_BYTE_TIMEOUT_S = 60.0
 WRITE_RESULT_TIMEOUT_S = 300.0
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")

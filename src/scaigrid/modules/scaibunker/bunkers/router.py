@@ -223,15 +223,33 @@ async def list_files(
     state: StateDep,
     path: PathQuery = ".",
     depth: Annotated[int, Query(ge=1, le=10)] = 1,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    cursor: Annotated[str | None, Query(pattern=r"^[0-9]{1,6}$")] = None,
     user: GuestUser = "user",
 ) -> JSONResponse:
-    """List entries below a directory, depth-first."""
+    """List entries below a directory, depth-first, a page of ``limit`` at a time.
+
+    The cursor is the position in the depth-first walk where the next page starts.
+    """
     _require_root(principal, user)
     bunker = await _owned_running(state, principal, bunker_id)
-    params = {"path": files_service.check_path(path), "depth": depth, "user": user}
+    start = int(cursor or 0)
+    if start + limit >= files_service.MAX_LIST_WALK:
+        raise errors.ValidationFailed(
+            f"listings stop after {files_service.MAX_LIST_WALK} entries; list a subdirectory",
+            details=[{"field": "cursor", "message": "past the end of the listable entries"}],
+        )
+    params = {
+        "path": files_service.check_path(path),
+        "depth": depth,
+        "limit": start + limit + 1,
+        "user": user,
+    }
     result = await files_service.call(state, bunker, TaskKind.FILES_LIST, params)
-    entries = result.get("entries", result.get("value", []))
-    return ok_list(list(entries), None)
+    entries = list(result.get("entries", result.get("value", [])))
+    page = entries[start : start + limit]
+    more = len(entries) > start + limit
+    return ok_list(page, str(start + limit) if more else None)
 
 
 @router.get("/bunkers/{bunker_id}/files/stat")

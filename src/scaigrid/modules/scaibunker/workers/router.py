@@ -26,13 +26,12 @@ from scaigrid.modules.scaibunker.workers.models import Worker
 from scaigrid.platform.auth import Principal, current_principal
 from scaigrid.platform.db import get_session
 from scaigrid.platform.envelope import ok, ok_list
-from scaigrid.protocol.link import MsgType, ProtocolViolation, loads
+from scaigrid.protocol.link import MAX_MESSAGE_BYTES, MsgType, ProtocolViolation, loads
 
 log = structlog.get_logger(__name__)
 router = APIRouter(tags=["workers"])
 
 REGISTER_TIMEOUT_S = 10.0
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 StateDep = Annotated[ModuleState, Depends(get_state)]
 SessionDep = Annotated[AsyncSession, Depends(get_session)]

@@ -1,0 +1,61 @@
+"""Directory listings are paged and can never overflow the worker channel."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.e2e.conftest import create_bunker
+from tests.fixtures.stack import BASE, Stack
+
+pytestmark = pytest.mark.e2e
+
+
+def test_listing_pages_with_limit_and_cursor(stack: Stack, busybox_image: str) -> None:
+    bunker = create_bunker(stack, busybox_image)
+    with stack.client() as client:
+        made = client.post(
+            f"{BASE}/bunkers/{bunker['id']}/exec",
+            json={"command": "mkdir many && cd many && seq 1 1500 | xargs touch && echo ok"},
+        ).json()["data"]
+        assert made["stdout"] == "ok\n", made
+        names: list[str] = []
+        cursor = None
+        pages = 0
+        while True:
+            params = {"path": "many", "limit": 1000, **({"cursor": cursor} if cursor else {})}
+            body = client.get(f"{BASE}/bunkers/{bunker['id']}/files/list", params=params).json()
+            names += [entry["name"] for entry in body["data"]]
+            pages += 1
+            cursor = body["next_cursor"]
+            assert body["has_more"] == (cursor is not None)
+            if cursor is None:
+                break
+        assert pages == 2 and sorted(names, key=int) == [str(i) for i in range(1, 1501)]
+        client.delete(f"{BASE}/bunkers/{bunker['id']}")
+
+
+def test_a_huge_listing_answers_for_itself_and_keeps_the_worker(
+    stack: Stack, busybox_image: str
+) -> None:
+    bunker = create_bunker(stack, busybox_image)
+    with stack.client() as client:
+        workers_before = client.get(f"{BASE}/workers").json()["data"]
+        response = client.get(
+            f"{BASE}/bunkers/{bunker['id']}/files/list",
+            params={"path": "/", "depth": 10, "limit": 1000},
+        )
+        assert response.status_code == 200, response.text
+        assert len(response.json()["data"]) == 1000
+        past = client.get(
+            f"{BASE}/bunkers/{bunker['id']}/files/list",
+            params={"path": "/", "depth": 10, "cursor": "9990", "limit": 100},
+        )
+        assert past.status_code == 422
+        after = client.post(f"{BASE}/bunkers/{bunker['id']}/exec", json={"command": "echo up"})
+        assert after.json()["data"]["stdout"] == "up\n"
+        workers_after = client.get(f"{BASE}/workers").json()["data"]
+        assert [w["registered_at"] for w in workers_after] == [
+            w["registered_at"] for w in workers_before
+        ]
+        assert all(w["connection"] == "online" for w in workers_after)
+        client.delete(f"{BASE}/bunkers/{bunker['id']}")
