@@ -55,6 +55,15 @@ async def test_starting_a_bunker_leaves_the_hosts_dev_null_alone(
     assert stat.S_ISCHR(st.st_mode)
 
 
+async def test_the_run_dir_cannot_fill_the_host_disk(start_bunker: StartBunker) -> None:
+    handle = await start_bunker()
+    code, out = await agent_exec(
+        handle, "dd if=/dev/zero of=/.scaibunker-run/fill bs=1M count=8 2>&1; echo rc=$?"
+    )
+    assert code == 0
+    assert "rc=0" not in out and "No space left" in out
+
+
 async def test_bunker_root_is_an_unprivileged_host_uid(
     driver: ContainerDriver, start_bunker: StartBunker
 ) -> None:

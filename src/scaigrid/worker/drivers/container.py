@@ -141,6 +141,9 @@ DEFAULT_CAPABILITIES: tuple[str, ...] = (
     "CAP_AUDIT_WRITE",
     "CAP_SETFCAP",
 )
+#: Size of the tmpfs behind ``/.scaibunker-run`` (agent socket and cgroups.json), bytes.
+RUN_DIR_BYTES = 1 << 20
+
 #: Docker's masked paths (bind-mounted over with /dev/null or an empty read-only tmpfs).
 MASKED_PATHS: tuple[str, ...] = (
     "/proc/asound",
@@ -1241,7 +1244,25 @@ class ContainerDriver:
         (state_dir / "runtime").write_text(self.runtime)
         run_dir = state_dir / "run"
         run_dir.mkdir(mode=0o700)
-        os.chown(run_dir, self.id_base, self.id_base)
+        # The bunker's root can write here (the agent's socket lives here), so it is a tiny
+        # tmpfs of its own: a bind of a host directory would let it fill the host's disk
+        # past disk_mb. Unmounted with the rest of the state dir.
+        subprocess.run(
+            [
+                "mount",
+                "-t",
+                "tmpfs",
+                "-o",
+                f"size={RUN_DIR_BYTES},nr_inodes=64,mode=0700,uid={self.id_base},"
+                f"gid={self.id_base},nosuid,nodev,noexec",
+                "scaibunker-run",
+                str(run_dir),
+            ],
+            check=True,
+            capture_output=True,
+            stdin=subprocess.DEVNULL,
+            timeout=30,
+        )
         self.cgroups.create(spec.bunker_id, spec.resources, self.id_base)
         manifest_path = run_dir / CGROUPS_MANIFEST_NAME
         manifest = cgroups_manifest(
