@@ -250,3 +250,29 @@ async def test_permissions_are_checked_as_the_acting_user(
 async def test_invalid_paths_are_validation_errors(client: AgentClient, path: object) -> None:
     error = await error_of(client, "GET", "/v1/files/stat", path=path)
     assert (error.code, error.status) == ("VALIDATION_ERROR", 422)
+
+
+async def test_deleting_dot_or_dotdot_is_refused_before_anything_is_removed(
+    client: AgentClient,
+) -> None:
+    await call(client, "POST", "/v1/files/mkdir", path="/home/user/keep/d", parents=True)
+    await put(client, "/home/user/keep/d/f", b"f")
+    for path in (".", "keep/d/.", "keep/d/..", "keep/d/./"):
+        error = await error_of(client, "DELETE", "/v1/files", path=path, recursive=True)
+        assert error.code == "FILE_CONFLICT", path
+    _, data = await get(client, "/home/user/keep/d/f")
+    assert data == b"f"
+
+
+async def test_file_names_that_are_not_utf8_are_listed_with_replacement_characters(
+    client: AgentClient,
+) -> None:
+    await run_exec(
+        client,
+        "mkdir -p /home/user/odd && cd /home/user/odd && printf x > \"$(printf 'bad\\377')\" "
+        "&& ln -s \"$(printf 'to\\376')\" link",
+    )
+    listing = await call(client, "GET", "/v1/files/list", path="/home/user/odd")
+    assert sorted(e["name"] for e in listing) == ["bad\ufffd", "link"]
+    link = await call(client, "GET", "/v1/files/stat", path="/home/user/odd/link")
+    assert link["symlink_target"] == "to\ufffd"

@@ -48,6 +48,12 @@ def os_error(exc: OSError, path: str) -> AgentError:
     return AgentError(code, f"{display_path(path)}: {exc.strerror or exc}")
 
 
+def printable(name: str) -> str:
+    """``name`` as valid UTF-8 text: bytes that are not UTF-8 (kept by the OS layer as lone
+    surrogates) become U+FFFD, so a hostile file name cannot break the JSON answer."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def entry(path: str, st: os.stat_result, link_target: str | None = None) -> dict[str, Any]:
     """The SPEC §4.2 entry object for ``path`` with ``lstat`` result ``st``."""
     shown = display_path(path)
@@ -61,15 +67,15 @@ def entry(path: str, st: os.stat_result, link_target: str | None = None) -> dict
     else:
         kind = "other"
     return {
-        "name": os.path.basename(shown) or "/",
-        "path": shown,
+        "name": printable(os.path.basename(shown) or "/"),
+        "path": printable(shown),
         "type": kind,
         "size": st.st_size,
         "mode": f"{stat.S_IMODE(mode):04o}",
         "uid": st.st_uid,
         "gid": st.st_gid,
         "mtime": rfc3339(st.st_mtime),
-        "symlink_target": link_target,
+        "symlink_target": printable(link_target) if link_target is not None else None,
     }
 
 
@@ -142,11 +148,15 @@ def delete(identity: Identity, path: str, recursive: bool) -> dict[str, Any]:
 
     Raises:
         AgentError: FILE_NOT_FOUND, FILE_CONFLICT (non-empty directory without
-            ``recursive``, or ``/``), FILE_ACCESS_DENIED.
+            ``recursive``, ``/``, or a path ending in ``.`` or ``..``), FILE_ACCESS_DENIED.
     """
     shown = display_path(path)
     if shown == "/":
         raise AgentError("FILE_CONFLICT", "refusing to delete /")
+    if os.path.basename(path.rstrip("/")) in (".", ".."):
+        # As rm(1) does: "." and ".." name a directory through itself or its child, and a
+        # recursive delete would empty it before failing on the name.
+        raise AgentError("FILE_CONFLICT", "refusing to delete a path ending in . or ..")
     try:
         with acting_as(identity):
             if stat.S_ISDIR(os.lstat(path).st_mode):
