@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.fixtures.fleet import HOSTNAME, ExtraWorker, wait_online, warm
+from tests.fixtures.fleet import HOSTNAME, WORKER_START_TIMEOUT_S, ExtraWorker, wait_online, warm
 from tests.fixtures.stack import BASE, Stack, build_busybox_tar, start_stack
 from tests.storage.conftest import BUCKET, SECRET, Proxy, S3Server, _stop, start_proxy
 
@@ -80,7 +80,7 @@ def fleet(snap_stack: tuple[Stack, Proxy]) -> Iterator[tuple[Stack, ExtraWorker,
         dev_ids = [w["id"] for w in client.get(f"{BASE}/workers").json()["data"]]
         token = client.post(f"{BASE}/workers/join-tokens", json={}).json()["data"]["token"]
         worker.start(token)
-        worker.worker_id = wait_online(client, HOSTNAME, 60)["id"]
+        worker.worker_id = wait_online(client, HOSTNAME, WORKER_START_TIMEOUT_S)["id"]
         warm(client, "busybox", worker.worker_id)
     try:
         yield stack, worker, dev_ids[0]
@@ -291,7 +291,7 @@ def test_lost_persistent_bunker_comes_back_from_its_last_snapshot(
     with stack.client() as client:
         if worker_b.process is None or worker_b.process.poll() is not None:
             worker_b.start()
-            wait_online(client, HOSTNAME, 60)
+            wait_online(client, HOSTNAME, WORKER_START_TIMEOUT_S)
         bunker = _on_worker(
             client, worker_b.worker_id, worker_a, image="busybox", lifecycle_mode="persistent"
         )
@@ -312,7 +312,7 @@ def test_lost_persistent_bunker_comes_back_from_its_last_snapshot(
         finally:
             # A SIGKILLed worker leaves its bunkers running; started again it stops them.
             worker_b.start()
-            wait_online(client, HOSTNAME, 60)
+            wait_online(client, HOSTNAME, WORKER_START_TIMEOUT_S)
         assert current["status"] == "running" and current["worker_id"] == worker_a, current
         assert current["snapshot_id"] == taken["snapshot_id"]
         assert _exec(client, bunker["id"], "cat /saved") == "saved\n"

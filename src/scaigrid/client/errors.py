@@ -459,6 +459,12 @@ class MethodNotAllowed(ScaiGridAPIError):
     default_code = "METHOD_NOT_ALLOWED"
 
 
+class ObjectStoreUnavailable(UnavailableError):
+    """``OBJECT_STORE_UNAVAILABLE`` (503): the object store did not answer; retry later."""
+
+    default_code = "OBJECT_STORE_UNAVAILABLE"
+
+
 class InternalError(InternalServerError):
     """``INTERNAL_ERROR`` (500): an unexpected server fault."""
 
