@@ -54,6 +54,7 @@ from scaigrid.platform.migrate import prepare_schema
 from scaigrid.platform.modules.loader import PlatformModule, ProxyCapableModule, load_modules
 from scaigrid.platform.modules.router import module_guard
 from scaigrid.platform.modules.router import router as modules_router
+from scaigrid.platform.modules.service import EnabledCache
 from scaigrid.platform.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from scaigrid.platform.system.router import router as system_router
 from scaigrid.platform.tenancy.router import router as tenancy_router
@@ -76,6 +77,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             db = Database(settings.database_url)
             app.state.db = db
             app.state.audit = AuditLog(db)
+            app.state.audit.start()
             webhooks = WebhookDispatcher(
                 db, settings.webhook_retry_base_s, settings.webhook_allow_private
             )
@@ -94,6 +96,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             except Exception:
                 # One module failing to stop must not keep the others running.
                 log.exception("module.shutdown_failed", module=module.name)
+        if app.state.audit is not None:
+            await app.state.audit.close()
         if app.state.webhooks is not None:
             await app.state.webhooks.close()
         if db is not None:
@@ -153,6 +157,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.webhooks = None
     app.state.metrics_registry = registry
     app.state.principal_cache = PrincipalCache(settings.auth_cache_ttl_s)
+    app.state.module_enabled_cache = EnabledCache(settings.auth_cache_ttl_s)
     app.state.rate_limiter = _rate_limiter(settings)
     app.state.jwt_verifier = JwtVerifier.from_settings(settings)
     app.state.modules = {module.name: module for module in modules}

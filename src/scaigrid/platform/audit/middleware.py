@@ -157,7 +157,7 @@ class AuditMiddleware:
             status_code=status,
         )
         try:
-            await audit.append(entry)
+            await audit.submit(entry)
         except SQLAlchemyError:
             # The response is already sent; losing the record must at least be loud.
             log.exception("audit.append_failed", request_id=entry.request_id, action=action)

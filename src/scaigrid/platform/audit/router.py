@@ -67,6 +67,7 @@ def _cursor(cursor: str | None) -> int | None:
 
 @router.get("")
 async def list_audit_log(
+    request: Request,
     principal: Auditor,
     session: Session,
     flt: Filter,
@@ -80,8 +81,16 @@ async def list_audit_log(
     Raises:
         ValidationFailed: bad filter, limit or cursor (422).
     """
+    await _flush(request)
     rows, before = await service.list_page(session, principal, flt, limit, _cursor(cursor))
     return ok_list([service.as_dict(r) for r in rows], None if before is None else str(before))
+
+
+async def _flush(request: Request) -> None:
+    """Make every record of an earlier request readable (the chain is written behind)."""
+    audit: service.AuditLog | None = getattr(request.app.state, "audit", None)
+    if audit is not None:
+        await audit.flush()
 
 
 _MEDIA = {"csv": "text/csv", "json": "application/json", "ndjson": "application/x-ndjson"}
@@ -104,6 +113,7 @@ async def export_audit_log(
     """Every matching record within reach, newest first, streamed as ``csv`` (header row
     then one row per record), ``json`` (one array) or ``ndjson`` (one object per line)."""
     db = get_database(request)
+    await _flush(request)
 
     async def body() -> AsyncIterator[str]:
         first = True

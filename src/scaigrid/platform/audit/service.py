@@ -10,6 +10,7 @@ so the chain never forks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 from collections.abc import AsyncIterator
@@ -19,7 +20,7 @@ from typing import Any
 
 import structlog
 from sqlalchemy import Select, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scaigrid.platform.audit.models import GENESIS_HASH, AuditRecord
@@ -29,6 +30,8 @@ from scaigrid.platform.permissions import Role
 
 log = structlog.get_logger(__name__)
 
+#: Entries the background writer appends in one transaction at most.
+APPEND_BATCH = 200
 #: Appends retried at most this often when another process took the same ``seq``.
 APPEND_ATTEMPTS = 20
 #: Records read per batch by :func:`verify_chain` and the exports.
@@ -100,16 +103,72 @@ def record_hash(record: AuditRecord) -> str:
 class AuditLog:
     """Appends entries to the chain of one database (``app.state.audit``).
 
+    Requests hand their entry to :meth:`submit`, which queues it for one background writer
+    (started by :meth:`start`), so the chain append (a head read and an insert) is not paid
+    on the request path. The writer appends queued entries in batches, in order, one chain.
+    Readers that must see every earlier request's record call :meth:`flush` first.
+
     Args:
         db: the controller's database.
+        queue_size: entries waiting at most; a full queue makes :meth:`submit` wait.
     """
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, queue_size: int = 10_000) -> None:
         self.db = db
         self._lock = asyncio.Lock()
+        self._queue: asyncio.Queue[AuditEntry] = asyncio.Queue(queue_size)
+        self._writer: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start the background writer (idempotent)."""
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._run(), name="audit-writer")
+
+    async def close(self) -> None:
+        """Write every queued entry, then stop the writer."""
+        await self.flush()
+        if self._writer is not None:
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+            self._writer = None
+
+    async def submit(self, entry: AuditEntry) -> None:
+        """Queue ``entry`` for the chain (appended at once when no writer runs)."""
+        if self._writer is None:
+            await self.append(entry)
+            return
+        await self._queue.put(entry)
+
+    async def flush(self) -> None:
+        """Wait until every entry submitted so far is in the database."""
+        if self._writer is not None:
+            await self._queue.join()
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < APPEND_BATCH and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                await self.append_many(batch)
+            except SQLAlchemyError:
+                log.exception("audit.append_failed", entries=len(batch))
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
 
     async def append(self, entry: AuditEntry) -> AuditRecord:
         """Add ``entry`` as the chain's next record and return it (committed).
+
+        Raises:
+            IntegrityError: the head kept moving for :data:`APPEND_ATTEMPTS` attempts.
+            SQLAlchemyError: the database failed.
+        """
+        return (await self.append_many([entry]))[0]
+
+    async def append_many(self, entries: list[AuditEntry]) -> list[AuditRecord]:
+        """Add ``entries``, in order, as the chain's next records in one transaction.
 
         Raises:
             IntegrityError: the head kept moving for :data:`APPEND_ATTEMPTS` attempts.
@@ -121,35 +180,47 @@ class AuditLog:
                     head = await session.scalar(
                         select(AuditRecord).order_by(AuditRecord.seq.desc()).limit(1)
                     )
-                    record = AuditRecord(
-                        seq=1 if head is None else head.seq + 1,
-                        prev_hash=GENESIS_HASH if head is None else head.record_hash,
-                        at=entry.at,
-                        request_id=entry.request_id,
-                        actor_id=entry.actor_id,
-                        actor_type=entry.actor_type,
-                        tenant_id=entry.tenant_id,
-                        partner_id=entry.partner_id,
-                        action=entry.action[:300],
-                        resource_type=entry.resource_type,
-                        resource_id=None if entry.resource_id is None else entry.resource_id[:300],
-                        ip_address=entry.ip_address,
-                        user_agent=None if entry.user_agent is None else entry.user_agent[:500],
-                        outcome=entry.outcome,
-                        status_code=entry.status_code,
-                    )
-                    record.record_hash = record_hash(record)
-                    session.add(record)
+                    seq = 0 if head is None else head.seq
+                    prev = GENESIS_HASH if head is None else head.record_hash
+                    records = []
+                    for entry in entries:
+                        seq += 1
+                        record = _record_for(entry, seq, prev)
+                        prev = record.record_hash
+                        records.append(record)
+                    session.add_all(records)
                     try:
                         await session.commit()
                     except IntegrityError:
                         # Another controller process appended this seq first: retry on its head.
                         await session.rollback()
-                        log.info("audit.append_retry", seq=record.seq, attempt=attempt)
+                        log.info("audit.append_retry", seq=records[0].seq, attempt=attempt)
                         await asyncio.sleep(0.005 * (attempt + 1))
                         continue
-                    return record
+                    return records
         raise IntegrityError("audit append", None, Exception("the chain head kept moving"))
+
+
+def _record_for(entry: AuditEntry, seq: int, prev_hash: str) -> AuditRecord:
+    record = AuditRecord(
+        seq=seq,
+        prev_hash=prev_hash,
+        at=entry.at,
+        request_id=entry.request_id,
+        actor_id=entry.actor_id,
+        actor_type=entry.actor_type,
+        tenant_id=entry.tenant_id,
+        partner_id=entry.partner_id,
+        action=entry.action[:300],
+        resource_type=entry.resource_type,
+        resource_id=None if entry.resource_id is None else entry.resource_id[:300],
+        ip_address=entry.ip_address,
+        user_agent=None if entry.user_agent is None else entry.user_agent[:500],
+        outcome=entry.outcome,
+        status_code=entry.status_code,
+    )
+    record.record_hash = record_hash(record)
+    return record
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,7 @@ from scaigrid.platform.auth.jwt import JwtVerifier, looks_like_jwt
 from scaigrid.platform.auth.principal import Principal
 from scaigrid.platform.auth.service import authenticate, principal_for_user
 from scaigrid.platform.db import get_database
-from scaigrid.platform.modules.service import is_enabled
+from scaigrid.platform.modules.service import EnabledCache, is_enabled
 from scaigrid.platform.ratelimit import Level, RateLimiter
 from scaigrid.settings import Settings
 
@@ -52,8 +52,14 @@ async def current_principal(request: HTTPConnection) -> Principal:
     request.state.principal = principal
     module: str | None = getattr(request.state, "module", None)
     if module is not None:
-        async with get_database(request).sessionmaker() as session:
-            enabled = await is_enabled(session, module, principal.tenant_id, principal.partner_id)
+        key = (module, principal.tenant_id, principal.partner_id)
+        cached: EnabledCache | None = getattr(request.app.state, "module_enabled_cache", None)
+        enabled = cached.get(key) if cached is not None else None
+        if enabled is None:
+            async with get_database(request).sessionmaker() as session:
+                enabled = await is_enabled(session, *key)
+            if cached is not None:
+                cached.put(key, enabled)
         if not enabled:
             raise errors.ModuleNotEnabled(f"The {module} module is not enabled for your tenant")
     limiter: RateLimiter | None = getattr(request.app.state, "rate_limiter", None)

@@ -112,6 +112,9 @@ async def _switch(
     scope_type, scope_id, tenants = await _scope(session, principal, tenant_id, partner_id)
     await service.set_enabled(session, module.name, scope_type, scope_id, enabled)
     await session.commit()
+    cache: service.EnabledCache | None = getattr(request.app.state, "module_enabled_cache", None)
+    if cache is not None:
+        cache.clear()
     log.info("module.switched", module=name, scope=scope_type, scope_id=scope_id, enabled=enabled)
     if not enabled and isinstance(module, DisableAwareModule):
         for tenant in tenants:

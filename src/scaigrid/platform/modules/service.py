@@ -10,6 +10,7 @@ Functions flush but never commit.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -32,6 +33,35 @@ async def _row(session: AsyncSession, module: str, scope_type: str, scope_id: st
         )
         session.add(row)
     return row
+
+
+class EnabledCache:
+    """Recent answers of :func:`is_enabled`, so module routes cost no extra database round
+    trip per request. An entry lives ``ttl_s`` seconds (``SCAIGRID_AUTH_CACHE_TTL_S``); an
+    enable or disable through this process clears the cache at once.
+    """
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._entries: dict[tuple[str, str, str], tuple[float, bool]] = {}
+
+    def get(self, key: tuple[str, str, str]) -> bool | None:
+        """The cached answer for ``(module, tenant_id, partner_id)``, or None."""
+        entry = self._entries.get(key)
+        if entry is None or entry[0] < time.monotonic():
+            return None
+        return entry[1]
+
+    def put(self, key: tuple[str, str, str], enabled: bool) -> None:
+        """Remember an answer for ``ttl_s`` seconds."""
+        if self.ttl_s > 0:
+            if len(self._entries) >= 10_000:
+                self._entries.clear()
+            self._entries[key] = (time.monotonic() + self.ttl_s, enabled)
+
+    def clear(self) -> None:
+        """Forget every answer (a scope was enabled or disabled)."""
+        self._entries.clear()
 
 
 async def is_enabled(session: AsyncSession, module: str, tenant_id: str, partner_id: str) -> bool:
