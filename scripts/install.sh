@@ -18,6 +18,12 @@ DEBIAN_PACKAGES=(
   qemu-system-x86 qemu-utils linux-image-cloud-amd64 cpio lz4  # qemu microVM driver (TCG/KVM)
   python3-venv
 )
+TEST_PACKAGES=(
+  gcc libc6-dev        # the container-driver tests build a static stand-in agent
+)
+if [ "${1:-}" = "--test" ]; then
+  DEBIAN_PACKAGES+=("${TEST_PACKAGES[@]}")
+fi
 
 if [ "$(id -u)" != 0 ]; then
   echo "scripts/install.sh must run as root (bunkers need namespaces, cgroups and mounts)" >&2
