@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, ForeignKey, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, ForeignKey, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from scaigrid.platform.db import Base, UTCDateTime, utcnow
@@ -52,6 +52,12 @@ class Bunker(Base):
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     final_snapshot_id: Mapped[str | None] = mapped_column(String(32))
+    #: Bytes the bunker sent out of its worker's uplink, summed over every worker it ran on
+    #: (SPEC §1.9: the one measured accounting figure).
+    egress_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    #: The worker's last reported cumulative egress counter for the bunker (bytes); a smaller
+    #: report means the counter restarted (new worker or worker restart).
+    egress_reported: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
     history: Mapped[list[BunkerStatusEvent]] = relationship(
         back_populates="bunker", order_by="BunkerStatusEvent.id", lazy="raise"
