@@ -323,6 +323,11 @@ class ExecManager:
         self._retained_bytes = 0
         self._stale_cgroups: set[str] = set()
 
+    @property
+    def reaper(self) -> ChildReaper:
+        """The PID 1 reaper this manager registers its children with."""
+        return self._reaper
+
     def environment(self, spec: ExecSpec) -> dict[str, str]:
         """Defaults, then the agent's environment, the user's identity, the request's."""
         env = {"PATH": DEFAULT_PATH, "LANG": "C.UTF-8"}

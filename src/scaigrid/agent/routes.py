@@ -14,6 +14,7 @@ from typing import Any
 
 from scaigrid import __version__
 from scaigrid.agent import files
+from scaigrid.agent.archive import ArchiveRunner
 from scaigrid.agent.clock import rfc3339
 from scaigrid.agent.execs import ExecManager, ExecSpec, stream_output
 from scaigrid.agent.identity import HOME
@@ -52,6 +53,7 @@ class AgentService:
     def __init__(self, execs: ExecManager, *, ring_buffer_bytes: int) -> None:
         self.execs = execs
         self.ring_buffer_bytes = ring_buffer_bytes
+        self.archives = ArchiveRunner(execs.reaper, oom_score_adj=execs.workload.oom_score_adj)
         self.started_at = time.time()
         self._started_mono = time.monotonic()
 
@@ -72,6 +74,8 @@ class AgentService:
         router.add("GET", "/v1/files/stat", self.stat_file)
         router.add("POST", "/v1/files/mkdir", self.mkdir)
         router.add("POST", "/v1/files/move", self.move)
+        router.add("GET", "/v1/files/archive", self.get_archive)
+        router.add("PUT", "/v1/files/archive", self.put_archive)
         return router
 
     # -- health ----------------------------------------------------------------------
@@ -352,6 +356,22 @@ class AgentService:
             get_path(args, "dst"),
             get_bool(args, "overwrite", False),
         )
+        await request.send_json(result)
+
+
+    async def get_archive(self, request: ServerRequest) -> None:
+        """``GET /v1/files/archive`` args ``{path, user}``: a tar of the directory's
+        contents (``application/x-tar``), trailer ``x-result`` ``{path, entries, bytes,
+        skipped}`` (``skipped``: entries the user could not read). See
+        :mod:`scaigrid.agent.archive`."""
+        args = request.args
+        await self.archives.pack(request, get_identity(args), get_path(args))
+
+    async def put_archive(self, request: ServerRequest) -> None:
+        """``PUT /v1/files/archive`` args ``{path, user}``, body = a tar stream (plain,
+        gzip, bzip2 or xz) → ``{path, entries, bytes}``."""
+        args = request.args
+        result = await self.archives.extract(request, get_identity(args), get_path(args))
         await request.send_json(result)
 
 

@@ -72,12 +72,15 @@ _STDLIB_SKIP = {
     "__phello__",
 }
 #: Extension modules kept besides those the agent imports at start-up: ones its lazily
-#: imported code paths (shutil, hashlib fallbacks, a future PTY) may load.
+#: imported code paths (shutil, hashlib fallbacks, a future PTY, tar archives compressed
+#: with bzip2 or xz) may load.
 _EXTRA_EXTENSIONS = (
     "_bisect",
     "_blake2",
+    "_bz2",
     "_contextvars",
     "_heapq",
+    "_lzma",
     "_md5",
     "_posixsubprocess",
     "_random",
