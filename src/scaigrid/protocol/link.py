@@ -83,6 +83,8 @@ class TaskKind:
     PROCESS_SIGNAL = "process.signal"
     PROCESS_STDIN = "process.stdin"
     PROCESS_FOLLOW = "process.follow"
+    BRIDGE_CREATE = "bridge.create"
+    BRIDGE_DELETE = "bridge.delete"
 
 
 class LinkClosed(ConnectionError):

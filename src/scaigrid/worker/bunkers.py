@@ -49,6 +49,7 @@ from scaigrid.worker.drivers.base import (
 )
 from scaigrid.worker.images import ImagePrepareFailed, ImageStore
 from scaigrid.worker.link.tasks import TaskFailed
+from scaigrid.worker.net.l2 import InterfaceRequest
 from scaigrid.worker.net.manager import NetRequest, NetworkError, NetworkManager
 from scaigrid.worker.objects import ObjectClient
 from scaigrid.worker.rootfs.idshift import DEFAULT_ID_BASE
@@ -247,7 +248,9 @@ def _net_request(profile: str, bunker: Mapping[str, Any], network: Any) -> NetRe
     if not isinstance(upstreams, list) or not all(isinstance(u, str) for u in upstreams):
         raise TaskFailed("VALIDATION_ERROR", "network.dns_upstreams must list resolvers")
     tenant_id = bunker.get("tenant_id")
+    interfaces = _interfaces(profile, bunker.get("interfaces"))
     return NetRequest(
+        interfaces=interfaces,
         tenant_id=tenant_id if isinstance(tenant_id, str) else None,
         audit=network.get("egress_audit", True) is not False,
         profile=profile,
@@ -257,6 +260,32 @@ def _net_request(profile: str, bunker: Mapping[str, Any], network: Any) -> NetRe
         upstreams=tuple(upstreams),
         bandwidth_mbit=bandwidth,
     )
+
+
+def _interfaces(profile: str, value: Any) -> tuple[InterfaceRequest, ...]:
+    """Parse ``bunker.interfaces`` (``transit`` only): ``[{if_name, mac, spoof_guard,
+    device}]``, at most 8, unique ``if_name``.
+
+    Raises:
+        TaskFailed: ``VALIDATION_ERROR`` naming the bad element.
+    """
+    if value is None or value == []:
+        if profile == "transit":
+            raise TaskFailed("VALIDATION_ERROR", "transit bunkers need bunker.interfaces")
+        return ()
+    if profile != "transit":
+        raise TaskFailed("VALIDATION_ERROR", "bunker.interfaces needs the transit profile")
+    if not isinstance(value, list) or len(value) > 8:
+        raise TaskFailed("VALIDATION_ERROR", "bunker.interfaces must list at most 8 interfaces")
+    parsed: list[InterfaceRequest] = []
+    for index, item in enumerate(value):
+        try:
+            parsed.append(InterfaceRequest.parse(item))
+        except ValueError as exc:
+            raise TaskFailed("VALIDATION_ERROR", f"bunker.interfaces[{index}]: {exc}") from exc
+    if len({i.if_name for i in parsed}) != len(parsed):
+        raise TaskFailed("VALIDATION_ERROR", "bunker.interfaces if_name values must be unique")
+    return tuple(parsed)
 
 
 @dataclass
