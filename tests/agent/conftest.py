@@ -51,6 +51,9 @@ mount -t tmpfs -o mode=755 tmpfs "$R/dev"
 mknod -m 666 "$R/dev/null" c 1 3
 mknod -m 666 "$R/dev/zero" c 1 5
 mknod -m 666 "$R/dev/urandom" c 1 9
+mkdir "$R/dev/pts"
+mount -t devpts -o newinstance,ptmxmode=0666,mode=0620 devpts "$R/dev/pts"
+ln -s pts/ptmx "$R/dev/ptmx"
 mount -t tmpfs -o size=1m,mode=1777 tmpfs "$R/small"
 exec chroot "$R" "$@"
 """

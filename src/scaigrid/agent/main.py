@@ -40,6 +40,8 @@ from scaigrid.agent.execs import ExecManager, OomCounter
 from scaigrid.agent.init import ChildReaper, ensure_home, missing_capabilities, protect_from_oom
 from scaigrid.agent.routes import AgentService
 from scaigrid.agent.serial import serve_serial
+from scaigrid.agent.shell_routes import ShellRoutes
+from scaigrid.agent.shells import ShellManager
 
 _log = logging.getLogger("scaigrid.agent")
 _PEERCRED = struct.Struct("3i")
@@ -177,7 +179,9 @@ async def run(options: Options) -> int:
         base_env=dict(os.environ),
         workload=workload,
     )
+    shells = ShellManager(reaper, workload, dict(os.environ))
     router = AgentService(execs, ring_buffer_bytes=options.ring_buffer_bytes).router()
+    ShellRoutes(shells).add_to(router)
     connections: set[asyncio.Task[object]] = set()
 
     async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -226,6 +230,7 @@ async def run(options: Options) -> int:
         server.close()
         with contextlib.suppress(OSError):
             os.unlink(options.listen)
+    await shells.shutdown()
     await execs.shutdown(options.shutdown_grace_s)
     for task in list(connections):
         task.cancel()

@@ -17,8 +17,10 @@ millisecond, so the exec's process group exists from the start.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import signal
+import termios
 from typing import NoReturn
 
 from scaigrid.agent.identity import Identity, can_switch
@@ -38,6 +40,7 @@ def spawn(
     stderr_fd: int,
     cgroup_procs: tuple[str, ...] = (),
     oom_score_adj: int = 0,
+    controlling_tty: bool = False,
 ) -> int:
     """Fork and exec ``argv``; return the child's pid.
 
@@ -51,6 +54,8 @@ def spawn(
         cgroup_procs: ``cgroup.procs`` files the child moves itself into while still
             root (failures leave it in the agent's cgroup).
         oom_score_adj: the child's ``oom_score_adj``.
+        controlling_tty: make ``stdin_fd`` (a PTY slave) the controlling terminal of the
+            child's new session (interactive shells, SPEC §5).
 
     Raises:
         OSError: ``fork()`` failed (e.g. EAGAIN at the bunker's pids limit).
@@ -70,6 +75,7 @@ def spawn(
                     (stdin_fd, stdout_fd, stderr_fd),
                     cgroup_procs,
                     oom_score_adj,
+                    controlling_tty,
                 )
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
@@ -94,6 +100,7 @@ def _child(
     fds: tuple[int, int, int],
     cgroup_procs: tuple[str, ...],
     oom_score_adj: int,
+    controlling_tty: bool = False,
 ) -> NoReturn:
     try:
         signal.set_wakeup_fd(-1)
@@ -109,6 +116,8 @@ def _child(
         os.setsid()
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
+        if controlling_tty:
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
         for procs in cgroup_procs:
             _write_quietly(procs, "0")
         _write_quietly("/proc/self/oom_score_adj", str(oom_score_adj))

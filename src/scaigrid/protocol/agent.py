@@ -50,7 +50,10 @@ Operations (agent side: :mod:`scaigrid.agent.routes`)
     ``GET /v1/processes/{id}``, ``GET /v1/processes/{id}/output``,
     ``POST /v1/processes/{id}/signal``, ``PUT|GET|DELETE /v1/files``,
     ``GET /v1/files/list``, ``GET /v1/files/stat``, ``POST /v1/files/mkdir``,
-    ``POST /v1/files/move``.
+    ``POST /v1/files/move``, ``POST /v1/shell`` (a bidirectional PTY stream: the request
+    body is terminal input, the response exec records of output), ``GET /v1/shells``,
+    ``POST /v1/shells/{id}/resize``, ``POST /v1/shells/{id}/signal``,
+    ``DELETE /v1/shells/{id}`` (see :mod:`scaigrid.agent.shell_routes`).
 
 Spec followed: RFC 9113 (HTTP/2); SPEC.md §3 (exec) and §4 (files) for the operations.
 """
@@ -107,6 +110,7 @@ ERROR_STATUS: dict[str, int] = {
     "FILE_CONFLICT": 409,
     "FILE_ACCESS_DENIED": 403,
     "BUNKER_DISK_FULL": 507,
+    "SHELL_SESSION_NOT_FOUND": 404,
     "INTERNAL_ERROR": 500,
 }
 
