@@ -123,6 +123,7 @@ FileConflict = _make("FileConflict", "FILE_CONFLICT", 409, Conflict)
 FileAccessDenied = _make("FileAccessDenied", "FILE_ACCESS_DENIED", 403, PermissionDenied)
 BunkerDiskFull = _make("BunkerDiskFull", "BUNKER_DISK_FULL", 507, ScaiGridError)
 WorkerNotFound = _make("WorkerNotFound", "WORKER_NOT_FOUND", 404, NotFound)
+BridgeNotFound = _make("BridgeNotFound", "BRIDGE_NOT_FOUND", 404, NotFound)
 NetworkProfileDenied = _make(
     "NetworkProfileDenied", "NETWORK_PROFILE_DENIED", 403, PermissionDenied
 )

@@ -9,6 +9,7 @@ from scaigrid import errors
 from scaigrid.modules.scaibunker.bunkers.schemas import CreateBunkerRequest
 from scaigrid.modules.scaibunker.network import admission
 from scaigrid.modules.scaibunker.network.config import NetworkConfig
+from scaigrid.modules.scaibunker.network.interfaces import InterfaceSpec, generated_mac
 from scaigrid.platform.auth.principal import Principal
 from scaigrid.platform.handlers import field_path
 from scaigrid.platform.permissions import Role
@@ -87,10 +88,69 @@ def test_each_profile_needs_its_permission(profile: str) -> None:
 
 def test_interfaces_rules() -> None:
     transit = _principal("scaibunker:network:transit")
+    one = [InterfaceSpec(if_name="net1", bridge_name="lan")]
     with pytest.raises(errors.TransitMissingInterfaces):
         admission.check_profile(transit, "transit", None)
+    with pytest.raises(errors.TransitMissingInterfaces):
+        admission.check_profile(transit, "transit", [])
+    for profile in ("isolated", "unrestricted"):
+        with pytest.raises(errors.InterfacesNotAllowed):
+            admission.check_profile(_principal("scaibunker:network:unrestricted"), profile, one)
     with pytest.raises(errors.InterfacesNotAllowed):
-        admission.check_profile(_principal(), "isolated", [{"if_name": "x"}])
+        admission.check_profile(_principal(), "isolated", [])
+    with pytest.raises(errors.NetworkProfileDenied):
+        admission.check_profile(_principal("scaibunker:create"), "transit", one)
+    admission.check_profile(transit, "transit", one)
+
+
+def test_spoof_guard_off_needs_l2_transparency() -> None:
+    open_port = [InterfaceSpec(if_name="net1", bridge_name="lan", spoof_guard=False)]
+    with pytest.raises(errors.AuthzPermissionDenied) as denied:
+        admission.check_profile(_principal("scaibunker:network:transit"), "transit", open_port)
+    assert denied.value.details == {"permission": "scaibunker:l2_transparency"}
+    granted = _principal("scaibunker:network:transit", "scaibunker:l2_transparency")
+    admission.check_profile(granted, "transit", open_port)
+
+
+@pytest.mark.parametrize(
+    ("element", "field"),
+    [
+        ({"if_name": "eth0", "bridge_name": "lan"}, "if_name"),
+        ({"if_name": "lo", "bridge_name": "lan"}, "if_name"),
+        ({"if_name": "Net1", "bridge_name": "lan"}, "if_name"),
+        ({"if_name": "a" * 16, "bridge_name": "lan"}, "if_name"),
+        ({"if_name": "net1", "bridge_name": "LAN"}, "bridge_name"),
+        ({"if_name": "net1", "bridge_name": "lan", "mac": "01:00:5e:00:00:01"}, "mac"),
+        ({"if_name": "net1", "bridge_name": "lan", "mac": "02:00:00:00:00"}, "mac"),
+        ({"if_name": "net1"}, "bridge_name"),
+        ({"if_name": "net1", "bridge_name": "lan", "vlan": 3}, "vlan"),
+    ],
+)
+def test_bad_interface_elements_are_422_naming_the_field(
+    element: dict[str, object], field: str
+) -> None:
+    with pytest.raises(ValidationError) as caught:
+        CreateBunkerRequest(image="x", network_profile="transit", interfaces=[element])
+    fields = {field_path(e["loc"]) for e in caught.value.errors()}
+    assert fields == {f"interfaces[0].{field}"}, fields
+
+
+def test_interface_list_rules() -> None:
+    ok = CreateBunkerRequest(
+        image="x",
+        network_profile="transit",
+        interfaces=[{"if_name": "net1", "bridge_name": "lan", "mac": "02:AB:00:00:00:01"}],
+    )
+    assert ok.interfaces is not None and ok.interfaces[0].mac == "02:ab:00:00:00:01"
+    assert ok.interfaces[0].spoof_guard is True
+    same = {"if_name": "net1", "bridge_name": "lan"}
+    with pytest.raises(ValidationError):
+        CreateBunkerRequest(image="x", network_profile="transit", interfaces=[same, same])
+    many = [{"if_name": f"n{i}", "bridge_name": "lan"} for i in range(9)]
+    with pytest.raises(ValidationError):
+        CreateBunkerRequest(image="x", network_profile="transit", interfaces=many)
+    mac = generated_mac()
+    assert int(mac[:2], 16) & 0b11 == 0b10 and len(mac) == 17
 
 
 def test_worker_gets_the_registry_hosts_for_registry() -> None:

@@ -14,6 +14,7 @@ from scaigrid.modules.scaibunker.dev import DevWorker, seed_default_image
 from scaigrid.modules.scaibunker.images.router import router as images_router
 from scaigrid.modules.scaibunker.images.service import rescan_loop, seed_builtin_images
 from scaigrid.modules.scaibunker.module_config import ScaiBunkerConfig
+from scaigrid.modules.scaibunker.network.bridges import router as bridges_router
 from scaigrid.modules.scaibunker.network.router import router as network_router
 from scaigrid.modules.scaibunker.quotas.router import router as quotas_router
 from scaigrid.modules.scaibunker.snapshots.router import router as snapshots_router
@@ -44,6 +45,7 @@ class ScaiBunkerModule:
             processes_router,
             images_router,
             network_router,
+            bridges_router,
             quotas_router,
             storage_router,
             capability_router,

@@ -21,6 +21,7 @@ from scaigrid.modules.scaibunker.bunkers.schemas import (
     MkdirRequest,
     MoveRequest,
 )
+from scaigrid.modules.scaibunker.network import bridges
 from scaigrid.modules.scaibunker.snapshots import service as snapshots_service
 from scaigrid.modules.scaibunker.state import ModuleState, get_state
 from scaigrid.platform.auth import Principal, require
@@ -55,6 +56,7 @@ async def _owned_running(state: ModuleState, principal: Principal, bunker_id: st
 @router.post("/bunkers", status_code=201)
 async def create_bunker(
     body: CreateBunkerRequest,
+    request: Request,
     principal: CreatorDep,
     state: StateDep,
     session: SessionDep,
@@ -62,6 +64,7 @@ async def create_bunker(
 ) -> JSONResponse:
     """Create a bunker; ``wait_s`` holds the answer until it leaves pending/provisioning."""
     bunker = await service.create_bunker(state, session, principal, body)
+    await bridges.audit_l2_transparency(request, principal, bunker)
     bunker_id = bunker.id
     if wait_s:
         loop_time = asyncio.get_running_loop().time

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import (
     AfterValidator,
@@ -16,6 +16,7 @@ from pydantic import (
 )
 
 from scaigrid.modules.scaibunker.network.allowlist import dedupe, normalize_entry
+from scaigrid.modules.scaibunker.network.interfaces import Interfaces
 
 LifecycleMode = Literal["ephemeral", "session", "persistent"]
 NetworkProfile = Literal["isolated", "registry", "allowlisted", "unrestricted", "transit"]
@@ -55,7 +56,7 @@ class CreateBunkerRequest(_Strict):
     session_ref: str | None = Field(default=None, min_length=1, max_length=255)
     label_set: dict[str, str] = Field(default_factory=dict, max_length=64)
     env_vars: dict[str, str] = Field(default_factory=dict, max_length=128)
-    interfaces: list[dict[str, Any]] | None = Field(default=None, max_length=8)
+    interfaces: Interfaces | None = None
     isolation: Literal["microvm", "container"] | None = None
 
     @field_validator("network_allowlist")

@@ -27,7 +27,7 @@ from scaigrid.modules.scaibunker.config import (
 )
 from scaigrid.modules.scaibunker.images.models import Image
 from scaigrid.modules.scaibunker.images.service import check_scan_gate, resolve_image
-from scaigrid.modules.scaibunker.network import admission
+from scaigrid.modules.scaibunker.network import admission, bridges
 from scaigrid.modules.scaibunker.network.config import network_config
 from scaigrid.modules.scaibunker.quotas import service as quotas
 from scaigrid.modules.scaibunker.snapshots import restore as snapshot_restore
@@ -350,6 +350,14 @@ async def create_bunker(
     now = utcnow()
     ask = quotas.Ask(cpu, memory, disk, 0, request.lifecycle_mode == "persistent")
     async with state.placement_lock:
+        pinned: str | None = None
+        interfaces: list[dict[str, Any]] = []
+        isolation: str | None = request.isolation
+        if request.network_profile == "transit" and request.interfaces:
+            pinned, interfaces = await bridges.resolve_interfaces(
+                session, principal.tenant_id, request.interfaces
+            )
+            isolation = bridges.transit_isolation(request.isolation)
         contributions = await quotas.admit(
             session, principal.tenant_id, principal.user_id, ask, state.config.platform_max
         )
@@ -361,8 +369,9 @@ async def create_bunker(
                 cpu,
                 memory,
                 disk,
-                request.isolation,
+                isolation,
                 image_id=image.id,
+                worker_id=pinned,
                 lazy_pull=image.lazy_pull,
             ),
         )
@@ -388,7 +397,7 @@ async def create_bunker(
             session_ref=request.session_ref,
             label_set=request.label_set,
             env_vars=request.env_vars,
-            interfaces=[],
+            interfaces=interfaces,
             status="pending",
             status_reason="created",
             status_changed_at=now,
@@ -456,6 +465,7 @@ async def provision(state: ModuleState, bunker_id: str, image: Image) -> None:
                 ),
                 "bandwidth_mbit": bunker.bandwidth_mbit,
                 "tenant_id": bunker.tenant_id,
+                "interfaces": await bridges.worker_interfaces(session, bunker),
             },
             "image": {"id": image.id, "name": image.name, "source": image.source},
             "network": admission.worker_network(network_config()),

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from scaigrid import errors
 from scaigrid.modules.scaibunker.network.config import NetworkConfig
+from scaigrid.modules.scaibunker.network.interfaces import InterfaceSpec
 from scaigrid.platform.auth.principal import Principal
 
 #: Permission each profile needs; ``isolated`` needs none.
@@ -15,29 +17,32 @@ PROFILE_PERMISSION = {
     "unrestricted": "scaibunker:network:unrestricted",
     "transit": "scaibunker:network:transit",
 }
+L2_TRANSPARENCY = "scaibunker:l2_transparency"
 
 
-def check_profile(principal: Principal, profile: str, interfaces: list[Any] | None) -> None:
-    """Admit ``profile`` for ``principal``.
+def check_profile(
+    principal: Principal, profile: str, interfaces: Sequence[InterfaceSpec] | None
+) -> None:
+    """Admit ``profile`` and its interfaces for ``principal`` (SPEC §2.3.1 steps 5, 7, 8).
 
     Raises:
-        errors.NetworkProfileDenied: ``NETWORK_PROFILE_DENIED``, the permission is missing.
         errors.TransitMissingInterfaces: ``transit`` without interfaces.
-        errors.InterfacesNotAllowed: interfaces with another profile.
-        errors.ValidationFailed: transit interfaces (bridges are not available yet).
+        errors.InterfacesNotAllowed: interfaces (even an empty list) with another profile.
+        errors.NetworkProfileDenied: ``NETWORK_PROFILE_DENIED``, the permission is missing.
+        errors.AuthzPermissionDenied: an interface has ``spoof_guard: false`` and the caller
+            lacks ``scaibunker:l2_transparency`` (details name the key).
     """
+    if profile == "transit" and not interfaces:
+        raise errors.TransitMissingInterfaces("transit bunkers need at least one interface")
+    if profile != "transit" and interfaces is not None:
+        raise errors.InterfacesNotAllowed("interfaces need the transit profile")
     key = PROFILE_PERMISSION.get(profile)
     if key is not None and not principal.has(key):
         raise errors.NetworkProfileDenied(f"the {profile} network profile needs {key}")
-    if profile == "transit":
-        if not interfaces:
-            raise errors.TransitMissingInterfaces("transit bunkers need at least one interface")
-        raise errors.ValidationFailed(
-            "tenant bridges are not available on this controller yet",
-            details=[{"field": "interfaces", "message": "bridges are not available"}],
+    if any(not i.spoof_guard for i in interfaces or ()) and not principal.has(L2_TRANSPARENCY):
+        raise errors.AuthzPermissionDenied(
+            f"spoof_guard: false needs {L2_TRANSPARENCY}", details={"permission": L2_TRANSPARENCY}
         )
-    if interfaces is not None:
-        raise errors.InterfacesNotAllowed("interfaces need the transit profile")
 
 
 def worker_allowlist(

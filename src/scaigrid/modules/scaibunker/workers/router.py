@@ -18,6 +18,7 @@ from scaigrid.modules.scaibunker.bunkers import service as bunker_service
 from scaigrid.modules.scaibunker.bunkers.models import Bunker
 from scaigrid.modules.scaibunker.bunkers.schemas import iso
 from scaigrid.modules.scaibunker.images.service import bake_pending_images
+from scaigrid.modules.scaibunker.network import bridges
 from scaigrid.modules.scaibunker.state import ModuleState, get_state
 from scaigrid.modules.scaibunker.workers import scheduler
 from scaigrid.modules.scaibunker.workers import service as worker_service
@@ -199,6 +200,7 @@ async def _reconcile(
         await bunker_service.fail_bunker(
             state, bunker_id, "vm_exited", "the worker no longer holds this bunker"
         )
+    await bridges.recreate_bridges(state, connection)
     await bake_pending_images(state)
 
 

@@ -28,7 +28,8 @@ _RESOURCES = ("cpu_millicores", "memory_mb", "disk_mb")
 
 @dataclass(frozen=True)
 class Request:
-    """What a bunker asks for: resources (millicores, MiB, MiB) and an isolation class."""
+    """What a bunker asks for: resources (millicores, MiB, MiB) and an isolation class;
+    ``worker_id`` pins it to one worker (a transit bunker's bridges, SPEC §10.7 rule 4)."""
 
     tenant_id: str
     cpu_millicores: int
@@ -37,6 +38,7 @@ class Request:
     isolation: str | None = None
     image_id: str | None = None
     lazy_pull: bool = True
+    worker_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,8 @@ async def place(session: AsyncSession, connected: list[str], request: Request) -
             )
         )
     ).all()
+    if request.worker_id is not None:
+        workers = [w for w in workers if w.id == request.worker_id]
     allocated = await allocated_by_worker(session)
     ready: set[str] = set()
     if request.image_id is not None:
