@@ -76,6 +76,7 @@ class AgentService:
         router.add("POST", "/v1/files/move", self.move)
         router.add("GET", "/v1/files/archive", self.get_archive)
         router.add("PUT", "/v1/files/archive", self.put_archive)
+        router.add("POST", "/v1/sync", self.sync)
         return router
 
     # -- health ----------------------------------------------------------------------
@@ -99,6 +100,13 @@ class AgentService:
                 "capabilities_missing": missing_capabilities(),
             }
         )
+
+    async def sync(self, request: ServerRequest) -> None:
+        """``POST /v1/sync`` → ``{}`` once every filesystem's dirty data reached its disk
+        (``sync(2)``): a microVM's host reads the guest's scratch disk only after this
+        (snapshots)."""
+        await asyncio.to_thread(os.sync)
+        await request.send_json({})
 
     # -- exec and processes ------------------------------------------------------------
 
