@@ -138,6 +138,8 @@ ObjectNotFound = _make("ObjectNotFound", "OBJECT_NOT_FOUND", 404, NotFound)
 ObjectStoreUnavailable = _make(
     "ObjectStoreUnavailable", "OBJECT_STORE_UNAVAILABLE", 503, Unavailable
 )
+#: A conditional upload (``If-None-Match: *``) found the key taken: the first writer won.
+ObjectExists = _make("ObjectExists", "OBJECT_EXISTS", 412, ScaiGridError)
 
 _BY_CODE: dict[str, type[ScaiGridError]] = {}
 for _cls in list(globals().values()):

@@ -60,15 +60,20 @@ def _parse_range(header: str) -> tuple[int, int | None, int | None]:
 @router.put("/objects/{key:path}")
 @streaming_body
 async def put_object(key: str, request: Request) -> JSONResponse:
-    """Stream the body into the store; 200 ``{key, size, sha256}``."""
+    """Stream the body into the store; 200 ``{key, size, sha256}``.
+
+    With ``If-None-Match: *`` the object is stored only if the key is free; otherwise 412
+    ``OBJECT_EXISTS`` and the earlier object stays (first writer wins).
+    """
     service = _authorise(request, "PUT", key)
+    if_absent = request.headers.get("if-none-match", "").strip() == "*"
 
     async def body() -> AsyncIterator[bytes]:
         async for chunk in request.stream():
             if chunk:
                 yield chunk
 
-    result = await service.store.put(key, body())
+    result = await service.store.put(key, body(), if_absent=if_absent)
     log.info("storage.put", key=key, size=result.size)
     return ok({"key": result.key, "size": result.size, "sha256": result.sha256})
 

@@ -31,7 +31,12 @@ import structlog
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from scaigrid.errors import ObjectNotFound, ObjectStoreUnavailable, RangeNotSatisfiable
+from scaigrid.errors import (
+    ObjectExists,
+    ObjectNotFound,
+    ObjectStoreUnavailable,
+    RangeNotSatisfiable,
+)
 from scaigrid.modules.scaibunker.storage.capabilities import validate_key
 from scaigrid.modules.scaibunker.storage.settings import StorageSettings
 
@@ -83,10 +88,21 @@ class ObjectStore(ABC):
     """The backend-neutral object store."""
 
     @abstractmethod
-    async def put(self, key: str, chunks: AsyncIterator[bytes]) -> PutResult:
+    async def put(
+        self, key: str, chunks: AsyncIterator[bytes], *, if_absent: bool = False
+    ) -> PutResult:
         """Store the streamed ``chunks`` at ``key`` (replacing it) and hash them on the fly.
 
         If ``chunks`` raises, nothing is stored and no partial data remains.
+
+        Args:
+            key: object key.
+            chunks: the body.
+            if_absent: store only if no object is at ``key`` (first writer wins; the check
+                is atomic with the final commit of the object).
+
+        Raises:
+            ObjectExists: ``if_absent`` and the key is taken (nothing is stored).
         """
 
     @abstractmethod
@@ -134,8 +150,12 @@ class LocalObjectStore(ObjectStore):
     def _path(self, key: str) -> Path:
         return self.root / validate_key(key)
 
-    async def put(self, key: str, chunks: AsyncIterator[bytes]) -> PutResult:
+    async def put(
+        self, key: str, chunks: AsyncIterator[bytes], *, if_absent: bool = False
+    ) -> PutResult:
         path = self._path(key)
+        if if_absent and path.exists():
+            raise ObjectExists(f"an object is already stored at {key}")
         tmp = self._tmp / uuid.uuid4().hex
         digest = hashlib.sha256()
         size = 0
@@ -146,7 +166,14 @@ class LocalObjectStore(ObjectStore):
                     size += len(chunk)
                     await asyncio.to_thread(out.write, chunk)
             path.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, path)
+            if if_absent:
+                # link(2) fails when the name exists: the check and the commit are one step.
+                try:
+                    os.link(tmp, path)
+                except FileExistsError as exc:
+                    raise ObjectExists(f"an object is already stored at {key}") from exc
+            else:
+                os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
         return PutResult(key, size, digest.hexdigest())
@@ -221,6 +248,8 @@ class S3ObjectStore(ObjectStore):
             code = str(exc.response.get("Error", {}).get("Code", ""))
             if code in ("NoSuchKey", "404", "NotFound"):
                 raise ObjectNotFound(f"no object at {kwargs.get('Key')}") from exc
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                raise ObjectExists(f"an object is already stored at {kwargs.get('Key')}") from exc
             if code == "InvalidRange":
                 raise RangeNotSatisfiable("range outside the object") from exc
             log.warning("storage.s3_error", code=code, op=getattr(fn, "__name__", "?"))
@@ -236,8 +265,17 @@ class S3ObjectStore(ObjectStore):
         except ObjectNotFound:
             await self._call(self.client.create_bucket, Bucket=self.bucket)
 
-    async def put(self, key: str, chunks: AsyncIterator[bytes]) -> PutResult:
+    async def put(
+        self, key: str, chunks: AsyncIterator[bytes], *, if_absent: bool = False
+    ) -> PutResult:
         validate_key(key)
+        # ``If-None-Match: *`` on the final PUT / CompleteMultipartUpload makes S3 refuse
+        # (412) when another writer committed first; the HEAD only saves a doomed upload.
+        condition: dict[str, Any] = {"IfNoneMatch": "*"} if if_absent else {}
+        if if_absent:
+            with contextlib.suppress(ObjectNotFound):
+                await self.head(key)
+                raise ObjectExists(f"an object is already stored at {key}")
         digest = hashlib.sha256()
         size = 0
         buffer = bytearray()
@@ -268,7 +306,11 @@ class S3ObjectStore(ObjectStore):
                     parts.append({"PartNumber": number, "ETag": done["ETag"]})
             if upload_id is None:
                 await self._call(
-                    self.client.put_object, Bucket=self.bucket, Key=key, Body=bytes(buffer)
+                    self.client.put_object,
+                    Bucket=self.bucket,
+                    Key=key,
+                    Body=bytes(buffer),
+                    **condition,
                 )
             else:
                 if buffer:
@@ -288,6 +330,7 @@ class S3ObjectStore(ObjectStore):
                     Key=key,
                     UploadId=upload_id,
                     MultipartUpload={"Parts": parts},
+                    **condition,
                 )
         except BaseException:
             if upload_id is not None:
