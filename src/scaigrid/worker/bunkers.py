@@ -62,6 +62,8 @@ BOOT_FAILED = "BOOT_FAILED"
 AGENT_BOOT_TIMEOUT_S = 60.0
 #: Seconds one agent connect (HTTP/2 preface + SETTINGS) may take.
 AGENT_CONNECT_TIMEOUT_S = 10.0
+#: Seconds a guest may take to flush its disks before a snapshot (TCG guests are slow).
+GUEST_SYNC_TIMEOUT_S = 60.0
 #: Seconds between ``{"stage": "image"}`` progress repeats during a long image build, so the
 #: controller's per-progress wait never runs out while the build is still going.
 IMAGE_PROGRESS_EVERY_S = 30.0
@@ -305,6 +307,13 @@ class _Bunker:
     teardown: asyncio.Task[None] | None = None
 
 
+def layer_id_base(driver: Driver) -> int:
+    """Host id of uid 0 in the writable layers of ``driver``: ``layer_id_base`` when the
+    driver sets it (VM drivers: their layers are read from guest disks with the guest's own
+    ids, so 0), else its ``id_base`` (container driver), else :data:`DEFAULT_ID_BASE`."""
+    return int(getattr(driver, "layer_id_base", getattr(driver, "id_base", DEFAULT_ID_BASE)))
+
+
 class BunkerSupervisor:
     """Runs this worker's bunkers.
 
@@ -471,7 +480,7 @@ class BunkerSupervisor:
 
     async def _fetch_snapshot(self, driver: Driver, snapshot: SnapshotSource) -> Path:
         """Download the snapshot's layer archive into the scratch dir."""
-        if not hasattr(driver, "upper_dir"):
+        if not hasattr(driver, "upper_dir") and not hasattr(driver, "frozen_layer"):
             raise TaskFailed(
                 "VALIDATION_ERROR", f"the {driver.info.name} driver cannot restore snapshots"
             )
@@ -485,7 +494,7 @@ class BunkerSupervisor:
     def _unpacker(driver: Driver, request: CreateRequest, archive: Path) -> Callable[[Path], None]:
         assert request.snapshot is not None
         sha256 = request.snapshot.sha256
-        base = int(getattr(driver, "id_base", DEFAULT_ID_BASE))
+        base = layer_id_base(driver)
         # The layer's file content must fit the bunker's disk, ext4 metadata aside.
         limit = request.resources.disk_mb << 20
 
@@ -501,23 +510,64 @@ class BunkerSupervisor:
 
         Raises:
             BunkerNotFound, BunkerNotRunning: as :meth:`pause`.
-            TaskFailed: ``VALIDATION_ERROR`` when the bunker's driver has no upper dir.
-            DriverError: the bunker could not be frozen or thawed.
+            TaskFailed: ``VALIDATION_ERROR`` when the bunker's driver has neither
+                ``upper_dir`` (a host directory) nor ``frozen_layer`` (VM drivers: the
+                guest is synced through its agent, paused, and the driver exposes the layer
+                read from its disk while the context lasts).
+            DriverError: the bunker could not be frozen, synced or thawed.
         """
         record = self._live(bunker_id)
         upper_dir = getattr(record.driver, "upper_dir", None)
-        if upper_dir is None:
+        frozen_layer = getattr(record.driver, "frozen_layer", None)
+        if upper_dir is None and frozen_layer is None:
             raise TaskFailed(
                 "VALIDATION_ERROR",
                 f"the {record.driver.info.name} driver cannot snapshot bunkers",
             )
         was_running = record.state is BunkerState.RUNNING
+        if frozen_layer is not None:
+            # A guest's dirty page cache must reach its disk before the host reads it;
+            # a paused guest is thawed for the flush and frozen again right after.
+            await self.resume(bunker_id)
+            try:
+                await self._sync_guest(bunker_id)
+            except BaseException:
+                if not was_running:
+                    await self.pause(bunker_id)
+                raise
         await self.pause(bunker_id)
         try:
-            yield Path(upper_dir(bunker_id))
+            if frozen_layer is not None:
+                async with frozen_layer(bunker_id) as upper:
+                    yield Path(upper)
+            elif upper_dir is not None:
+                yield Path(upper_dir(bunker_id))
         finally:
             if was_running and self._bunkers.get(bunker_id) is record:
                 await self.resume(bunker_id)
+
+    def layer_id_base(self, bunker_id: str) -> int:
+        """Host id of uid 0 in the writable layer of ``bunker_id`` (see
+        :func:`layer_id_base`).
+
+        Raises:
+            BunkerNotFound, BunkerNotRunning: as :meth:`pause`.
+        """
+        return layer_id_base(self._live(bunker_id).driver)
+
+    async def _sync_guest(self, bunker_id: str) -> None:
+        """Have the agent flush every filesystem of the guest (``POST /v1/sync``).
+
+        Raises:
+            DriverError: the agent could not be reached or did not answer in time.
+        """
+        try:
+            agent = await self.agent(bunker_id)
+            response = await agent.request("POST", "/v1/sync", {}, timeout_s=GUEST_SYNC_TIMEOUT_S)
+            async with response:
+                await response.json()
+        except (AgentError, AgentConnectionLost, AgentUnavailable, TimeoutError) as exc:
+            raise DriverError(f"the guest could not flush its disks: {exc}") from exc
 
     async def _existing_result(self, record: _Bunker) -> dict[str, Any]:
         await record.booted.wait()

@@ -28,7 +28,6 @@ from scaigrid.worker.bunkers import BunkerSupervisor
 from scaigrid.worker.drivers.base import DriverError
 from scaigrid.worker.link.tasks import Task, TaskFailed
 from scaigrid.worker.objects import ObjectClient
-from scaigrid.worker.rootfs.idshift import DEFAULT_ID_BASE
 from scaigrid.worker.snapshots import LayerStats, archive_layer
 
 log = structlog.get_logger(__name__)
@@ -74,8 +73,7 @@ async def take_snapshot(supervisor: BunkerSupervisor, task: Task) -> dict[str, A
     try:
         try:
             async with supervisor.frozen_upper(bunker_id) as upper:
-                driver = supervisor.drivers[0]
-                base = int(getattr(driver, "id_base", DEFAULT_ID_BASE))
+                base = supervisor.layer_id_base(bunker_id)
                 stats = await asyncio.to_thread(_write_archive, upper, archive, base)
         except DriverError as exc:
             raise TaskFailed("AGENT_UNAVAILABLE", f"bunker could not be frozen: {exc}") from exc

@@ -29,7 +29,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -213,15 +213,28 @@ def boot_script(
     return "\n".join(lines) + "\n"
 
 
-async def make_scratch_disk(path: Path, size_mib: int, boot_sh: str) -> None:
+async def make_scratch_disk(
+    path: Path,
+    size_mib: int,
+    boot_sh: str,
+    populate_upper: Callable[[Path], None] | None = None,
+) -> None:
     """Create the sparse scratch ext4 of ``size_mib`` MiB at ``path`` with ``boot.sh``.
 
+    Args:
+        populate_upper: blocking callable run with the empty ``upper`` directory (the
+            overlay's writable layer, owners as the guest sees them) before the disk is
+            made, e.g. to unpack a snapshot; its content is copied into the disk.
+
     Raises:
-        DiskError: ``mkfs.ext4`` failed.
+        DiskError: ``mkfs.ext4`` failed (e.g. the layer does not fit ``size_mib``).
     """
-    top = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="scratch-"))
+    top = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix=".scratch-", dir=path.parent))
     try:
         await asyncio.to_thread(_write_boot, top, boot_sh)
+        if populate_upper is not None:
+            await asyncio.to_thread((top / "upper").mkdir, 0o755)
+            await asyncio.to_thread(populate_upper, top / "upper")
         await asyncio.to_thread(_sparse_file, path, size_mib)
         await _mkfs(top, path, size_mib, id_base=None)
     except (CommandError, OSError) as exc:
@@ -289,8 +302,10 @@ async def prepare_guest_disks(
     id_base: int,
     disk_mb: int,
     boot_sh: str,
+    populate_upper: Callable[[Path], None] | None = None,
 ) -> GuestDisks:
-    """Bake (or reuse) the base and runtime disks and create the scratch disk.
+    """Bake (or reuse) the base and runtime disks and create the scratch disk (its upper
+    directory filled by ``populate_upper``, see :func:`make_scratch_disk`).
 
     Raises:
         DiskError: a bake or the scratch disk failed.
@@ -300,5 +315,5 @@ async def prepare_guest_disks(
     )
     runtime = await bake_ext4(agent_runtime, cache_dir / f"{agent_runtime.name}.ext4")
     scratch = state_dir / "scratch.ext4"
-    await make_scratch_disk(scratch, max(64, disk_mb), boot_sh)
+    await make_scratch_disk(scratch, max(64, disk_mb), boot_sh, populate_upper)
     return GuestDisks(base=base, scratch=scratch, runtime=runtime)
