@@ -155,6 +155,24 @@ def read_file(bunker_id: str, path: str, user: str) -> Call:
     return Call("GET", _bunker(bunker_id, "files"), params, headers={"Accept": "*/*"})
 
 
+def write_archive(bunker_id: str, path: str, user: str) -> Call:
+    """``PUT /bunkers/{id}/files/archive?path=&user=`` (the tar body is sent separately)."""
+    params = [("path", path), ("user", user)]
+    return Call(
+        "PUT",
+        _bunker(bunker_id, "files", "archive"),
+        params,
+        read_timeout_s=FILE_ANSWER_TIMEOUT_S,
+        headers={"Content-Type": "application/x-tar"},
+    )
+
+
+def read_archive(bunker_id: str, path: str, user: str) -> Call:
+    """``GET /bunkers/{id}/files/archive?path=&user=`` (a tar stream, no envelope)."""
+    params = [("path", path), ("user", user)]
+    return Call("GET", _bunker(bunker_id, "files", "archive"), params, headers={"Accept": "*/*"})
+
+
 def list_files(bunker_id: str, path: str, depth: int, user: str) -> Call:
     """``GET /bunkers/{id}/files/list?path=&depth=&user=``."""
     params = [("path", path), ("depth", str(depth)), ("user", user)]

@@ -13,6 +13,8 @@ import contextlib
 import os
 import secrets
 import stat
+import tarfile
+import threading
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Protocol, TypeAlias, cast
@@ -141,6 +143,94 @@ async def upload_content_async(
         yield _sync_to_async(data)
     else:
         raise TypeError(f"cannot upload a {type(data).__name__}")
+
+
+class DirectoryTar:
+    """A tar stream (pax format) of a local directory's contents, read like a binary file.
+
+    A thread packs the tree into a pipe as it is read, so memory stays bounded; member
+    names are relative to the directory, symlinks are stored as links. If packing fails
+    (an unreadable file), the read that reaches the end raises that error instead of
+    returning end-of-file, so a partial tree is never uploaded as if it were complete.
+
+    Args:
+        root: the local directory.
+
+    Raises:
+        NotADirectoryError: ``root`` is not a directory.
+    """
+
+    def __init__(self, root: os.PathLike[str]) -> None:
+        self._root = Path(root)
+        if not self._root.is_dir():
+            raise NotADirectoryError(f"{self._root} is not a directory")
+        read_fd, write_fd = os.pipe()
+        self._reader = os.fdopen(read_fd, "rb")
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._produce, args=(write_fd,), name="scaigrid-tar", daemon=True
+        )
+        self._thread.start()
+
+    def _produce(self, write_fd: int) -> None:
+        try:
+            with (
+                os.fdopen(write_fd, "wb") as out,
+                tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar,
+            ):
+                for name in sorted(os.listdir(self._root)):
+                    tar.add(self._root / name, arcname=name, recursive=True)
+        except BaseException as exc:  # reported by read()
+            self._error = exc
+
+    def read(self, size: int = -1, /) -> bytes:
+        """Up to ``size`` bytes of the tar; ``b""`` at its end.
+
+        Raises:
+            OSError: packing failed (e.g. a file could not be read).
+        """
+        data = self._reader.read(size)
+        if not data:
+            self._thread.join()
+            if self._error is not None:
+                raise OSError(f"packing {self._root} failed: {self._error}") from self._error
+        return data
+
+    def close(self) -> None:
+        """Stop packing (if still running) and release the pipe."""
+        self._reader.close()
+        self._thread.join()
+
+
+@contextlib.contextmanager
+def archive_content(data: UploadData) -> Iterator[bytes | Iterator[bytes]]:
+    """Like :func:`upload_content`, except that a path to a local directory is packed into
+    a tar on the fly (:class:`DirectoryTar`)."""
+    if isinstance(data, os.PathLike) and os.path.isdir(data):
+        source = DirectoryTar(data)
+        try:
+            yield iter_chunks(source)
+        finally:
+            source.close()
+    else:
+        with upload_content(data) as content:
+            yield content
+
+
+@contextlib.asynccontextmanager
+async def archive_content_async(
+    data: AsyncUploadData,
+) -> AsyncIterator[bytes | AsyncIterator[bytes]]:
+    """Async twin of :func:`archive_content`."""
+    if isinstance(data, os.PathLike) and await asyncio.to_thread(os.path.isdir, data):
+        source = await asyncio.to_thread(DirectoryTar, data)
+        try:
+            yield aiter_chunks(source)
+        finally:
+            await asyncio.to_thread(source.close)
+    else:
+        async with upload_content_async(data) as content:
+            yield content
 
 
 def target_path(dest: DownloadTarget) -> Path | None:

@@ -30,6 +30,7 @@ from scaigrid.client._io import (
     CHUNK_BYTES,
     AsyncUploadData,
     DownloadTarget,
+    archive_content_async,
     save_chunks_async,
     target_path,
     upload_content_async,
@@ -41,6 +42,7 @@ from scaigrid.client.models import (
     DeletedFile,
     ExecEvent,
     ExecResult,
+    ExtractedArchive,
     FileEntry,
     GuestUser,
     Image,
@@ -164,6 +166,24 @@ class AsyncFiles:
         """Stream a file into ``dest``; see :meth:`scaigrid.client.client.Files.download`."""
         await asyncio.to_thread(target_path, dest)  # a directory fails here, before the request
         async with self._t.stream(_calls.read_file(bunker_id, path, user)) as response:
+            return await save_chunks_async(response.aiter_bytes(CHUNK_BYTES), dest)
+
+    async def upload_archive(
+        self, bunker_id: str, path: str, source: AsyncUploadData, *, user: GuestUser = "user"
+    ) -> ExtractedArchive:
+        """Extract a tar archive (or a local directory, packed on the fly) below ``path``;
+        see :meth:`scaigrid.client.client.Files.upload_archive`."""
+        call = _calls.write_archive(bunker_id, path, user)
+        async with archive_content_async(source) as content:
+            return cast(ExtractedArchive, await self._t.data(call, content))
+
+    async def download_archive(
+        self, bunker_id: str, path: str, dest: DownloadTarget, *, user: GuestUser = "user"
+    ) -> int:
+        """Stream a tar of a directory into ``dest``; see
+        :meth:`scaigrid.client.client.Files.download_archive`."""
+        await asyncio.to_thread(target_path, dest)
+        async with self._t.stream(_calls.read_archive(bunker_id, path, user)) as response:
             return await save_chunks_async(response.aiter_bytes(CHUNK_BYTES), dest)
 
     async def list(

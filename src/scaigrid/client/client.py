@@ -28,6 +28,7 @@ from scaigrid.client._io import (
     CHUNK_BYTES,
     DownloadTarget,
     UploadData,
+    archive_content,
     save_chunks,
     target_path,
     upload_content,
@@ -39,6 +40,7 @@ from scaigrid.client.models import (
     DeletedFile,
     ExecEvent,
     ExecResult,
+    ExtractedArchive,
     FileEntry,
     GuestUser,
     Image,
@@ -269,6 +271,55 @@ class Files:
         """
         target_path(dest)  # a directory fails here, before the request
         with self._t.stream(_calls.read_file(bunker_id, path, user)) as response:
+            return save_chunks(response.iter_bytes(CHUNK_BYTES), dest)
+
+    def upload_archive(
+        self, bunker_id: str, path: str, source: UploadData, *, user: GuestUser = "user"
+    ) -> ExtractedArchive:
+        """Extract a tar archive below directory ``path``, created if missing
+        (``PUT /bunkers/{id}/files/archive``).
+
+        Args:
+            path: guest directory to extract into.
+            source: a local directory as :class:`os.PathLike` (its contents are packed on
+                the fly, names relative to it); a local tar file as :class:`os.PathLike`
+                (plain, gzip, bzip2 or xz); tar ``bytes``; a binary file object; or an
+                iterable of byte chunks. Everything but ``bytes`` is streamed.
+
+        Returns:
+            ``{"path", "entries", "bytes"}``: members extracted, bytes of regular files.
+
+        Raises:
+            ValidationError: a member with an absolute name, a ``..`` component, a link
+            leading outside ``path`` or a write through such a symlink, a device node or
+            FIFO (the message names it; members before it stay extracted), or a body that
+            is not a tar. FileConflict: ``path`` is not a directory. FileAccessDenied.
+            BunkerDiskFull. OSError: a local source cannot be read.
+        """
+        call = _calls.write_archive(bunker_id, path, user)
+        with archive_content(source) as content:
+            return cast(ExtractedArchive, self._t.data(call, content))
+
+    def download_archive(
+        self, bunker_id: str, path: str, dest: DownloadTarget, *, user: GuestUser = "user"
+    ) -> int:
+        """Stream a tar of directory ``path``'s contents into ``dest``
+        (``GET /bunkers/{id}/files/archive``); return the bytes written.
+
+        Member names are relative to ``path``; symlinks are stored as links; modes, owners
+        and mtimes are kept. Entries the acting user cannot read are left out.
+
+        Args:
+            dest: a local file path (written through a temporary sibling that replaces it
+                only when complete) or a binary file object.
+
+        Raises:
+            BunkerFileNotFound. FileConflict: ``path`` is not a directory.
+            FileAccessDenied. APIConnectionError: the archive broke off (a local ``dest``
+            path is left untouched).
+        """
+        target_path(dest)
+        with self._t.stream(_calls.read_archive(bunker_id, path, user)) as response:
             return save_chunks(response.iter_bytes(CHUNK_BYTES), dest)
 
     def list(

@@ -355,6 +355,15 @@ class WrittenFile(TypedDict, total=False):
     mode: str | int
 
 
+class ExtractedArchive(TypedDict, total=False):
+    """The answer to an archive upload: the absolute target ``path``, the number of
+    ``entries`` extracted and the ``bytes`` of regular files among them."""
+
+    path: str
+    entries: int
+    bytes: int
+
+
 class DeletedFile(TypedDict, total=False):
     """The answer to a file delete: ``{"path", "deleted": True}``."""
 

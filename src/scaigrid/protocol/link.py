@@ -76,6 +76,8 @@ class TaskKind:
     FILES_DELETE = "files.delete"
     FILES_MKDIR = "files.mkdir"
     FILES_MOVE = "files.move"
+    FILES_ARCHIVE_READ = "files.archive_read"
+    FILES_ARCHIVE_WRITE = "files.archive_write"
     EXEC_BACKGROUND = "exec.background"
     PROCESS_LIST = "process.list"
     PROCESS_GET = "process.get"

@@ -64,6 +64,15 @@ their SPEC code, a lost or silent agent is ``AGENT_UNAVAILABLE``).
     params ``{path, user, offset?, length?}``; stream ``body`` (worker → controller). Progress
     first: the agent's ``x-meta`` object (at least ``{size}``), then the bytes, EOF, and the
     result ``{size}``.
+``files.archive_read``
+    params ``{path, user}``; stream ``body`` (worker → controller): the tar of directory
+    ``path`` from the agent's ``GET /v1/files/archive``. Progress ``{}`` once the agent has
+    accepted the directory (errors such as ``FILE_NOT_FOUND`` come before it), then the bytes,
+    EOF, and the result ``{path, entries, bytes, skipped}``. A failure mid-stream fails the task
+    without EOF.
+``files.archive_write``
+    params ``{path, user}``; stream ``body`` (controller → worker): a tar stream extracted by the
+    agent's ``PUT /v1/files/archive``; result ``{path, entries, bytes}``.
 ``files.list`` / ``files.stat`` / ``files.delete`` / ``files.mkdir`` / ``files.move``
     params ``{path, depth, user}`` / ``{path, user}`` / ``{path, recursive, user}`` /
     ``{path, parents, mode, user}`` / ``{src, dst, overwrite, user}``; result: the agent's JSON
@@ -212,6 +221,18 @@ class TaskHandlers:
             ),
             TaskKind.FILES_READ: HandlerSpec(
                 _agent_errors(self.files_read),
+                FILES_STREAM_DEADLINE_S,
+                timeout_code="AGENT_UNAVAILABLE",
+                outbound_roles=frozenset({"body"}),
+            ),
+            TaskKind.FILES_ARCHIVE_WRITE: HandlerSpec(
+                _agent_errors(self.files_archive_write),
+                FILES_STREAM_DEADLINE_S,
+                timeout_code="AGENT_UNAVAILABLE",
+                inbound_roles=frozenset({"body"}),
+            ),
+            TaskKind.FILES_ARCHIVE_READ: HandlerSpec(
+                _agent_errors(self.files_archive_read),
                 FILES_STREAM_DEADLINE_S,
                 timeout_code="AGENT_UNAVAILABLE",
                 outbound_roles=frozenset({"body"}),
@@ -492,6 +513,41 @@ class TaskHandlers:
             await response.aclose()
         await out.end()
         return {"size": meta.get("size")}
+
+    async def files_archive_write(self, task: Task) -> dict[str, Any]:
+        """``files.archive_write`` → ``{path, entries, bytes}``."""
+        client = await self._bunkers.agent(task.require_bunker_id())
+        body = _chunks(task.inbound("body"))
+        response = await client.request(
+            "PUT", "/v1/files/archive", dict(task.params), body, timeout_s=None
+        )
+        return _as_object(await response.json())
+
+    async def files_archive_read(self, task: Task) -> dict[str, Any]:
+        """``files.archive_read`` → ``{path, entries, bytes, skipped}`` after progress ``{}``
+        and the streamed tar."""
+        out = task.outbound("body")
+        response = await self._request(
+            task.require_bunker_id(),
+            "GET",
+            "/v1/files/archive",
+            task.params,
+            retry=True,
+            timeout_s=None,
+        )
+        try:
+            await task.progress({})
+            async for chunk in response.iter_body():
+                await out.write(chunk)
+            trailers = await response.trailers()
+        finally:
+            await response.aclose()
+        await out.end()
+        try:
+            result = json.loads(trailers.get("x-result") or "{}")
+        except ValueError:
+            result = {}
+        return _as_object(result)
 
     def _files_call(self, method: str, path: str, *, read_only: bool) -> TaskHandler:
         async def handler(task: Task) -> dict[str, Any]:

@@ -85,10 +85,37 @@ async def write_file(
     Raises:
         errors.ScaiGridError: the agent's error (``FILE_CONFLICT``, ``BUNKER_DISK_FULL``, …).
     """
+    return await _upload(state, bunker, TaskKind.FILES_WRITE, params, body)
+
+
+async def write_archive(
+    state: ModuleState, bunker: Bunker, params: dict[str, Any], body: AsyncIterator[bytes]
+) -> dict[str, Any]:
+    """Stream the tar ``body`` into the agent, which extracts it below ``params["path"]``;
+    return ``{path, entries, bytes}`` (members extracted, bytes of regular files).
+
+    Extraction is streamed, not atomic (SPEC §4.3): if the body breaks off or a member is
+    refused, the members extracted before stay.
+
+    Raises:
+        errors.ScaiGridError: the agent's error (``VALIDATION_ERROR`` naming an escaping or
+            special member or a body that is not a tar stream, ``FILE_CONFLICT``,
+            ``FILE_ACCESS_DENIED``, ``BUNKER_DISK_FULL``).
+    """
+    return await _upload(state, bunker, TaskKind.FILES_ARCHIVE_WRITE, params, body)
+
+
+async def _upload(
+    state: ModuleState,
+    bunker: Bunker,
+    kind: str,
+    params: dict[str, Any],
+    body: AsyncIterator[bytes],
+) -> dict[str, Any]:
     connection = state.hub.require(bunker.worker_id)
     stream = connection.open_outbound()
     handle = await connection.start_task(
-        TaskKind.FILES_WRITE, params, bunker_id=bunker.id, streams={"body": stream.stream_id}
+        kind, params, bunker_id=bunker.id, streams={"body": stream.stream_id}
     )
     pump = asyncio.ensure_future(_pump(body, stream))
     result = asyncio.ensure_future(handle.result(WRITE_RESULT_TIMEOUT_S))
@@ -183,3 +210,40 @@ async def read_file(
         return Download(206, headers, body())
     headers["Content-Length"] = str(total)
     return Download(200, headers, body())
+
+
+async def read_archive(state: ModuleState, bunker: Bunker, params: dict[str, Any]) -> Download:
+    """Open a streamed tar of the directory ``params["path"]`` (``application/x-tar``, no
+    ``Content-Length``: the size is known only at the end).
+
+    Errors about the directory come before the response starts; a failure mid-stream
+    breaks the response off (the tar is never ended as if it were complete).
+
+    Raises:
+        errors.ScaiGridError: the agent's error (``FILE_NOT_FOUND``, ``FILE_CONFLICT`` for
+            a path that is not a directory, ``FILE_ACCESS_DENIED``).
+    """
+    connection = state.hub.require(bunker.worker_id)
+    stream = connection.open_inbound()
+    handle = await connection.start_task(
+        TaskKind.FILES_ARCHIVE_READ, params, bunker_id=bunker.id, streams={"body": stream.stream_id}
+    )
+    try:
+        progress = await handle.next_progress(FIRST_BYTE_TIMEOUT_S)
+        if progress is None:
+            await handle.result(1.0)
+            raise errors.InternalError("the worker ended the archive before it started")
+    except BaseException:
+        stream.close()
+        raise
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in stream:
+                yield chunk
+            await handle.result(CALL_TIMEOUT_S)
+        finally:
+            stream.close()
+            await handle.cancel()
+
+    return Download(200, {"Content-Type": "application/x-tar"}, body())

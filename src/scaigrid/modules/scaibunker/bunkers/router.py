@@ -219,6 +219,41 @@ async def download_file(
     )
 
 
+@router.get("/bunkers/{bunker_id}/files/archive")
+async def download_archive(
+    bunker_id: str,
+    principal: FilesDep,
+    state: StateDep,
+    path: PathQuery,
+    user: GuestUser = "user",
+) -> StreamingResponse:
+    """Stream a tar of a directory's contents (``application/x-tar``)."""
+    _require_root(principal, user)
+    params = {"path": files_service.check_path(path), "user": user}
+    bunker = await _owned_running(state, principal, bunker_id)
+    download = await files_service.read_archive(state, bunker, params)
+    return StreamingResponse(
+        download.body, status_code=download.status_code, headers=download.headers
+    )
+
+
+@router.put("/bunkers/{bunker_id}/files/archive")
+@streaming_body
+async def upload_archive(
+    bunker_id: str,
+    request: Request,
+    principal: FilesDep,
+    state: StateDep,
+    path: PathQuery,
+    user: GuestUser = "user",
+) -> JSONResponse:
+    """Extract the tar request body below ``path``; answer ``{path, entries, bytes}``."""
+    _require_root(principal, user)
+    params = {"path": files_service.check_path(path), "user": user}
+    bunker = await _owned_running(state, principal, bunker_id)
+    return ok(await files_service.write_archive(state, bunker, params, request.stream()))
+
+
 @router.get("/bunkers/{bunker_id}/files/list")
 async def list_files(
     bunker_id: str,
