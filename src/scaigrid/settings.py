@@ -140,6 +140,12 @@ class Settings(BaseSettings):
         description="Allow webhook URLs on loopback, private and link-local addresses "
         "(off: such targets are refused, so tenants cannot reach internal services).",
     )
+    usage_interval_s: float = Field(
+        default=60.0,
+        ge=1,
+        description="Seconds between usage records of live bunkers (SPEC §1.9); figures are "
+        "exact to the second of state changes whatever the interval.",
+    )
     migrate_on_start: bool = Field(
         default=True,
         description="Run database migrations when the server starts. With several "

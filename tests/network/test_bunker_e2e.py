@@ -10,6 +10,7 @@ import json
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,11 @@ def net_stack(inet: Inet) -> Iterator[Stack]:
     try:
         running = start_stack(
             data_dir,
-            {"SCAIBUNKER_NET_UPLINK_NETNS": inet.name, "SCAIBUNKER_DNS_UPSTREAMS": DNS_IP},
+            {
+                "SCAIBUNKER_NET_UPLINK_NETNS": inet.name,
+                "SCAIBUNKER_DNS_UPSTREAMS": DNS_IP,
+                "SCAIGRID_USAGE_INTERVAL_S": "2",
+            },
         )
     except StackError as exc:
         pytest.fail(str(exc))
@@ -113,6 +118,36 @@ def test_unrestricted_bunker(net_stack: Stack, busybox: str, inet: Inet) -> None
     finally:
         _terminate(net_stack, bunker["id"])
     assert bunker["id"] not in _namespaces()
+
+
+def _billed_egress(stack: Stack, bunker_id: str) -> int:
+    with stack.client() as client:
+        response = client.get("/v1/accounting/usage", params={"bunker_id": bunker_id})
+    assert response.status_code == 200, response.text
+    return sum(int(row["egress_bytes"]) for row in response.json()["data"])
+
+
+def test_egress_bytes_are_measured_and_billed(net_stack: Stack, busybox: str) -> None:
+    """Bytes a bunker sends out of the uplink reach its usage records (SPEC §1.9), including
+    those sent just before it was terminated (read from the worker at destroy)."""
+    bunker = _create(net_stack, busybox, network_profile="unrestricted")
+    sent = 3 * 1024 * 1024
+    try:
+        result = _sh(
+            net_stack,
+            bunker["id"],
+            f"head -c {sent} /dev/zero | nc -w 5 {WEB_IPS[0]} 9009",
+        )
+        assert result["stdout"].strip() == str(sent), result
+    finally:
+        _terminate(net_stack, bunker["id"])
+    deadline = time.monotonic() + 30
+    billed = _billed_egress(net_stack, bunker["id"])
+    while billed < sent and time.monotonic() < deadline:
+        time.sleep(1)
+        billed = _billed_egress(net_stack, bunker["id"])
+    # Payload plus TCP/IP headers, and nothing like the traffic of other bunkers.
+    assert sent <= billed < sent * 1.2, billed
 
 
 def test_allowlisted_bunker(net_stack: Stack, busybox: str, inet: Inet) -> None:

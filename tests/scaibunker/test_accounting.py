@@ -16,7 +16,11 @@ from sqlalchemy import select
 
 from scaigrid.ids import new_id
 from scaigrid.modules.scaibunker.accounting.models import UsageRecord
-from scaigrid.modules.scaibunker.accounting.service import record_usage_once, seconds_in_states
+from scaigrid.modules.scaibunker.accounting.service import (
+    apply_egress_report,
+    record_usage_once,
+    seconds_in_states,
+)
 from scaigrid.modules.scaibunker.bunkers.models import Bunker
 from scaigrid.modules.scaibunker.bunkers.states import record_creation, transition
 from scaigrid.platform.db import Database
@@ -132,6 +136,28 @@ async def test_ninety_seconds_alive_is_billed_ninety_seconds(db: Database) -> No
         ).all()
     assert [e.payload["period_end"] for e in events] == [r.period_end.isoformat() for r in records]
     assert all(e.payload["bunker_id"] == bunker_id and e.tenant_id == "ten_a" for e in events)
+
+
+async def test_measured_egress_is_billed_once_across_periods_and_workers(db: Database) -> None:
+    bunker_id = await _bunker_with_history(db, [(0, "provisioning"), (0, "running")])
+    async with db.sessionmaker() as session:
+        bunker = await session.get(Bunker, bunker_id)
+        assert bunker is not None
+        apply_egress_report(bunker, 1000)
+        apply_egress_report(bunker, 1500)
+        await session.commit()
+    await record_usage_once(db, now=T0 + timedelta(seconds=60))
+    async with db.sessionmaker() as session:
+        bunker = await session.get(Bunker, bunker_id)
+        assert bunker is not None
+        # A smaller report is a fresh counter (re-placed on another worker): all of it is new.
+        apply_egress_report(bunker, 300)
+        apply_egress_report(bunker, 300)
+        await session.commit()
+    await record_usage_once(db, now=T0 + timedelta(seconds=120))
+    await record_usage_once(db, now=T0 + timedelta(seconds=180))
+    records = await _records(db, bunker_id)
+    assert [r.egress_bytes for r in records] == [1500, 300, 0]
 
 
 async def test_paused_bunker_accrues_no_cpu(db: Database) -> None:

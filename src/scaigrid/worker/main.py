@@ -259,9 +259,22 @@ class WorkerDaemon:
                 "disk_mb": max(0, min(self.capacity["disk_mb"] - allocated.disk_mb, disk_free)),
                 "gpu_count": self.capacity["gpu_count"],
             },
-            "bunkers": self.supervisor.report(),
+            "bunkers": self._bunker_reports(),
             "image_cache": self.supervisor.images.report(),
         }
+
+    def _bunker_reports(self) -> list[dict[str, Any]]:
+        """The supervisor's ``[{bunker_id, state}]``, each with ``egress_bytes`` (cumulative
+        bytes sent out of the uplink, SPEC §1.9) when the bunker has a network."""
+        reports: list[dict[str, Any]] = list(self.supervisor.report())
+        network = self.supervisor.network
+        if network is None:
+            return reports
+        for report in reports:
+            sent = network.egress_bytes(report["bunker_id"])
+            if sent is not None:
+                report["egress_bytes"] = sent
+        return reports
 
     async def run(self) -> None:
         """Clean up leftovers, then stay connected until cancelled; bunkers are destroyed on

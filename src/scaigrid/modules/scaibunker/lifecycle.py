@@ -139,6 +139,7 @@ async def _replace_persistent(state: ModuleState, bunker_id: str) -> None:
                 return
             bunker.worker_id = placement.worker_id
             bunker.driver = placement.driver
+            bunker.egress_reported = 0
             latest = await snapshot_restore.latest_ready(session, bunker_id)
             if latest is not None:
                 bunker.snapshot_id = latest.id

@@ -35,7 +35,7 @@ class ModuleState:
         self.db = db
         self.settings = settings
         self.hub = WorkerHub()
-        self.config = ModuleConfig()
+        self.config = ModuleConfig(usage_interval_s=settings.usage_interval_s)
         self.placement_lock = asyncio.Lock()
         self.storage: StorageService | None = None
         self.storage_url = settings.public_url

@@ -272,14 +272,17 @@ class TaskHandlers:
         return await self._bunkers.create(request, task.progress)
 
     async def bunker_destroy(self, task: Task) -> dict[str, Any]:
-        """``bunker.destroy`` → ``{}``."""
+        """``bunker.destroy`` → ``{}``, or ``{egress_bytes}`` (the bunker's final cumulative
+        egress counter, bytes) when it had a network on this worker."""
         bunker_id = task.require_bunker_id()
         try:
             await self._bunkers.destroy(bunker_id)
         except DriverError as exc:
             message = f"bunker {bunker_id} could not be stopped: {exc}"
             raise TaskFailed("INTERNAL_ERROR", message) from exc
-        return {}
+        network = self._bunkers.network
+        sent = network.pop_final_egress(bunker_id) if network is not None else None
+        return {} if sent is None else {"egress_bytes": sent}
 
     async def bunker_pause(self, task: Task) -> dict[str, Any]:
         """``bunker.pause`` → ``{}``: freeze every process of the bunker (idempotent)."""

@@ -54,6 +54,8 @@ NETNS_DIR: Final = Path("/run/netns")
 CLONE_NEWNET: Final = 0x40000000
 #: Seconds between records of a flow that stays open (SPEC §8.7).
 FLOW_REPORT_EVERY_S: Final = 60.0
+#: Seconds between reads of the per-bunker egress byte counters (the heartbeat interval).
+EGRESS_REFRESH_S: Final = 5.0
 #: Profiles that get a namespace and egress from this manager.
 EGRESS_PROFILES: Final = frozenset({"registry", "allowlisted", "unrestricted", "transit"})
 #: Destinations no bunker reaches under any profile (SPEC §8.1), besides the pool itself and
@@ -144,6 +146,7 @@ class Attachment:
     names: dict[str, str] = field(default_factory=dict)
     flows: dict[int, _Tracked] = field(default_factory=dict)
     done: set[int] = field(default_factory=set)
+    egress_bytes: int = 0
 
     @property
     def netns_path(self) -> str:
@@ -261,6 +264,8 @@ class NetworkManager:
         self._exec: NetnsExecutor | None = None
         self._nft: nft.Nft | None = None
         self._attached: dict[str, Attachment] = {}
+        self._final_egress: dict[str, int] = {}
+        self._egress_task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self.l2 = L2Manager(tag, in_netns=run_in_netns, ipr_in=ipr_in, create_netns=create_netns)
 
@@ -302,6 +307,7 @@ class NetworkManager:
             await self.l2.start()
             if self.audit is not None:
                 self.audit.start(self.collect_audit)
+            self._egress_task = asyncio.create_task(self._egress_loop(), name="net-egress")
         except (OSError, NetlinkError, nft.NftError, L2Error) as exc:
             await self.close()
             raise NetworkError(f"router namespace {self.router}: {exc}") from exc
@@ -390,6 +396,10 @@ class NetworkManager:
 
     async def close(self) -> None:
         """Detach every bunker and remove the router namespace (worker shutdown)."""
+        if self._egress_task is not None:
+            self._egress_task.cancel()
+            await asyncio.gather(self._egress_task, return_exceptions=True)
+            self._egress_task = None
         for bunker_id in list(self._attached):
             with contextlib.suppress(NetworkError):
                 await self.detach(bunker_id)
@@ -586,6 +596,9 @@ class NetworkManager:
             with contextlib.suppress(OSError, NetlinkError):
                 await self._collect_flows([attachment], final=True)
             await self.audit.flush(bunker_id)
+        with contextlib.suppress(nft.NftError):
+            await self.refresh_egress([attachment])
+        self._final_egress[bunker_id] = attachment.egress_bytes
         try:
             if self._exec is not None and self._nft is not None:
                 with contextlib.suppress(nft.NftError):
@@ -733,6 +746,39 @@ class NetworkManager:
                 )
         if entries:
             await self._exec.run(self._nft.run, nft.delete_denied(a.slot, entries))
+
+    async def refresh_egress(self, attachments: Sequence[Attachment] | None = None) -> None:
+        """Read the ``egress_<slot>`` counters into :attr:`Attachment.egress_bytes` of
+        ``attachments`` (default: every attached bunker).
+
+        Raises:
+            nft.NftError: the counters could not be listed.
+        """
+        if self._exec is None or self._nft is None:
+            return
+        found = nft.counter_bytes(await self._exec.run(self._nft.run, [nft.list_counters()]))
+        for attachment in list(self._attached.values()) if attachments is None else attachments:
+            attachment.egress_bytes = found.get(
+                nft.egress_counter(attachment.slot), attachment.egress_bytes
+            )
+
+    async def _egress_loop(self) -> None:
+        while True:
+            await asyncio.sleep(EGRESS_REFRESH_S)
+            try:
+                await self.refresh_egress()
+            except nft.NftError as exc:
+                log.warning("egress_counter_read_failed", error=str(exc))
+
+    def egress_bytes(self, bunker_id: str) -> int | None:
+        """Bytes ``bunker_id`` has sent out of the uplink since it was attached, as of the
+        last :meth:`refresh_egress`; ``None`` for a bunker without a network attachment."""
+        attachment = self._attached.get(bunker_id)
+        return None if attachment is None else attachment.egress_bytes
+
+    def pop_final_egress(self, bunker_id: str) -> int | None:
+        """The egress byte count read when ``bunker_id`` was detached (once), else ``None``."""
+        return self._final_egress.pop(bunker_id, None)
 
     def attachment(self, bunker_id: str) -> Attachment | None:
         """The attachment of ``bunker_id``, if it has one."""

@@ -8,13 +8,16 @@ and is not on PyPI. Only that one module is loaded from its file, so nothing els
 The ruleset of a worker lives in its router namespace, table ``inet scaibunker``:
 
 * ``set deny4`` (intervals): always-dropped destinations (SPEC §8.1).
-* ``chain forward`` (policy drop): established/related accepted, then ``iifname vmap
-  @bunkers`` jumps to the per-bunker chain ``b_<slot>``.
+* ``chain forward`` (policy drop): packets to the uplink first visit ``iifname vmap @egress``
+  (the bunker's ``e_<slot>`` counts them in ``counter egress_<slot>`` and returns), then
+  established/related are accepted, then ``iifname vmap @bunkers`` jumps to the per-bunker
+  chain ``b_<slot>``.
 * ``chain input`` (policy drop): loopback, established/related, and UDP DNS to a bunker's gateway
   address from that bunker's interface (``set dns``: ``ifname . ipv4_addr``).
 * ``chain postrouting`` (nat): masquerade out of the uplink.
-* Per bunker: ``chain b_<slot>`` (deny4 → drop; profile rule; reject) and ``set allow_<slot>``
-  (ipv4 with timeouts) that the DNS resolver fills.
+* Per bunker: ``chain b_<slot>`` (deny4 → drop; profile rule; reject), ``set allow_<slot>``
+  (ipv4 with timeouts) that the DNS resolver fills, and ``chain e_<slot>`` with ``counter
+  egress_<slot>`` (every byte the bunker sent out of the uplink, for accounting).
 """
 
 from __future__ import annotations
@@ -136,6 +139,7 @@ def base_ruleset(deny: Iterable[str]) -> list[dict[str, Any]]:
             }
         },
         {"add": _obj("map", name="bunkers", type="ifname", map="verdict")},
+        {"add": _obj("map", name="egress", type="ifname", map="verdict")},
         {"add": _obj("set", name="dns", type=["ifname", "ipv4_addr"])},
         {
             "add": _obj(
@@ -153,6 +157,11 @@ def base_ruleset(deny: Iterable[str]) -> list[dict[str, Any]]:
                 policy="accept",
             )
         },
+        _rule(
+            "forward",
+            _match(_meta("oifname"), UPLINK_IF),
+            {"vmap": {"key": _meta("iifname"), "data": "@egress"}},
+        ),
         _rule("forward", established, {"accept": None}),
         _rule("forward", {"vmap": {"key": _meta("iifname"), "data": "@bunkers"}}),
         _rule("input", _match(_meta("iifname"), "lo"), {"accept": None}),
@@ -192,7 +201,7 @@ def bunker_add(slot: int, ifname: str, gateway: str, *, open_egress: bool) -> li
         open_egress: ``True`` for ``unrestricted``/``transit`` (any destination but deny4),
             ``False`` for ``registry``/``allowlisted`` (only ``allow_<slot>``).
     """
-    chain, allow = f"b_{slot}", f"allow_{slot}"
+    chain, allow, counter = f"b_{slot}", f"allow_{slot}", egress_counter(slot)
     to_uplink = _match(_meta("oifname"), UPLINK_IF)
     egress = (
         _rule(chain, to_uplink, {"counter": None}, {"accept": None})
@@ -203,6 +212,19 @@ def bunker_add(slot: int, ifname: str, gateway: str, *, open_egress: bool) -> li
     )
     denied = f"denied_{slot}"
     return [
+        {"add": _obj("counter", name=counter)},
+        {"add": _obj("chain", name=f"e_{slot}")},
+        _rule(f"e_{slot}", {"counter": counter}),
+        {
+            "add": {
+                "element": {
+                    "family": FAMILY,
+                    "table": TABLE,
+                    "name": "egress",
+                    "elem": [[ifname, {"jump": {"target": f"e_{slot}"}}]],
+                }
+            }
+        },
         {"add": _obj("set", name=allow, type="ipv4_addr", flags=["timeout"])},
         {
             "add": _obj(
@@ -254,6 +276,13 @@ def bunker_delete(slot: int, ifname: str, gateway: str) -> list[dict[str, Any]]:
         },
         {
             "delete": {
+                "element": {"family": FAMILY, "table": TABLE, "name": "egress", "elem": [ifname]}
+            }
+        },
+        {"flush": _obj("chain", name=f"e_{slot}")},
+        {"delete": _obj("chain", name=f"e_{slot}")},
+        {
+            "delete": {
                 "element": {
                     "family": FAMILY,
                     "table": TABLE,
@@ -266,7 +295,28 @@ def bunker_delete(slot: int, ifname: str, gateway: str) -> list[dict[str, Any]]:
         {"delete": _obj("chain", name=f"b_{slot}")},
         {"delete": _obj("set", name=f"allow_{slot}")},
         {"delete": _obj("set", name=f"denied_{slot}")},
+        {"delete": _obj("counter", name=egress_counter(slot))},
     ]
+
+
+def egress_counter(slot: int) -> str:
+    """Name of the named counter of bytes bunker ``slot`` sent out of the uplink."""
+    return f"egress_{slot}"
+
+
+def list_counters() -> dict[str, Any]:
+    """The ``list counters`` command object for the worker's table."""
+    return {"list": {"counters": {"family": FAMILY, "table": TABLE}}}
+
+
+def counter_bytes(output: dict[str, Any]) -> dict[str, int]:
+    """``{counter name: bytes}`` from the JSON output of :func:`list_counters`."""
+    found: dict[str, int] = {}
+    for obj in output.get("nftables", []):
+        listed = obj.get("counter") if isinstance(obj, dict) else None
+        if isinstance(listed, dict) and isinstance(listed.get("name"), str):
+            found[listed["name"]] = int(listed.get("bytes", 0))
+    return found
 
 
 def denied_elements(ruleset_set: dict[str, Any]) -> list[tuple[str, str, int, int, int]]:

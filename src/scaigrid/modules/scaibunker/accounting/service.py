@@ -7,7 +7,10 @@ in the same transaction. Figures come from the stored status history, not from t
 the seconds a bunker spent ``running`` (CPU) and ``running`` or ``paused`` (memory, disk,
 GPU) inside the period are measured between the exact instants of its state changes, so
 consecutive records partition its life and a bunker alive 90 s is billed 90 s whatever the
-ticks were. ``egress_bytes`` is 0 until egress is measured (network issue).
+ticks were. ``egress_bytes`` is measured: the worker reports each bunker's cumulative
+uplink byte counter (nftables) in its heartbeat and in the result of ``bunker.destroy``, the
+controller sums it on the bunker (:func:`apply_egress_report`), and each record carries what
+was sent since the bunker's previous record.
 
 Records are unique per (bunker, period start), so two controller processes writing the same
 period store it once.
@@ -34,6 +37,18 @@ log = structlog.get_logger(__name__)
 USAGE_EVENT = "scaibunker.usage"
 #: Shortest period written for a live bunker, in seconds.
 MIN_PERIOD_S = 1.0
+
+
+def apply_egress_report(bunker: Bunker, reported: int) -> None:
+    """Add a worker's cumulative egress counter (bytes) to ``bunker.egress_bytes``.
+
+    Counters only grow while the bunker stays attached on one worker; a report smaller than
+    the previous one means a fresh counter (re-placement on another worker, or the worker
+    restarted), whose whole value is new traffic.
+    """
+    previous = bunker.egress_reported
+    bunker.egress_bytes += reported - previous if reported >= previous else reported
+    bunker.egress_reported = reported
 
 
 @dataclass(frozen=True)
@@ -89,7 +104,11 @@ async def record_usage_once(db: Database, now: datetime | None = None) -> int:
     """Write the due usage records; return how many were written."""
     now = now or utcnow()
     last_end = (
-        select(UsageRecord.bunker_id, func.max(UsageRecord.period_end).label("billed"))
+        select(
+            UsageRecord.bunker_id,
+            func.max(UsageRecord.period_end).label("billed"),
+            func.sum(UsageRecord.egress_bytes).label("egress_billed"),
+        )
         .group_by(UsageRecord.bunker_id)
         .subquery()
     )
@@ -97,7 +116,7 @@ async def record_usage_once(db: Database, now: datetime | None = None) -> int:
     async with db.sessionmaker() as session:
         rows = (
             await session.execute(
-                select(Bunker, last_end.c.billed)
+                select(Bunker, last_end.c.billed, last_end.c.egress_billed)
                 .outerjoin(last_end, last_end.c.bunker_id == Bunker.id)
                 .where(
                     or_(
@@ -108,7 +127,7 @@ async def record_usage_once(db: Database, now: datetime | None = None) -> int:
                 )
             )
         ).all()
-        for bunker, billed in rows:
+        for bunker, billed, egress_billed in rows:
             start = billed or bunker.created_at
             end = min(now, bunker.ended_at) if bunker.ended_at is not None else now
             final = bunker.ended_at is not None and bunker.ended_at <= now
@@ -134,7 +153,7 @@ async def record_usage_once(db: Database, now: datetime | None = None) -> int:
                 memory_mb_seconds=bunker.memory_mb * held,
                 disk_mb_seconds=bunker.disk_mb * held,
                 gpu_seconds=bunker.gpu_count * held,
-                egress_bytes=0,
+                egress_bytes=max(0, bunker.egress_bytes - int(egress_billed or 0)),
                 lifecycle_mode=bunker.lifecycle_mode,
                 network_profile=bunker.network_profile,
             )

@@ -12,6 +12,7 @@ from sqlalchemy.orm import selectinload
 
 from scaigrid import errors
 from scaigrid.ids import new_id
+from scaigrid.modules.scaibunker.accounting import service as accounting
 from scaigrid.modules.scaibunker.bunkers.models import Bunker
 from scaigrid.modules.scaibunker.bunkers.schemas import CreateBunkerRequest, iso
 from scaigrid.modules.scaibunker.bunkers.states import (
@@ -539,12 +540,19 @@ async def destroy_on_worker(state: ModuleState, worker_id: str | None, bunker_id
     if connection is None:
         return False
     try:
-        await connection.call(
+        result = await connection.call(
             TaskKind.BUNKER_DESTROY, {}, bunker_id=bunker_id, timeout_s=DESTROY_TIMEOUT_S
         )
     except errors.ScaiGridError as exc:
         log.warning("bunker_destroy_failed", bunker_id=bunker_id, code=exc.code, reason=exc.message)
         return False
+    sent = result.get("egress_bytes")
+    if isinstance(sent, int) and not isinstance(sent, bool) and sent >= 0:
+        async with state.db.sessionmaker() as session:
+            bunker = await session.get(Bunker, bunker_id, with_for_update=True)
+            if bunker is not None and bunker.worker_id == worker_id:
+                accounting.apply_egress_report(bunker, sent)
+                await session.commit()
     return True
 
 

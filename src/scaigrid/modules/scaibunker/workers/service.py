@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from scaigrid import errors
 from scaigrid.ids import new_id, new_secret
+from scaigrid.modules.scaibunker.accounting import service as accounting
 from scaigrid.modules.scaibunker.bunkers.models import Bunker
 from scaigrid.modules.scaibunker.bunkers.schemas import as_utc, iso
 from scaigrid.modules.scaibunker.bunkers.states import TERMINAL
@@ -58,6 +59,8 @@ class BunkerReport(BaseModel):
     model_config = ConfigDict(extra="ignore")
     bunker_id: str = Field(max_length=32)
     state: str = Field(max_length=16)
+    #: Cumulative bytes the bunker sent out of the worker's uplink (absent: no network).
+    egress_bytes: int | None = Field(default=None, ge=0, le=2**62)
 
 
 class RegisterMessage(BaseModel):
@@ -173,7 +176,9 @@ async def register(
 async def record_heartbeat(
     session: AsyncSession, worker_id: str, message: HeartbeatMessage
 ) -> None:
-    """Store ``last_heartbeat``, ``free`` and the image cache of a worker."""
+    """Store ``last_heartbeat``, ``free`` and the image cache of a worker, and the egress
+    counters of the bunkers it holds (see
+    :func:`~scaigrid.modules.scaibunker.accounting.service.apply_egress_report`)."""
     worker = await session.get(Worker, worker_id)
     if worker is None:
         return
@@ -181,6 +186,15 @@ async def record_heartbeat(
     worker.free = {k: v for k, v in message.free.items() if v is not None}
     worker.image_cache = message.image_cache
     worker.connection = "online"
+    counters = {r.bunker_id: r.egress_bytes for r in message.bunkers if r.egress_bytes is not None}
+    if counters:
+        bunkers = await session.scalars(
+            select(Bunker)
+            .where(Bunker.id.in_(list(counters)), Bunker.worker_id == worker_id)
+            .with_for_update()
+        )
+        for bunker in bunkers:
+            accounting.apply_egress_report(bunker, counters[bunker.id])
     await session.commit()
 
 
