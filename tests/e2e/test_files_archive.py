@@ -132,3 +132,27 @@ def test_owners_as_user_and_as_root(stack: Stack, busybox_image: str) -> None:
         with pytest.raises(ValidationError):
             client.files.upload_archive(bunker["id"], "junk", b"not a tar at all" * 64)
         client.bunkers.terminate(bunker["id"])
+
+
+def test_cli_tar_in_and_out(
+    stack: Stack, busybox_image: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    from click.testing import CliRunner
+
+    from scaigrid.client.cli import cli
+
+    local = Path(tmp_path_factory.mktemp("cli-tar", numbered=True))
+    (local / "tree/inner").mkdir(parents=True)
+    (local / "tree/inner/a.txt").write_text("alpha\n")
+    bunker = create_bunker(stack, busybox_image)
+    base = ["--host", stack.url, "--api-key", stack.admin_key]
+    put = CliRunner().invoke(cli, [*base, "tar", str(local / "tree"), f"{bunker['id']}:copied"])
+    assert put.exit_code == 0, put.output
+    assert "2 entries, 6 bytes extracted to /home/user/copied" in put.output
+    out = local / "back.tar"
+    got = CliRunner().invoke(cli, [*base, "tar", f"{bunker['id']}:copied", str(out)])
+    assert got.exit_code == 0, got.output
+    with tarfile.open(out) as tar:
+        assert tar.getnames() == ["inner", "inner/a.txt"]
+    with Client(stack.url, stack.admin_key) as client:
+        client.bunkers.terminate(bunker["id"])

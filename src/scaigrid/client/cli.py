@@ -13,6 +13,7 @@ Usage::
     scaibunker ls BUNKER [PATH] [--depth N] [--json]
     scaibunker rm BUNKER PATH [-r]
     scaibunker terminate BUNKER
+    scaibunker shell BUNKER [--user user|root] [--command CMD] [--session shs_...]
     scaibunker images [--status S] [--json]
     scaibunker image-register NAME (--oci REF | --tar PATH) [--size-mib N] [--scope S]
                               [--lazy-pull] [--wait/--no-wait] [--timeout S]
@@ -23,7 +24,8 @@ Exit status: 0 on success; 1 for API, connection and local file errors, printed 
 as ``error CODE: message``; 2 for usage and configuration errors (``error USAGE: …``); 141,
 silently, when the reader of stdout goes away;
 ``exec`` exits with the command's own status (124 timed out, 137 OOM-killed or SIGKILL,
-128+N other signals, 255 agent lost). :func:`main` runs the CLI in-process and returns the
+128+N other signals, 255 agent lost); ``shell`` exits with the remote shell's status (255
+when the session was lost). :func:`main` runs the CLI in-process and returns the
 status, and :data:`cli` works with :class:`click.testing.CliRunner`.
 """
 
@@ -43,6 +45,7 @@ from typing import Any, NoReturn, cast
 import click
 
 from scaigrid import __version__
+from scaigrid.client._io import DownloadTarget, UploadData
 from scaigrid.client.client import Client
 from scaigrid.client.errors import ConfigurationError, ScaiGridAPIError, ScaiGridClientError
 from scaigrid.client.models import (
@@ -54,6 +57,7 @@ from scaigrid.client.models import (
     LifecycleMode,
     NetworkProfile,
 )
+from scaigrid.client.shell_cli import shell_command
 
 EXIT_API_ERROR = 1
 EXIT_USAGE = 2
@@ -471,6 +475,35 @@ def cp(src: str, dst: str, mode: int, user: str) -> None:
         _download(cast(_Remote, source), dst, user)
 
 
+@cli.command("tar")
+@click.argument("src")
+@click.argument("dst")
+@click.option("--user", type=click.Choice(["user", "root"]), default="user", show_default=True)
+def tar_(src: str, dst: str, user: str) -> None:
+    """Copy a directory into or out of a bunker as a tar stream.
+
+    Exactly one of SRC and DST is BUNKER:DIR. Out of a bunker, DST is the tar file to
+    write ('-' for stdout). Into a bunker, SRC is a local directory (its contents are
+    packed on the fly), a tar file (plain, gzip, bzip2 or xz) or '-' for stdin, and DIR is
+    created if missing. Members that would land outside DIR are refused.
+    """
+    source, target = _remote(src), _remote(dst)
+    if (source is None) == (target is None):
+        raise click.UsageError("exactly one of SRC and DST must be BUNKER:DIR")
+    guest_user = cast(GuestUser, user)
+    if target is not None:
+        data: UploadData = sys.stdin.buffer if src == "-" else Path(src)
+        result = _client().files.upload_archive(target.bunker, target.path, data, user=guest_user)
+        click.echo(
+            f"{result.get('entries', 0)} entries, {result.get('bytes', 0)} bytes"
+            f" extracted to {result.get('path', target.path)}"
+        )
+        return
+    remote = cast(_Remote, source)
+    out: DownloadTarget = sys.stdout.buffer if dst == "-" else Path(dst)
+    _client().files.download_archive(remote.bunker, remote.path, out, user=guest_user)
+
+
 def _entry_line(entry: FileEntry, depth: int) -> list[str]:
     kind = entry.get("type", "other")
     type_bits = {"dir": stat.S_IFDIR, "symlink": stat.S_IFLNK, "file": stat.S_IFREG}.get(kind, 0)
@@ -609,6 +642,9 @@ def _follow_bake(client: Client, image: Image, timeout_s: float) -> Image:
                 return image
             time.sleep(BAKE_POLL_S)
             image = client.images.get(image.id)
+
+
+cli.add_command(shell_command)
 
 
 def main(args: Sequence[str] | None = None) -> int:
