@@ -1,10 +1,14 @@
-"""End to end on a qemu microVM: a real controller whose worker offers ``container`` and
-``qemu``; create → exec → files → pause/resume → terminate, and isolation-class selection.
+"""Isolation-class selection through a real controller whose worker offers ``container`` and
+``qemu``. What a bunker does (exec, files, pause/resume, snapshots, network profiles,
+terminate) is tested for every driver by ``tests/e2e/test_every_driver.py``.
 One VM at a time (the CI machine has 2 cores)."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -14,7 +18,9 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.fixtures.fleet import HOSTNAME, WORKER_START_TIMEOUT_S, ExtraWorker, wait_online, warm
 from tests.fixtures.stack import BASE, Stack, StackError, build_busybox_tar, start_stack
+from tests.vm.test_qemu_faults import _qemu_pids_for
 
 pytestmark = pytest.mark.e2e
 
@@ -62,41 +68,17 @@ def test_the_worker_advertises_both_isolation_classes(vm_stack: Stack) -> None:
     assert drivers == {"container": "container", "qemu": "microvm"}
 
 
-def test_a_microvm_bunker_runs_exec_files_pause_resume_and_terminates(vm_stack: Stack) -> None:
+def test_a_bunker_that_asks_no_isolation_gets_a_microvm(vm_stack: Stack) -> None:
+    """The strongest isolation class the fleet has is the default."""
     with vm_stack.client(timeout_s=240) as client:
-        bunker = _create(client)  # no isolation asked: the strongest the fleet has
-        bid = bunker["id"]
-        assert (bunker["driver"], bunker["isolation"]) == ("qemu", "microvm")
+        bunker = _create(client)
         try:
-            ran = client.post(
-                f"{BASE}/bunkers/{bid}/exec", json={"command": "uname -r; cat /proc/1/comm"}
-            )
-            assert ran.status_code == 200, ran.text
-            out = ran.json()["data"]["stdout"].split("\n")
-            assert out[0].endswith("-cloud-amd64")  # the guest kernel, not the host's
-
-            payload = b"inside a microVM\n" * 100
-            put = client.put(
-                f"{BASE}/bunkers/{bid}/files",
-                params={"path": "note.txt"},
-                content=payload,
-                headers={"Content-Type": "application/octet-stream"},
-            )
-            assert put.status_code in (200, 201), put.text
-            got = client.get(f"{BASE}/bunkers/{bid}/files", params={"path": "note.txt"})
-            assert got.content == payload
-
-            paused = client.post(f"{BASE}/bunkers/{bid}/pause")
-            assert (paused.status_code, paused.json()["data"]["status"]) == (200, "paused")
-            resumed = client.post(f"{BASE}/bunkers/{bid}/resume")
-            assert (resumed.status_code, resumed.json()["data"]["status"]) == (200, "running")
-            again = client.post(f"{BASE}/bunkers/{bid}/exec", json={"command": "cat note.txt"})
-            assert again.json()["data"]["stdout"].encode() == payload
+            assert (bunker["driver"], bunker["isolation"]) == ("qemu", "microvm")
         finally:
-            deleted = client.delete(f"{BASE}/bunkers/{bid}")
+            deleted = client.delete(f"{BASE}/bunkers/{bunker['id']}")
         assert deleted.status_code in (200, 202), deleted.text
         deadline = time.monotonic() + 60
-        while client.get(f"{BASE}/bunkers/{bid}").json()["data"]["status"] != "terminated":
+        while client.get(f"{BASE}/bunkers/{bunker['id']}").json()["data"]["status"] != "terminated":
             assert time.monotonic() < deadline
             time.sleep(0.5)
     assert not list((vm_stack.data_dir / "worker" / "qemu").glob("bnk_*"))
@@ -109,33 +91,86 @@ def test_a_container_bunker_is_placed_on_the_container_driver(vm_stack: Stack) -
         client.delete(f"{BASE}/bunkers/{bunker['id']}")
 
 
-DNS_PROBE = "nslookup scaibunker-probe.invalid 2>&1; cat /etc/resolv.conf; ip -4 route"
+# -- faults through the whole stack (issue #9) ---------------------------------------------
 
 
-def _dns(client: httpx.Client, bunker_id: str) -> str:
-    ran = client.post(f"{BASE}/bunkers/{bunker_id}/exec", json={"command": DNS_PROBE})
-    assert ran.status_code == 200, ran.text
-    return str(ran.json()["data"]["stdout"])
+def _netns_of(bunker_id: str) -> list[str]:
+    """Network namespaces named after the bunker (its tap device lives in one)."""
+    listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return [line.split()[0] for line in listing.splitlines() if bunker_id in line]
 
 
-def test_a_network_profile_works_the_same_in_a_microvm_and_a_container(
-    vm_stack: Stack,
-) -> None:
-    """The ``registry`` profile: the bunker's resolver (its gateway) answers and refuses a
-    name outside the registry list, in a VM exactly as in a container."""
+def _wait_gone(bunker_id: str, state_root: Path, timeout_s: float = 60) -> None:
+    """Wait until no QEMU, state directory or network namespace of the bunker is left."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = {
+            "qemu": _qemu_pids_for(bunker_id),
+            "state": [str(p) for p in state_root.glob(bunker_id)],
+            "netns": _netns_of(bunker_id),
+        }
+        if not any(left.values()):
+            return
+        assert time.monotonic() < deadline, f"left behind: {left}"
+        time.sleep(0.5)
+
+
+def _wait_status(client: httpx.Client, bunker_id: str, status: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 90
+    while True:
+        bunker = dict(client.get(f"{BASE}/bunkers/{bunker_id}").json()["data"])
+        if bunker["status"] == status:
+            return bunker
+        assert time.monotonic() < deadline, bunker
+        time.sleep(0.5)
+
+
+def test_a_killed_vmm_fails_the_bunker_and_frees_its_resources(vm_stack: Stack) -> None:
     with vm_stack.client(timeout_s=240) as client:
-        vm = _create(client, network_profile="registry")
-        assert vm["driver"] == "qemu"
-        container = _create(client, network_profile="registry", isolation="container")
+        bunker = _create(client, network_profile="registry")
+        bid = bunker["id"]
+        (pid,) = _qemu_pids_for(bid)
+        assert _netns_of(bid), "a registry bunker has a network namespace"
+        os.kill(pid, signal.SIGKILL)
+        failed = _wait_status(client, bid, "failed")
+        assert failed["status_reason"] == "vm_exited", failed
+        _wait_gone(bid, vm_stack.data_dir / "worker" / "qemu")
+        # The failed bunker is gone for good: exec answers "not running".
+        refused = client.post(f"{BASE}/bunkers/{bid}/exec", json={"command": "true"})
+        assert refused.status_code == 409, refused.text
+
+
+def test_a_restarted_worker_leaves_no_vmm_or_tap_behind(vm_stack: Stack) -> None:
+    """A second worker (container + qemu) is SIGKILLed while its microVM runs: the VM
+    outlives it; started again, the worker stops the VM and removes its namespace (and so
+    its tap), and the controller marks the bunker failed."""
+    data_dir = Path(tempfile.mkdtemp(prefix="scaibunker-vm-restart-", dir="/var/tmp"))
+    os.chmod(data_dir, 0o755)
+    worker = ExtraWorker(vm_stack, data_dir)
+    with vm_stack.client(timeout_s=240) as client:
+        dev_id = client.get(f"{BASE}/workers").json()["data"][0]["id"]
+        token = client.post(f"{BASE}/workers/join-tokens", json={}).json()["data"]["token"]
+        worker.start(token, drivers="container,qemu")
         try:
-            in_vm, in_container = _dns(client, vm["id"]), _dns(client, container["id"])
+            worker.worker_id = wait_online(client, HOSTNAME, WORKER_START_TIMEOUT_S)["id"]
+            warm(client, "busybox", worker.worker_id)
+            assert client.post(f"{BASE}/workers/{dev_id}/drain").status_code == 200
+            try:
+                bunker = _create(client, network_profile="registry")
+            finally:
+                client.post(f"{BASE}/workers/{dev_id}/resume")
+            bid = bunker["id"]
+            assert bunker["worker_id"] == worker.worker_id, bunker
+            (vmm,) = _qemu_pids_for(bid)
+
+            worker.kill()
+            assert _qemu_pids_for(bid) == [vmm], "the VM outlives a SIGKILLed worker"
+            worker.start(drivers="container,qemu")
+            wait_online(client, HOSTNAME, WORKER_START_TIMEOUT_S)
+            _wait_gone(bid, data_dir / "qemu")
+            assert _wait_status(client, bid, "failed")["status_reason"] == "vm_exited"
         finally:
-            client.delete(f"{BASE}/bunkers/{vm['id']}")
-            client.delete(f"{BASE}/bunkers/{container['id']}")
-    for output in (in_vm, in_container):
-        assert "can't find scaibunker-probe.invalid" in output, output
-        assert "timed out" not in output
-        assert "default via" in output and "nameserver" in output
-    # The guest's resolver is its gateway, as for the container.
-    vm_gateway = in_vm.split("default via ")[1].split()[0]
-    assert f"nameserver {vm_gateway}" in in_vm
+            worker.stop()
+            if worker.worker_id:
+                client.delete(f"{BASE}/workers/{worker.worker_id}")
+            shutil.rmtree(data_dir, ignore_errors=True)
