@@ -71,7 +71,8 @@ class BridgeMissing(L2Error):
 
 
 def bridge_device(bridge_id: str) -> str:
-    """The worker device name of bridge ``bridge_id``: ``br`` + 12 hex digits (stable)."""
+    """The worker device name of bridge ``bridge_id``: ``br`` + 12 hex digits (stable; the
+    controller names devices the same way and sends the name in ``bridge.create``)."""
     return "br" + hashlib.sha256(bridge_id.encode()).hexdigest()[:12]
 
 
