@@ -87,6 +87,7 @@ class TaskKind:
     PROCESS_FOLLOW = "process.follow"
     BRIDGE_CREATE = "bridge.create"
     BRIDGE_DELETE = "bridge.delete"
+    BRIDGE_LIST = "bridge.list"
 
 
 class LinkClosed(ConnectionError):

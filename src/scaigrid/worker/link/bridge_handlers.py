@@ -8,10 +8,14 @@
 ``bridge.delete``
     params ``{device}``; result ``{deleted: bool}`` (``false``: it did not exist). Error
     ``RESOURCE_IN_USE`` while a bunker interface is attached. Deadline 10 s.
+``bridge.list``
+    params ``{}``; result ``{devices: [name, ...]}``, the bridges that exist on the worker
+    (the controller deletes those it no longer knows when the worker reconnects).
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Final
 
 from scaigrid.protocol.link import TaskKind
@@ -60,7 +64,13 @@ def bridge_specs(supervisor: BunkerSupervisor) -> dict[str, HandlerSpec]:
             raise TaskFailed("INTERNAL_ERROR", f"bridge could not be deleted: {exc}") from exc
         return {"deleted": deleted}
 
+    async def list_all(task: Task) -> dict[str, Any]:
+        if supervisor.network is None:
+            return {"devices": []}
+        return {"devices": await asyncio.to_thread(supervisor.network.l2.bridges)}
+
     return {
+        TaskKind.BRIDGE_LIST: HandlerSpec(list_all, BRIDGE_DEADLINE_S),
         TaskKind.BRIDGE_CREATE: HandlerSpec(create, BRIDGE_DEADLINE_S, "WORKER_UNAVAILABLE"),
         TaskKind.BRIDGE_DELETE: HandlerSpec(delete, BRIDGE_DEADLINE_S),
     }

@@ -136,13 +136,31 @@ async def _create_on(connection: WorkerConnection, bridge: Bridge) -> None:
 
 
 async def recreate_bridges(state: ModuleState, connection: WorkerConnection) -> int:
-    """Re-create every bridge of ``connection``'s worker (worker reconnect, SPEC §10.3);
-    ``bridge.create`` is idempotent on the worker. Returns how many were sent; failures are
-    logged, not raised."""
+    """Reconcile the bridges of ``connection``'s worker (worker reconnect, SPEC §10.3):
+    delete the devices the database no longer has (bridges deleted while the worker was
+    away), then re-create every bridge it has (``bridge.create`` is idempotent on the
+    worker). Returns how many were re-created; failures are logged, not raised."""
     async with state.db.sessionmaker() as session:
         rows = (
             await session.scalars(select(Bridge).where(Bridge.worker_id == connection.worker_id))
         ).all()
+    known = {b.device for b in rows}
+    try:
+        listed = await connection.call(TaskKind.BRIDGE_LIST, {}, timeout_s=BRIDGE_TASK_TIMEOUT_S)
+    except errors.ScaiGridError as exc:
+        log.warning("bridge_list_failed", worker_id=connection.worker_id, code=exc.code)
+        listed = {}
+    devices = listed.get("devices")
+    for device in devices if isinstance(devices, list) else []:
+        if isinstance(device, str) and device not in known:
+            try:
+                await connection.call(
+                    TaskKind.BRIDGE_DELETE, {"device": device}, timeout_s=BRIDGE_TASK_TIMEOUT_S
+                )
+            except errors.ScaiGridError as exc:
+                log.warning("stale_bridge_delete_failed", device=device, code=exc.code)
+            else:
+                log.info("stale_bridge_deleted", worker_id=connection.worker_id, device=device)
     for bridge in rows:
         try:
             await _create_on(connection, bridge)
