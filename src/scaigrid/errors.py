@@ -134,6 +134,7 @@ TransitMissingInterfaces = _make(
 )
 ResourceInUse = _make("ResourceInUse", "RESOURCE_IN_USE", 409, Conflict)
 ObjectNotFound = _make("ObjectNotFound", "OBJECT_NOT_FOUND", 404, NotFound)
+ShellSessionNotFound = _make("ShellSessionNotFound", "SHELL_SESSION_NOT_FOUND", 404, NotFound)
 #: The object store behind the storage proxy cannot be reached (retry later; issue #8).
 ObjectStoreUnavailable = _make(
     "ObjectStoreUnavailable", "OBJECT_STORE_UNAVAILABLE", 503, Unavailable

@@ -51,6 +51,7 @@ from scaigrid.client.models import (
     ProcessRecord,
     WrittenFile,
 )
+from scaigrid.client.shell import AsyncShell, auth_headers, shell_params, ticket_call
 
 
 class AsyncBunkers:
@@ -298,6 +299,36 @@ class AsyncClient:
     def base_url(self) -> str:
         """The module's base URL, ``<host>/v1/modules/scaibunker``."""
         return self._transport.base_url
+
+    async def shell(
+        self,
+        bunker_id: str,
+        *,
+        cols: int | None = None,
+        rows: int | None = None,
+        command: str | None = None,
+        user: GuestUser = "user",
+        session: str | None = None,
+        offset: int | None = None,
+        ticket: str | None = None,
+    ) -> AsyncShell:
+        """Open or reattach a shell; see :meth:`scaigrid.client.Client.shell`."""
+        params = shell_params(
+            cols=cols,
+            rows=rows,
+            command=command,
+            user=user,
+            session=session,
+            offset=offset,
+            ticket=ticket,
+        )
+        headers = auth_headers(self._transport._client.headers, ticket)
+        return await AsyncShell(self.base_url, headers, bunker_id, params)._connect(params)
+
+    async def shell_ticket(self, bunker_id: str) -> dict[str, Any]:
+        """Mint a one-use shell ticket; see :meth:`scaigrid.client.Client.shell_ticket`."""
+        value: dict[str, Any] = await self._transport.data(ticket_call(bunker_id))
+        return value
 
     async def close(self) -> None:
         """Close the connection pool; the client cannot be used afterwards."""

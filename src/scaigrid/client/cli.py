@@ -13,6 +13,7 @@ Usage::
     scaibunker ls BUNKER [PATH] [--depth N] [--json]
     scaibunker rm BUNKER PATH [-r]
     scaibunker terminate BUNKER
+    scaibunker shell BUNKER [--user user|root] [--command CMD] [--session shs_...]
     scaibunker images [--status S] [--json]
     scaibunker image-register NAME (--oci REF | --tar PATH) [--size-mib N] [--scope S]
                               [--lazy-pull] [--wait/--no-wait] [--timeout S]
@@ -23,7 +24,8 @@ Exit status: 0 on success; 1 for API, connection and local file errors, printed 
 as ``error CODE: message``; 2 for usage and configuration errors (``error USAGE: …``); 141,
 silently, when the reader of stdout goes away;
 ``exec`` exits with the command's own status (124 timed out, 137 OOM-killed or SIGKILL,
-128+N other signals, 255 agent lost). :func:`main` runs the CLI in-process and returns the
+128+N other signals, 255 agent lost); ``shell`` exits with the remote shell's status (255
+when the session was lost). :func:`main` runs the CLI in-process and returns the
 status, and :data:`cli` works with :class:`click.testing.CliRunner`.
 """
 
@@ -55,6 +57,7 @@ from scaigrid.client.models import (
     LifecycleMode,
     NetworkProfile,
 )
+from scaigrid.client.shell_cli import shell_command
 
 EXIT_API_ERROR = 1
 EXIT_USAGE = 2
@@ -639,6 +642,9 @@ def _follow_bake(client: Client, image: Image, timeout_s: float) -> Image:
                 return image
             time.sleep(BAKE_POLL_S)
             image = client.images.get(image.id)
+
+
+cli.add_command(shell_command)
 
 
 def main(args: Sequence[str] | None = None) -> int:

@@ -49,6 +49,7 @@ from scaigrid.client.models import (
     ProcessRecord,
     WrittenFile,
 )
+from scaigrid.client.shell import Shell, auth_headers, shell_params, ticket_call
 
 
 class Bunkers:
@@ -488,6 +489,54 @@ class Client:
     def base_url(self) -> str:
         """The module's base URL, ``<host>/v1/modules/scaibunker``."""
         return self._transport.base_url
+
+    def shell(
+        self,
+        bunker_id: str,
+        *,
+        cols: int | None = None,
+        rows: int | None = None,
+        command: str | None = None,
+        user: GuestUser = "user",
+        session: str | None = None,
+        offset: int | None = None,
+        ticket: str | None = None,
+    ) -> Shell:
+        """Open an interactive shell in the bunker (``GET /bunkers/{id}/shell``, SPEC §5),
+        or reattach to ``session`` (replaying its output from ``offset``).
+
+        Args:
+            cols, rows: window size (1-1000; server default 80x24).
+            command: run this instead of the user's login shell.
+            user: ``user`` or ``root`` (needs ``scaibunker:root``).
+            session: ``shs_`` id to reattach to.
+            offset: output byte offset to replay from on reattach.
+            ticket: a ticket from :meth:`shell_ticket` instead of the API key.
+
+        Raises:
+            BunkerNotFound, BunkerNotRunning, AuthzPermissionDenied, ShellSessionNotFound,
+            AgentUnavailable, AuthenticationError (bad ticket), ValidationError.
+        """
+        params = shell_params(
+            cols=cols,
+            rows=rows,
+            command=command,
+            user=user,
+            session=session,
+            offset=offset,
+            ticket=ticket,
+        )
+        headers = auth_headers(self._transport._client.headers, ticket)
+        return Shell(self.base_url, headers, bunker_id, params)
+
+    def shell_ticket(self, bunker_id: str) -> dict[str, Any]:
+        """Mint a one-use shell ticket valid 30 s (``POST /bunkers/{id}/shell/ticket``).
+
+        Returns:
+            ``{"ticket", "expires_at"}``.
+        """
+        value: dict[str, Any] = self._transport.data(ticket_call(bunker_id))
+        return value
 
     def close(self) -> None:
         """Close the connection pool; the client cannot be used afterwards."""
