@@ -251,7 +251,7 @@ async def test_bake_and_create_share_one_build_then_exec_and_files(worker: Worke
         "type": "task_result",
         "task_id": baked["task_id"],
         "ok": True,
-        "result": {"digest": None, "source_digest": None},
+        "result": {"digest": None, "source_digest": None, "bake_source": "baked"},
     }
     assert created["driver"] == "container" and created["isolation"] == "container"
     assert isinstance(created["boot_ms"], int)

@@ -55,6 +55,8 @@ class MsgType:
     TASK_CANCEL = "task_cancel"
     BUNKER_EVENT = "bunker_event"
     STREAM_CREDIT = "stream_credit"
+    CAPABILITY_REQUEST = "capability_request"
+    CAPABILITY_GRANT = "capability_grant"
 
 
 class TaskKind:

@@ -161,6 +161,8 @@ class CreateRequest:
         image_name: image name (for messages).
         image_source: SPEC §7.2 build source.
         snapshot: the snapshot whose layer the bunker starts from, if any.
+        image_artifact: ``image.artifact`` (the baked artifact to fetch instead of building,
+            see :mod:`scaigrid.worker.images`), if the controller sent one.
         driver: name of the driver the scheduler placed the bunker on (``bunker.driver``);
             ``None`` means the worker's first driver.
     """
@@ -175,6 +177,7 @@ class CreateRequest:
     network: NetRequest | None = None
     snapshot: SnapshotSource | None = None
     driver: str | None = None
+    image_artifact: Mapping[str, Any] | None = None
 
     @classmethod
     def from_params(cls, bunker_id: str | None, params: Mapping[str, Any]) -> CreateRequest:
@@ -220,6 +223,9 @@ class CreateRequest:
             image_source=dict(source),
             snapshot=SnapshotSource.from_param(params.get("snapshot")),
             driver=driver,
+            image_artifact=(
+                dict(image["artifact"]) if isinstance(image.get("artifact"), Mapping) else None
+            ),
         )
 
 
@@ -640,7 +646,9 @@ class BunkerSupervisor:
         )
 
     async def _prepare_image(self, request: CreateRequest, progress: Progress) -> Path:
-        build = asyncio.ensure_future(self.images.ensure(request.image_id, request.image_source))
+        build = asyncio.ensure_future(
+            self.images.ensure(request.image_id, request.image_source, request.image_artifact)
+        )
         try:
             while True:
                 await progress({"stage": "image"})

@@ -36,6 +36,7 @@ import pydantic
 import structlog
 
 from scaigrid.worker.bunkers import AgentLaunch, BunkerSupervisor
+from scaigrid.worker.capabilities import CapabilityBroker
 from scaigrid.worker.drivers.base import Driver, DriverError
 from scaigrid.worker.drivers.container import ContainerDriver
 from scaigrid.worker.drivers.firecracker import FirecrackerDriver
@@ -43,7 +44,7 @@ from scaigrid.worker.drivers.qemu import QemuDriver
 from scaigrid.worker.images import ImageStore
 from scaigrid.worker.link import LinkAuthRejected, LinkClient, LinkConfigError
 from scaigrid.worker.link.handlers import build_handlers
-from scaigrid.worker.net.audit import EgressAudit, LocalDirSink
+from scaigrid.worker.net.audit import AuditSink, EgressAudit, LocalDirSink, ProxySink
 from scaigrid.worker.net.manager import NetworkManager, worker_tag
 from scaigrid.worker.rootfs import ImageCache
 from scaigrid.worker.rootfs.agent_runtime import (
@@ -292,18 +293,28 @@ class WorkerDaemon:
             await self.supervisor.close()
 
 
-def make_network(settings: WorkerSettings) -> NetworkManager | None:
-    """The worker's bunker networking (started by the supervisor), ``None`` when disabled."""
+def make_network(
+    settings: WorkerSettings, broker: CapabilityBroker | None = None
+) -> NetworkManager | None:
+    """The worker's bunker networking (started by the supervisor), ``None`` when disabled.
+
+    Egress audit batches go through the storage proxy with capabilities from ``broker``
+    (SPEC §8.7), or to ``settings.audit_dir`` when that is set (or no broker is given).
+    """
     if not settings.network:
         return None
     tag = worker_tag(settings.data_dir)
-    audit_dir = settings.audit_dir or settings.data_dir / "audit"
+    sink: AuditSink
+    if settings.audit_dir is not None or broker is None:
+        sink = LocalDirSink(settings.audit_dir or settings.data_dir / "audit")
+    else:
+        sink = ProxySink(broker)
     return NetworkManager(
         tag=tag,
         pool=settings.net_pool,
         uplink_netns=settings.net_uplink_netns,
         deny=[str(cidr) for cidr in settings.net_deny],
-        audit=EgressAudit(LocalDirSink(audit_dir)),
+        audit=EgressAudit(sink),
     )
 
 
@@ -316,21 +327,28 @@ async def build_daemon(settings: WorkerSettings) -> WorkerDaemon:
     settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     drivers = await asyncio.to_thread(make_drivers, settings)
     launch = await asyncio.to_thread(prepare_agent_launch, settings)
+    broker = CapabilityBroker()
     images = ImageStore(
         ImageCache(
             settings.data_dir / "images",
             insecure_registries=settings.insecure_registries,
             registry_auth_file=settings.registry_auth_file,
-        )
+        ),
+        broker=broker,
+        max_cache_bytes=(
+            settings.image_cache_max_mb << 20 if settings.image_cache_max_mb is not None else None
+        ),
     )
     supervisor = BunkerSupervisor(
         drivers=drivers,
         images=images,
         agent_launch=launch,
-        network=make_network(settings),
+        network=make_network(settings, broker),
         scratch_dir=settings.data_dir / "transfers",
     )
-    return WorkerDaemon(settings, supervisor, host_capacity(settings))
+    daemon = WorkerDaemon(settings, supervisor, host_capacity(settings))
+    broker.requester = daemon.link.request_capability
+    return daemon
 
 
 async def serve(settings: WorkerSettings) -> int:

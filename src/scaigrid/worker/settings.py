@@ -38,9 +38,13 @@ Every setting is read from an environment variable with the prefix ``SCAIBUNKER_
 - ``net_deny`` (``SCAIBUNKER_NET_DENY``): extra IPv4 CIDRs no bunker may reach, comma
   separated (the control plane, storage proxy, Redis, databases); the worker's own addresses,
   link-local, multicast and the pool are always denied.
-- ``audit_dir`` (``SCAIBUNKER_AUDIT_DIR``, default ``<data_dir>/audit``): where egress audit
-  batches are written, with the object store's key layout (``scaibunker/audit/...``). The
-  embedded default points it at the controller's local object store.
+- ``audit_dir`` (``SCAIBUNKER_AUDIT_DIR``, default unset): unset, egress audit batches are
+  uploaded through the storage proxy with capabilities the controller grants (SPEC §8.7);
+  set, they are written under this directory instead, with the object store's key layout
+  (``scaibunker/audit/...``).
+- ``image_cache_max_mb`` (``SCAIBUNKER_IMAGE_CACHE_MAX_MB``, default unset: no limit): size
+  of the image cache (unpacked trees) in MiB; beyond it the least recently used images no
+  bunker uses are evicted after each bake (see :mod:`scaigrid.worker.images`).
 - ``log_level`` (``SCAIBUNKER_LOG_LEVEL``, default ``info``): ``debug``, ``info``,
   ``warning`` or ``error``.
 - ``insecure_registries`` (``SCAIBUNKER_INSECURE_REGISTRIES``, default none): registry
@@ -86,6 +90,7 @@ class WorkerSettings(BaseSettings):
     net_uplink_netns: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     net_deny: Annotated[list[IPv4Network], NoDecode] = Field(default_factory=list)
     audit_dir: Path | None = None
+    image_cache_max_mb: int | None = Field(default=None, ge=1)
     log_level: LogLevel = "info"
     insecure_registries: Annotated[frozenset[str], NoDecode] = Field(default_factory=frozenset)
     registry_auth_file: Path | None = None

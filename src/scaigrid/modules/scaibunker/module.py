@@ -23,7 +23,6 @@ from scaigrid.modules.scaibunker.storage.capability_router import router as capa
 from scaigrid.modules.scaibunker.storage.router import router as storage_router
 from scaigrid.modules.scaibunker.storage.service import StorageService, open_storage
 from scaigrid.modules.scaibunker.storage.settings import StorageSettings
-from scaigrid.modules.scaibunker.storage.store import LocalObjectStore
 from scaigrid.modules.scaibunker.workers.router import router as workers_router
 from scaigrid.settings import Settings
 
@@ -72,13 +71,8 @@ class ScaiBunkerModule:
         state.spawn(rescan_loop(state), name="image-rescan")
         if settings.dev_worker:
             await seed_default_image(state)
-            store = app.state.scaibunker_storage.store
-            worker = DevWorker(
-                state,
-                settings.public_url,
-                settings.data_dir / "worker",
-                audit_dir=store.root if isinstance(store, LocalObjectStore) else None,
-            )
+            # Its egress audit batches go through the storage proxy like any worker's.
+            worker = DevWorker(state, settings.public_url, settings.data_dir / "worker")
             app.state.scaibunker_dev_worker = worker
             await worker.start()
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import random
 import time
 from collections.abc import Mapping
@@ -41,7 +42,7 @@ from scaigrid.protocol.link import (
     loads,
 )
 from scaigrid.worker.link.credentials import load_credential, store_credential
-from scaigrid.worker.link.tasks import HandlerSpec, TaskSession
+from scaigrid.worker.link.tasks import HandlerSpec, TaskFailed, TaskSession
 
 log = structlog.get_logger(__name__)
 
@@ -60,6 +61,10 @@ class LinkAuthRejected(Exception):
 
 class LinkConfigError(Exception):
     """The worker has neither a stored credential nor a join token."""
+
+
+class CapabilityUnavailable(TaskFailed):
+    """No storage capability could be had (link down, no answer, or refused)."""
 
 
 class WorkerStatus(Protocol):
@@ -121,6 +126,8 @@ class LinkClient:
         self._open_timeout_s = open_timeout_s
         self._mux: StreamMux | None = None
         self._connected = asyncio.Event()
+        self._grants: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._grant_ids = itertools.count(1)
 
     @property
     def connected(self) -> bool:
@@ -150,6 +157,66 @@ class LinkClient:
                 return True
         log.info("bunker_event_dropped", bunker_id=bunker_id, event=event, reason="link down")
         return False
+
+    async def request_capability(
+        self,
+        purpose: str,
+        *,
+        bunker_id: str | None = None,
+        image_id: str | None = None,
+        timeout_s: float = 30.0,
+    ) -> dict[str, Any]:
+        """Ask the controller for a storage capability (``capability_request``, SPEC §10.4).
+
+        Args:
+            purpose: ``audit`` (with ``bunker_id``) or ``image_artifact`` (with ``image_id``);
+                see :mod:`scaigrid.modules.scaibunker.storage.grants`.
+            timeout_s: how long to wait for the link to be up and the grant to arrive.
+
+        Returns:
+            ``{capability, expires_at, storage_url}`` (``expires_at`` in unix seconds).
+
+        Raises:
+            CapabilityUnavailable: the link is down past ``timeout_s``, no grant came, or
+                the controller refused (its code and message).
+        """
+        request_id = f"cap_{next(self._grant_ids)}"
+        message: dict[str, Any] = {
+            "type": MsgType.CAPABILITY_REQUEST,
+            "request_id": request_id,
+            "purpose": purpose,
+        }
+        if bunker_id is not None:
+            message["bunker_id"] = bunker_id
+        if image_id is not None:
+            message["image_id"] = image_id
+        waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._grants[request_id] = waiter
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._connected.wait()
+                mux = self._mux
+                if mux is None:
+                    raise CapabilityUnavailable("OBJECT_STORE_UNAVAILABLE", "link down")
+                await mux.send(message)
+                grant = await waiter
+        except (TimeoutError, OSError) as exc:
+            raise CapabilityUnavailable(
+                "OBJECT_STORE_UNAVAILABLE", f"no {purpose} capability from the controller"
+            ) from exc
+        finally:
+            self._grants.pop(request_id, None)
+        error = grant.get("error")
+        if isinstance(error, dict):
+            raise CapabilityUnavailable(
+                str(error.get("code") or "AUTHZ_PERMISSION_DENIED"), str(error.get("message"))
+            )
+        return grant
+
+    def _on_grant(self, message: dict[str, Any]) -> None:
+        waiter = self._grants.get(str(message.get("request_id")))
+        if waiter is not None and not waiter.done():
+            waiter.set_result(message)
 
     async def run(self) -> None:
         """Connect and stay connected until cancelled.
@@ -319,6 +386,8 @@ class LinkClient:
                     session.cancel(str(message.get("task_id")))
                 elif kind == MsgType.STREAM_CREDIT:
                     mux.feed_credit(message)
+                elif kind == MsgType.CAPABILITY_GRANT:
+                    self._on_grant(message)
                 else:
                     log.debug("link_message_ignored", type=kind)
         except ProtocolViolation as exc:

@@ -12,9 +12,13 @@ their SPEC code, a lost or silent agent is ``AGENT_UNAVAILABLE``).
 ``bunker.destroy``
     params ``{}``; result ``{}``; idempotent, also for ids the worker does not hold.
 ``image.bake``
-    params ``{image: {id, name, source}}``; result ``{digest: null, source_digest}`` once the
-    cache holds the image (``source_digest``: the pinned ``sha256:`` manifest digest of an OCI
-    source, else null); error ``BAKE_FAILED`` with the reason. Deadline 1800 s.
+    params ``{image: {id, name, source, artifact?}}`` (``artifact``: the baked artifact to fetch
+    or publish, see :mod:`scaigrid.worker.images`; ``bunker.create``'s ``image`` may carry it
+    too); result ``{digest, source_digest, bake_source}`` once the cache holds the image
+    (``digest``: ``sha256:`` of the stored artifact when this worker uploaded or fetched it,
+    else null; ``source_digest``: the pinned ``sha256:`` manifest digest of an OCI source, else
+    null; ``bake_source``: ``"artifact"`` or ``"baked"``); error ``BAKE_FAILED`` with the
+    reason. Deadline 1800 s.
 ``image.scan``
     params ``{image_id}``; result ``{status, scanner, scanner_version, counts, findings,
     error}`` (see :mod:`scaigrid.worker.scan`); error ``IMAGE_NOT_READY`` when the image is
@@ -307,18 +311,27 @@ class TaskHandlers:
         return await take_snapshot(self._bunkers, task)
 
     async def image_bake(self, task: Task) -> dict[str, Any]:
-        """``image.bake`` → ``{digest: null}``."""
+        """``image.bake`` → ``{digest, source_digest, bake_source}``."""
         image = task.params.get("image")
         if not isinstance(image, Mapping) or not isinstance(image.get("id"), str):
             raise TaskFailed("VALIDATION_ERROR", "image.bake needs image.id and image.source")
         source = image.get("source")
         if not isinstance(source, Mapping):
             raise TaskFailed("VALIDATION_ERROR", "image.bake needs image.source")
+        artifact = image.get("artifact")
+        images = self._bunkers.images
         try:
-            await self._bunkers.images.ensure(image["id"], source)
+            await images.ensure(
+                image["id"], source, artifact if isinstance(artifact, Mapping) else None
+            )
+            await images.published(image["id"])
         except ImagePrepareFailed as exc:
             raise TaskFailed(BAKE_FAILED, str(exc)) from exc
-        return {"digest": None, "source_digest": self._bunkers.images.source_digest(image["id"])}
+        return {
+            "digest": images.digest(image["id"]),
+            "source_digest": images.source_digest(image["id"]),
+            "bake_source": images.bake_source(image["id"]),
+        }
 
     async def image_scan(self, task: Task) -> dict[str, Any]:
         """``image.scan`` → the scan result of the cached image."""

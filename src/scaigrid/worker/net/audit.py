@@ -3,8 +3,11 @@
 Records are buffered per bunker and flushed every :data:`FLUSH_EVERY_S` seconds or every
 :data:`FLUSH_RECORDS` records, whichever comes first, as one NDJSON object at
 ``scaibunker/audit/{bunker_id}/{ts_us}-{worker_pid}.ndjson``. The object store is reached
-through an :class:`AuditSink`; :class:`LocalDirSink` writes the same key layout under a
-directory (the layout of the controller's local object store, so the controller can read it).
+through an :class:`AuditSink`: :class:`ProxySink` uploads each batch through the storage proxy
+with a ``PUT`` capability on ``scaibunker/audit/{bunker_id}/`` that the worker asks the
+controller for (``capability_request`` purpose ``audit``) and renews before it expires;
+:class:`LocalDirSink` writes the same key layout under a directory (tests, and operators who
+point ``SCAIBUNKER_AUDIT_DIR`` at a directory of their own).
 """
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ from pathlib import Path
 from typing import Any, Final, Protocol
 
 import structlog
+
+from scaigrid.worker.capabilities import CapabilityBroker
+from scaigrid.worker.link.tasks import TaskFailed
+from scaigrid.worker.objects import ObjectClient
 
 log = structlog.get_logger(__name__)
 
@@ -78,6 +85,36 @@ class LocalDirSink:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
+
+
+class ProxySink:
+    """Batches uploaded through the storage proxy (SPEC §8.7, §11).
+
+    Args:
+        broker: the worker's capability cache; grants come from the controller over the
+            link and name the proxy's base URL.
+    """
+
+    def __init__(self, broker: CapabilityBroker) -> None:
+        self.broker = broker
+
+    async def put(self, key: str, body: bytes) -> None:
+        """Upload ``body`` at the audit key ``key``.
+
+        Raises:
+            OSError: not an audit key, no capability, or the upload failed (the batch is kept
+                and retried at the next flush).
+        """
+        if not AUDIT_KEY.fullmatch(key):
+            raise OSError(f"bad audit key {key!r}")
+        bunker_id = key.split("/")[2]
+        try:
+            grant = await self.broker.get("audit", bunker_id)
+            await ObjectClient(grant.storage_url).put_bytes(
+                key, body, grant.token, refresh=self.broker.refresher("audit", bunker_id)
+            )
+        except TaskFailed as exc:
+            raise OSError(f"{exc.code}: {exc.message}") from exc
 
 
 def now_iso() -> str:

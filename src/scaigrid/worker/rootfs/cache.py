@@ -4,7 +4,8 @@ Layout under ``cache_dir``::
 
     <image_id>/rootfs      the tree: owners shifted by ``id_base`` (see ``idshift``), used as
                            the read-only overlay lower layer of container bunkers
-    <image_id>/image.json  {"image_id", "source", "id_base", "build_s", "entries"}
+    <image_id>/image.json  {"image_id", "source", "id_base", "build_s", "entries",
+                           "source_digest", "bake_source", "artifact_sha256"?, "used_at"?}
     .build-<image_id>-*/   a build in progress (renamed into place when complete)
     .lock-<image_id>       flock(2) file serialising builds of one image across processes
 
@@ -28,7 +29,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,10 @@ MOUNT_POINTS: dict[str, int] = {
     ".scaibunker": 0o755,
     ".scaibunker-run": 0o755,
 }
+
+#: Fills an empty tree from a stored artifact and returns extra ``image.json`` fields, or
+#: returns ``None`` (tree untouched) when there is no artifact; see :meth:`ImageCache.ensure`.
+Fetch = Callable[[Path], Awaitable[dict[str, Any] | None]]
 
 _IMAGE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _LOCK_POLL_S = 0.05
@@ -146,8 +151,15 @@ class ImageCache:
         )
         return meta
 
-    async def ensure(self, image_id: str, source: Mapping[str, Any]) -> Path:
+    async def ensure(
+        self, image_id: str, source: Mapping[str, Any], *, fetch: Fetch | None = None
+    ) -> Path:
         """Return the tree of ``image_id``, building it from ``source`` first if needed.
+
+        With ``fetch``, a missing image is first offered to it: it fills the empty tree from
+        the image's baked artifact (owners already shifted) and returns extra metadata, and
+        the build from ``source`` is skipped (``bake_source: "artifact"``); when it returns
+        ``None`` the image is built from ``source`` (``bake_source: "baked"``).
 
         Args:
             image_id: cache key (``img_…``; letters, digits, ``_.-``).
@@ -169,7 +181,7 @@ class ImageCache:
             lock = self._locks.setdefault(image_id, asyncio.Lock())
             async with lock, self._file_lock(image_id):
                 if not (path.parent / "image.json").is_file():
-                    await self._build(image_id, source)
+                    await self._build(image_id, source, fetch)
         meta = json.loads((path.parent / "image.json").read_text())
         if meta.get("id_base") != self.id_base:
             raise ImageBuildError(
@@ -213,7 +225,20 @@ class ImageCache:
                 await asyncio.to_thread(remove_tree, entry)
                 log.info("rootfs.stale_build_removed", path=str(entry))
 
-    async def _build(self, image_id: str, source: Mapping[str, Any]) -> None:
+    def update_metadata(self, image_id: str, **fields: Any) -> None:
+        """Merge ``fields`` into ``image.json`` of a built image (replaced atomically).
+
+        Raises:
+            FileNotFoundError: the image is not built.
+        """
+        path = self.cache_dir / _checked_id(image_id) / "image.json"
+        meta = json.loads(path.read_text())
+        meta.update(fields)
+        tmp = path.with_name(f".image.json.{secrets.token_hex(4)}")
+        tmp.write_text(json.dumps(meta, default=str))
+        os.replace(tmp, path)
+
+    async def _build(self, image_id: str, source: Mapping[str, Any], fetch: Fetch | None) -> None:
         await self._remove_stale_builds(image_id)
         started = time.monotonic()
         build_dir = self.cache_dir / f".build-{image_id}-{secrets.token_hex(4)}"
@@ -222,18 +247,31 @@ class ImageCache:
         tree.mkdir(mode=0o755)
         log.info("rootfs.build_started", image_id=image_id, kind=source.get("kind"))
         try:
-            source_digest = await self._populate(tree, source)
-            await asyncio.to_thread(ensure_guest_user, tree)
-            await asyncio.to_thread(_add_mount_points, tree)
-            stats = await asyncio.to_thread(shift_tree, tree, self.id_base)
-            meta = {
-                "image_id": image_id,
-                "source": dict(source),
-                "id_base": self.id_base,
-                "build_s": round(time.monotonic() - started, 3),
-                "entries": stats.entries,
-                "source_digest": source_digest,
-            }
+            fetched = await fetch(tree) if fetch is not None else None
+            if fetched is not None:
+                meta = {
+                    "source_digest": None,
+                    **fetched,
+                    "image_id": image_id,
+                    "source": dict(source),
+                    "id_base": self.id_base,
+                    "build_s": round(time.monotonic() - started, 3),
+                    "bake_source": "artifact",
+                }
+            else:
+                source_digest = await self._populate(tree, source)
+                await asyncio.to_thread(ensure_guest_user, tree)
+                await asyncio.to_thread(_add_mount_points, tree)
+                stats = await asyncio.to_thread(shift_tree, tree, self.id_base)
+                meta = {
+                    "image_id": image_id,
+                    "source": dict(source),
+                    "id_base": self.id_base,
+                    "build_s": round(time.monotonic() - started, 3),
+                    "entries": stats.entries,
+                    "source_digest": source_digest,
+                    "bake_source": "baked",
+                }
             (build_dir / "image.json").write_text(json.dumps(meta, default=str))
             os.rename(build_dir, self.cache_dir / image_id)
         except BaseException:
@@ -241,7 +279,12 @@ class ImageCache:
             with contextlib.suppress(OSError):
                 await asyncio.to_thread(remove_tree, build_dir)
             raise
-        log.info("rootfs.build_done", image_id=image_id, build_s=meta["build_s"])
+        log.info(
+            "rootfs.build_done",
+            image_id=image_id,
+            build_s=meta["build_s"],
+            bake_source=meta["bake_source"],
+        )
 
     async def _populate(self, tree: Path, source: Mapping[str, Any]) -> str | None:
         """Fill ``tree``; return the pinned manifest digest of an OCI source, else ``None``."""

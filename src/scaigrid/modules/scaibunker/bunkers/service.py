@@ -27,7 +27,11 @@ from scaigrid.modules.scaibunker.config import (
     DEFAULT_MEMORY_MB,
 )
 from scaigrid.modules.scaibunker.images.models import Image
-from scaigrid.modules.scaibunker.images.service import check_scan_gate, resolve_image
+from scaigrid.modules.scaibunker.images.service import (
+    check_scan_gate,
+    image_payload,
+    resolve_image,
+)
 from scaigrid.modules.scaibunker.network import admission, bridges
 from scaigrid.modules.scaibunker.network.config import network_config
 from scaigrid.modules.scaibunker.quotas import service as quotas
@@ -468,7 +472,7 @@ async def provision(state: ModuleState, bunker_id: str, image: Image) -> None:
                 "tenant_id": bunker.tenant_id,
                 "interfaces": await bridges.worker_interfaces(session, bunker),
             },
-            "image": {"id": image.id, "name": image.name, "source": image.source},
+            "image": image_payload(state, image),
             "network": admission.worker_network(network_config()),
         }
         snapshot_id = bunker.snapshot_id

@@ -6,6 +6,12 @@ image's scope) builds the image; the image becomes ``ready`` (with the pinned OC
 (§7.7) and the image is warmed on the other workers of the availability groups in its scope
 (§7.6). Per-worker warm state lives in :class:`ImageWorker` rows.
 
+Baked artifacts (§7.4 step 5, §11.1): every ``image.bake`` (bake and warm) carries
+``image.artifact`` (:func:`image_payload`): the key ``scaibunker/images/{image_id}/rootfs.tar.zst``,
+the digest recorded so far and a storage grant, so a worker fetches the tree another worker
+baked instead of building it again, and the first worker to build it publishes it. The image's
+``digest`` is ``sha256:`` of that stored artifact.
+
 Built-in images (§7.5) are seeded ``pending`` with :data:`BUILTIN_PENDING_REASON` and are not
 baked automatically, so a controller without registry access never pulls in a loop; a super
 admin bakes one with ``POST /images/{id}/warm``.
@@ -61,6 +67,29 @@ BUILTIN_PENDING_REASON = (
     "built-in image not baked: it needs a worker that can reach its registry; "
     "a super admin starts the bake with POST /images/{id}/warm"
 )
+
+
+def artifact_key(image_id: str) -> str:
+    """``scaibunker/images/{image_id}/rootfs.tar.zst``: the baked tree in the object store."""
+    return f"scaibunker/images/{image_id}/rootfs.tar.zst"
+
+
+def image_payload(state: ModuleState, image: Image) -> dict[str, Any]:
+    """The ``image`` object of ``image.bake`` and ``bunker.create`` tasks: ``{id, name,
+    source, artifact?}``; ``artifact`` = ``{key, digest, source_digest, capability,
+    expires_at, storage_url}`` (a ``GET``/``HEAD``/``PUT`` grant on the image's keys),
+    left out when the module has no object storage."""
+    payload: dict[str, Any] = {"id": image.id, "name": image.name, "source": image.source}
+    if state.storage is not None:
+        grant = state.storage.mint(["GET", "HEAD", "PUT"], prefix=f"scaibunker/images/{image.id}/")
+        payload["artifact"] = {
+            "key": artifact_key(image.id),
+            "digest": image.digest,
+            "source_digest": image.source_digest,
+            **grant,
+            "storage_url": state.storage_url,
+        }
+    return payload
 
 
 def empty_warm() -> dict[str, int]:
@@ -310,7 +339,7 @@ async def bake_image(state: ModuleState, image_id: str) -> None:
         image.status_reason = None
         await _set_warm(session, image_id, worker_id, "queued")
         await session.commit()
-        payload = {"id": image.id, "name": image.name, "source": image.source}
+        payload = image_payload(state, image)
         builtin = image.builtin
     log.info("image_bake_started", image_id=image_id, worker_id=worker_id)
     try:
@@ -333,13 +362,21 @@ async def bake_image(state: ModuleState, image_id: str) -> None:
         if image is None:
             return
         image.status = "ready"
-        image.digest = result.get("digest")
+        digest = result.get("digest")
+        if isinstance(digest, str) or image.digest is None:
+            image.digest = digest if isinstance(digest, str) else None
         source_digest = result.get("source_digest")
         image.source_digest = source_digest if isinstance(source_digest, str) else None
         image.scan = _scan_object("pending")
         await _set_warm(session, image_id, worker_id, "ready")
         await session.commit()
-    log.info("image_ready", image_id=image_id, worker_id=worker_id)
+    log.info(
+        "image_ready",
+        image_id=image_id,
+        worker_id=worker_id,
+        bake_source=result.get("bake_source"),
+        digest=result.get("digest"),
+    )
     state.spawn(scan_image(state, image_id, worker_id), name=f"scan-{image_id}")
     state.spawn(warm_image(state, image_id), name=f"warm-{image_id}")
 
@@ -390,7 +427,7 @@ async def warm_image(
             await _set_warm(session, image_id, worker_id, "queued")
             queued.append(worker_id)
         await session.commit()
-        payload = {"id": image.id, "name": image.name, "source": image.source}
+        payload = image_payload(state, image)
         summary = (await warm_summary(session, [image_id]))[image_id]
     for worker_id in queued:
         state.spawn(_warm_one(state, image_id, worker_id, payload), name=f"warm-{image_id}")
@@ -401,7 +438,7 @@ async def _warm_one(
     state: ModuleState, image_id: str, worker_id: str, payload: dict[str, Any]
 ) -> None:
     try:
-        await state.hub.require(worker_id).call(
+        result = await state.hub.require(worker_id).call(
             TaskKind.IMAGE_BAKE, {"image": payload}, timeout_s=BAKE_TIMEOUT_S
         )
     except errors.ScaiGridError as exc:
@@ -409,7 +446,12 @@ async def _warm_one(
         await _record_warm(state, image_id, worker_id, "failed", exc.message)
         return
     await _record_warm(state, image_id, worker_id, "ready")
-    log.info("image_warm", image_id=image_id, worker_id=worker_id)
+    log.info(
+        "image_warm",
+        image_id=image_id,
+        worker_id=worker_id,
+        bake_source=result.get("bake_source"),
+    )
 
 
 def _scan_object(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Annotated, Any
 
 import structlog
@@ -20,6 +21,7 @@ from scaigrid.modules.scaibunker.bunkers.schemas import iso
 from scaigrid.modules.scaibunker.images.service import bake_pending_images
 from scaigrid.modules.scaibunker.network import bridges
 from scaigrid.modules.scaibunker.state import ModuleState, get_state
+from scaigrid.modules.scaibunker.storage import grants
 from scaigrid.modules.scaibunker.workers import scheduler
 from scaigrid.modules.scaibunker.workers import service as worker_service
 from scaigrid.modules.scaibunker.workers.hub import WorkerConnection
@@ -27,7 +29,13 @@ from scaigrid.modules.scaibunker.workers.models import Worker
 from scaigrid.platform.auth import Principal, current_principal
 from scaigrid.platform.db import get_session
 from scaigrid.platform.envelope import ok, ok_list
-from scaigrid.protocol.link import MAX_MESSAGE_BYTES, MsgType, ProtocolViolation, loads
+from scaigrid.protocol.link import (
+    MAX_MESSAGE_BYTES,
+    LinkClosed,
+    MsgType,
+    ProtocolViolation,
+    loads,
+)
 
 log = structlog.get_logger(__name__)
 router = APIRouter(tags=["workers"])
@@ -221,6 +229,10 @@ async def _on_text(state: ModuleState, connection: WorkerConnection, text: str) 
                 owned = bunker is not None and bunker.worker_id == connection.worker_id
             if owned:
                 await bunker_service.fail_bunker(state, bunker_id, "vm_exited", event)
+    elif kind == MsgType.CAPABILITY_REQUEST:
+        reply = await grants.answer_request(state, connection.worker_id, message)
+        with contextlib.suppress(LinkClosed):
+            await connection.mux.send(reply)
     else:
         connection.on_message(message)
 

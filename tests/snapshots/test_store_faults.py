@@ -1,0 +1,137 @@
+"""Object-store paths end to end beside the snapshot tests' stack (controller on moto S3, a
+standalone `bunker_proxy`, the dev worker A and a second worker process B):
+
+* B warmed the busybox image by fetching the artifact A baked (no build on B);
+* a snapshot upload cut short by SIGKILLing its worker leaves no `ready` snapshot, no object
+  and no multipart parts in the bucket;
+* snapshots survive a module disable and are restorable after the module is enabled again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from typing import Any
+
+import httpx
+
+from tests.fixtures.fleet import HOSTNAME, WORKER_START_TIMEOUT_S, ExtraWorker, wait_online
+from tests.fixtures.stack import BASE, Stack
+from tests.snapshots.test_e2e import (
+    _create,
+    _exec,
+    _on_worker,
+    _terminate_bunkers,
+    _wait_snapshot,
+    fleet,
+    snap_stack,
+)
+from tests.storage.conftest import BUCKET, S3Server
+
+__all__ = ["_terminate_bunkers", "fleet", "snap_stack"]
+
+
+def _image(client: httpx.Client, name: str) -> dict[str, Any]:
+    return dict(client.get(f"{BASE}/images", params={"name": name}).json()["data"][0])
+
+
+def test_second_worker_fetched_the_baked_artifact(
+    fleet: tuple[Stack, ExtraWorker, str], s3_server: S3Server
+) -> None:
+    stack, worker_b, _worker_a = fleet
+    with stack.client() as client:
+        image = _image(client, "busybox")
+        warm = client.get(f"{BASE}/images/{image['id']}/warm").json()["data"]
+    states = {w["worker_id"]: w["state"] for w in warm["workers"]}
+    assert states.get(worker_b.worker_id) == "ready", warm
+    key = f"scaibunker/images/{image['id']}/rootfs.tar.zst"
+    s3 = s3_server.client()
+    listed = s3.list_objects_v2(Bucket=BUCKET, Prefix=f"scaibunker/images/{image['id']}/")
+    assert [o["Key"] for o in listed.get("Contents", [])] == [key]
+    body = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+    assert image["digest"] == f"sha256:{hashlib.sha256(body).hexdigest()}"
+    # B unpacked the artifact: no pull, unpack or debootstrap ran there.
+    meta = json.loads((worker_b.data_dir / "images" / image["id"] / "image.json").read_text())
+    assert meta["bake_source"] == "artifact" and meta["artifact_sha256"] == image["digest"][7:]
+    log = (worker_b.data_dir / "worker.log").read_text(errors="replace")
+    assert "image.artifact_fetched" in log
+    assert "bake_source=baked" not in log and '"bake_source": "baked"' not in log
+    # A (the dev worker) baked it and published it.
+    dev_log = (stack.data_dir / "worker" / "worker.log").read_text(errors="replace")
+    assert "image.artifact_uploaded" in dev_log
+
+
+def test_snapshot_upload_killed_with_its_worker_leaves_nothing(
+    fleet: tuple[Stack, ExtraWorker, str], s3_server: S3Server
+) -> None:
+    stack, worker_b, worker_a = fleet
+    s3 = s3_server.client()
+    with stack.client() as client:
+        if worker_b.process is None or worker_b.process.poll() is not None:
+            worker_b.start()
+            wait_online(client, HOSTNAME, WORKER_START_TIMEOUT_S)
+        bunker = _on_worker(
+            client, worker_b.worker_id, worker_a, image="busybox", disk_mb=1024, memory_mb=256
+        )
+        # Incompressible, so the upload (64 MiB parts) takes a while.
+        _exec(client, bunker["id"], "dd if=/dev/urandom of=/big bs=1M count=400 2>/dev/null")
+        taken = client.post(f"{BASE}/bunkers/{bunker['id']}/snapshot").json()["data"]
+        snapshot_id = taken["snapshot_id"]
+        deadline = time.monotonic() + 120
+        status = "pending"
+        while time.monotonic() < deadline:
+            status = client.get(f"{BASE}/snapshots/{snapshot_id}").json()["data"]["status"]
+            if status != "pending":
+                break
+            time.sleep(0.05)
+        assert status == "uploading", status
+        time.sleep(0.5)  # well inside the upload of ~400 MB
+        worker_b.kill()
+        try:
+            snap = _wait_snapshot(client, snapshot_id)
+            assert snap["status"] == "failed", snap
+            prefix = f"scaibunker/snapshots/{snap['tenant_id']}/{snapshot_id}"
+            deadline = time.monotonic() + 60
+            leftovers: list[str] = ["?"]
+            while time.monotonic() < deadline:
+                objects = s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])
+                uploads = s3.list_multipart_uploads(Bucket=BUCKET, Prefix=prefix)
+                leftovers = [o["Key"] for o in objects] + [
+                    u["Key"] for u in uploads.get("Uploads", [])
+                ]
+                if not leftovers:
+                    break
+                time.sleep(0.5)
+            assert leftovers == [], leftovers
+        finally:
+            # A SIGKILLed worker leaves its bunkers running; started again it stops them.
+            worker_b.start()
+            wait_online(client, HOSTNAME, WORKER_START_TIMEOUT_S)
+        listed = client.get(f"{BASE}/snapshots", params={"status": "ready"}).json()["data"]
+        assert snapshot_id not in [s["snapshot_id"] for s in listed]
+
+
+def test_snapshots_survive_module_disable(fleet: tuple[Stack, ExtraWorker, str]) -> None:
+    stack = fleet[0]
+    with stack.client() as client:
+        source = _create(client, image="busybox").json()["data"]
+        _exec(client, source["id"], "echo kept > /kept")
+        taken = client.post(f"{BASE}/bunkers/{source['id']}/snapshot").json()["data"]
+        assert _wait_snapshot(client, taken["snapshot_id"])["status"] == "ready"
+        off = client.post(f"{BASE}/disable")
+        assert off.status_code == 200 and off.json()["data"]["enabled"] is False, off.text
+        try:
+            refused = client.get(f"{BASE}/snapshots/{taken['snapshot_id']}")
+            assert refused.status_code == 403
+            assert refused.json()["error"]["code"] == "MODULE_NOT_ENABLED"
+        finally:
+            on = client.post(f"{BASE}/enable")
+            assert on.status_code == 200, on.text
+        snap = client.get(f"{BASE}/snapshots/{taken['snapshot_id']}").json()["data"]
+        assert snap["status"] == "ready"
+        ended = client.get(f"{BASE}/bunkers/{source['id']}").json()["data"]
+        assert ended["status"] == "terminated", ended
+        restored = _create(client, snapshot_id=taken["snapshot_id"])
+        assert restored.status_code == 201, restored.text
+        assert _exec(client, restored.json()["data"]["id"], "cat /kept") == "kept\n"
