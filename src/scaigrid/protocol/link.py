@@ -90,6 +90,11 @@ class TaskKind:
     BRIDGE_CREATE = "bridge.create"
     BRIDGE_DELETE = "bridge.delete"
     BRIDGE_LIST = "bridge.list"
+    SHELL_OPEN = "shell.open"
+    SHELL_RESIZE = "shell.resize"
+    SHELL_SIGNAL = "shell.signal"
+    SHELL_CLOSE = "shell.close"
+    SHELL_LIST = "shell.list"
 
 
 class LinkClosed(ConnectionError):

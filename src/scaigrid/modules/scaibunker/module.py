@@ -10,6 +10,7 @@ from scaigrid.modules.scaibunker import lifecycle
 from scaigrid.modules.scaibunker.bunkers import service as bunker_service
 from scaigrid.modules.scaibunker.bunkers.process_router import router as processes_router
 from scaigrid.modules.scaibunker.bunkers.router import router as bunkers_router
+from scaigrid.modules.scaibunker.bunkers.shell_router import router as shell_router
 from scaigrid.modules.scaibunker.dev import DevWorker, seed_default_image
 from scaigrid.modules.scaibunker.images.router import router as images_router
 from scaigrid.modules.scaibunker.images.service import rescan_loop, seed_builtin_images
@@ -42,6 +43,7 @@ class ScaiBunkerModule:
             workers_router,
             bunkers_router,
             processes_router,
+            shell_router,
             images_router,
             network_router,
             bridges_router,

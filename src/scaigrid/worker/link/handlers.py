@@ -105,6 +105,7 @@ from scaigrid.worker.drivers.base import DriverError
 from scaigrid.worker.images import ImageInUse, ImageNotCached, ImagePrepareFailed
 from scaigrid.worker.link.bridge_handlers import bridge_specs
 from scaigrid.worker.link.client import utc_timestamp
+from scaigrid.worker.link.shell import shell_specs
 from scaigrid.worker.link.tasks import HandlerSpec, Task, TaskFailed, TaskHandler
 from scaigrid.worker.rootfs import ImageBuildError
 from scaigrid.worker.snapshot_task import take_snapshot
@@ -624,4 +625,8 @@ def _as_object(value: Any) -> dict[str, Any]:
 
 def build_handlers(supervisor: BunkerSupervisor) -> dict[str, HandlerSpec]:
     """Return the handler table of the task contract bound to ``supervisor``."""
-    return {**TaskHandlers(supervisor).specs(), **bridge_specs(supervisor)}
+    return {
+        **TaskHandlers(supervisor).specs(),
+        **bridge_specs(supervisor),
+        **shell_specs(supervisor),
+    }
