@@ -4,7 +4,9 @@ standalone `bunker_proxy`, the dev worker A and a second worker process B):
 * B warmed the busybox image by fetching the artifact A baked (no build on B);
 * a snapshot upload cut short by SIGKILLing its worker leaves no `ready` snapshot, no object
   and no multipart parts in the bucket;
-* snapshots survive a module disable and are restorable after the module is enabled again.
+* snapshots survive a module disable and are restorable after the module is enabled again;
+* ``capability_request`` on the worker channel is refused for other workers' bunkers and
+  unknown images, and grants exactly the image's keys otherwise.
 """
 
 from __future__ import annotations
@@ -15,7 +17,11 @@ import time
 from typing import Any
 
 import httpx
+import pytest
+from websockets.sync.client import connect
 
+from scaigrid.errors import ScaiGridError
+from scaigrid.modules.scaibunker.storage.capabilities import verify
 from tests.fixtures.fleet import HOSTNAME, WORKER_START_TIMEOUT_S, ExtraWorker, wait_online
 from tests.fixtures.stack import BASE, Stack
 from tests.snapshots.test_e2e import (
@@ -27,7 +33,7 @@ from tests.snapshots.test_e2e import (
     fleet,
     snap_stack,
 )
-from tests.storage.conftest import BUCKET, S3Server
+from tests.storage.conftest import BUCKET, SECRET, S3Server
 
 __all__ = ["_terminate_bunkers", "fleet", "snap_stack"]
 
@@ -135,3 +141,54 @@ def test_snapshots_survive_module_disable(fleet: tuple[Stack, ExtraWorker, str])
         restored = _create(client, snapshot_id=taken["snapshot_id"])
         assert restored.status_code == 201, restored.text
         assert _exec(client, restored.json()["data"]["id"], "cat /kept") == "kept\n"
+
+
+def test_capability_requests_are_checked_against_the_asking_worker(
+    fleet: tuple[Stack, ExtraWorker, str],
+) -> None:
+    """A worker gets a capability only for its own bunkers and images it may hold; the grant
+    names exactly the image's keys."""
+    stack = fleet[0]
+    with stack.client() as client:
+        image = _image(client, "busybox")
+        on_a = _create(client, image="busybox").json()["data"]
+        token = client.post(f"{BASE}/workers/join-tokens", json={}).json()["data"]["token"]
+    url = stack.url.replace("http://", "ws://") + f"{BASE}/workers/connect"
+    register = {
+        "type": "register",
+        "hostname": "capability-probe",
+        "drivers": [{"name": "container", "isolation": "container"}],
+        "capacity": {"cpu_millicores": 0, "memory_mb": 0, "disk_mb": 0},
+    }
+    with connect(url, additional_headers={"Authorization": f"Bearer {token}"}) as ws:
+        ws.send(json.dumps(register))
+        worker_id = json.loads(ws.recv(timeout=30))["worker_id"]
+
+        def ask(request_id: str, **fields: str) -> dict[str, Any]:
+            ws.send(json.dumps({"type": "capability_request", "request_id": request_id, **fields}))
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                message = json.loads(ws.recv(timeout=30))
+                if message.get("type") == "capability_grant":
+                    assert message["request_id"] == request_id
+                    return dict(message)
+            raise AssertionError("no capability_grant")
+
+        foreign = ask("r1", purpose="audit", bunker_id=on_a["id"])
+        assert foreign["error"]["code"] == "AUTHZ_PERMISSION_DENIED" and "capability" not in foreign
+        unknown = ask("r2", purpose="image_artifact", image_id="img_01JZZZZZZZZZZZZZZZZZZZZZZZ")
+        assert unknown["error"]["code"] == "AUTHZ_PERMISSION_DENIED"
+        bad = ask("r3", purpose="everything")
+        assert bad["error"]["code"] == "VALIDATION_ERROR"
+        granted = ask("r4", purpose="image_artifact", image_id=image["id"])
+        assert "error" not in granted and granted["expires_at"] > time.time() + 600
+    secrets = [SECRET.encode()]
+    rootfs = f"scaibunker/images/{image['id']}/rootfs.tar.zst"
+    for method in ("GET", "HEAD", "PUT"):
+        verify(granted["capability"], secrets, method, rootfs)
+    with pytest.raises(ScaiGridError):
+        verify(granted["capability"], secrets, "DELETE", rootfs)
+    with pytest.raises(ScaiGridError):
+        verify(granted["capability"], secrets, "PUT", "scaibunker/images/img_other/rootfs.tar.zst")
+    with stack.client() as client:
+        client.delete(f"{BASE}/workers/{worker_id}")
