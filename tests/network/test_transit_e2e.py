@@ -345,7 +345,7 @@ def test_interface_errors(l2_stack: Stack, busybox: str) -> None:
 
 
 def test_restarted_worker_gets_its_bridges_back_without_stale_ports(
-    l2_stack: Stack, inet: Inet, monkeypatch: pytest.MonkeyPatch
+    l2_stack: Stack, busybox: str, inet: Inet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data_dir = Path(tempfile.mkdtemp(prefix="scaibunker-l2w-", dir="/var/tmp"))
     monkeypatch.setenv("SCAIBUNKER_NET_UPLINK_NETNS", inet.name)
@@ -371,6 +371,19 @@ def test_restarted_worker_gets_its_bridges_back_without_stale_ports(
             while _data(client.get(f"{BASE}/workers/{worker_id}"))["connection"] == "online":
                 assert time.monotonic() < deadline, "the killed worker stayed online"
                 time.sleep(0.5)
+            # While the worker is away: no bridge can be made on it, and a transit bunker
+            # naming its bridge cannot be placed anywhere else.
+            away = client.post(f"{BASE}/bridges", json={"name": "late", "worker_id": worker_id})
+            _error(away, 503, "WORKER_UNAVAILABLE")
+            pinned = client.post(
+                f"{BASE}/bunkers",
+                json={
+                    "image": busybox,
+                    "network_profile": "transit",
+                    "interfaces": [{"if_name": "net1", "bridge_name": "survivor"}],
+                },
+            )
+            _error(pinned, 503, "WORKER_UNAVAILABLE")
             worker.start()
             wait_online(client, "fleet-extra", 120)
         deadline = time.monotonic() + 30

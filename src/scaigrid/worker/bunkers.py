@@ -437,6 +437,9 @@ class BunkerSupervisor:
             rootfs = await self._prepare_image(request, progress)
             await progress({"stage": "booting"})
             started = time.monotonic()
+            transit = request.network is not None and bool(request.network.interfaces)
+            if transit and driver.info.isolation != "container":
+                raise NetworkError("transit interfaces need a container driver")
             netns_path = await self._attach_network(request)
             spec = self._spec(request, rootfs, netns_path)
             if request.snapshot is not None:
