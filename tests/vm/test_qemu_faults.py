@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 
@@ -9,7 +10,9 @@ import pytest
 
 from scaigrid.worker.drivers.base import DriverError
 from scaigrid.worker.drivers.qemu import QemuDriver
+from scaigrid.worker.vm.console import LINE_MAX, TAIL_LINES
 from tests.vm.conftest import VM_DATA, SpecFactory, connect
+from tests.vm.test_qemu_driver import run
 
 
 def _qemu_pids_for(bunker_id: str) -> list[int]:
@@ -90,3 +93,61 @@ async def test_a_missing_network_namespace_fails_the_boot_and_leaves_nothing(
         await qemu_driver.start(spec)
     assert not (qemu_driver._bunkers_dir / spec.bunker_id).exists()
     assert _qemu_pids_for(spec.bunker_id) == []
+
+
+async def test_a_guest_kernel_panic_ends_the_vm_with_the_panic_on_the_console(
+    qemu_driver: QemuDriver, make_spec: SpecFactory
+) -> None:
+    """A panic after boot (sysrq ``c``): the guest kernel does not reboot (``panic=-1``
+    with ``-no-reboot``), QEMU exits, and the console tail names the panic."""
+    spec = make_spec()
+    handle = await qemu_driver.start(spec)
+    client = await connect(handle)
+    try:
+        crash = asyncio.ensure_future(
+            run(client, "echo c > /proc/sysrq-trigger", user="root", deadline_s=60)
+        )
+        status = await asyncio.wait_for(handle.wait_exit(), 120)
+        crash.cancel()
+        await asyncio.gather(crash, return_exceptions=True)
+        assert status == 0  # QEMU's own exit: the guest asked for a reset, -no-reboot quits
+        assert "Kernel panic" in handle.console.tail(), handle.console.tail()
+    finally:
+        await client.close()
+        await qemu_driver.stop(spec.bunker_id)
+    assert _qemu_pids_for(spec.bunker_id) == []
+    assert not (qemu_driver._bunkers_dir / spec.bunker_id).exists()
+
+
+async def test_a_console_flood_keeps_the_tail_bounded_and_the_agent_answering(
+    qemu_driver: QemuDriver, make_spec: SpecFactory
+) -> None:
+    """The guest writes random bytes (long lines, control characters) to its serial
+    console while the host keeps using the agent: the host keeps a bounded, cleaned tail."""
+    spec = make_spec()
+    handle = await qemu_driver.start(spec)
+    client = await connect(handle)
+    try:
+        flood = asyncio.ensure_future(
+            run(
+                client,
+                "head -c 300000 /dev/urandom > /dev/console; "
+                "head -c 200000 /dev/zero | tr '\\0' x > /dev/console; echo done",
+                user="root",
+                deadline_s=180,
+            )
+        )
+        await asyncio.sleep(0.5)
+        for _ in range(3):
+            await client.ping(timeout_s=20)
+        result, out, _ = await flood
+        assert (result["exit_code"], out) == (0, b"done\n")
+        lines = list(handle.console.lines)
+        assert len(lines) <= TAIL_LINES
+        assert all(len(line) <= LINE_MAX for line in lines)
+        assert not any(ch in line for line in lines for ch in "\x00\x1b\x07")
+        assert "x" * 100 in handle.console.tail(), "the flood's last line is in the tail"
+        await client.ping(timeout_s=10)
+    finally:
+        await client.close()
+        await qemu_driver.stop(spec.bunker_id)
