@@ -274,8 +274,13 @@ def test_idle_paused_bunker_resumes_for_a_shell(stack: Stack, client: Client) ->
         assert time.monotonic() < deadline, "the idle bunker was never paused"
         time.sleep(0.5)
     with client.shell(bunker["id"]) as shell:
-        shell.send(b"echo resumed-$((4*4)); exit\n")
+        shell.send(b"echo resumed-$((4*4))\n")
         shell.read_until(b"resumed-16")
+        # A connected shell is activity: the 1 s idle timer does not pause the bunker.
+        time.sleep(5)
+        assert client.bunkers.get(bunker["id"]).status == "running"
+        shell.send(b"echo still-$((5*5)); exit\n")
+        shell.read_until(b"still-25", timeout_s=10)
         assert shell.wait(30) == 0
     assert client.bunkers.get(bunker["id"]).status == "running"
     client.bunkers.terminate(bunker["id"])

@@ -13,7 +13,8 @@ with 1011 and a JSON reason ``{code, message}``.
 
 While a shell is connected its bunker is active: :func:`connected_shells` counts the
 connections of this controller process, and ``last_activity_at`` is refreshed every
-:data:`ACTIVITY_TOUCH_S` seconds (SPEC §2.6).
+:data:`ACTIVITY_TOUCH_S` seconds, or a third of the bunker's idle timeout when that is
+shorter (SPEC §2.6).
 """
 
 from __future__ import annotations
@@ -214,6 +215,9 @@ class ShellRelay:
         self.output = output
         self.start = start
         self.session_id = str(start.get("session_id"))
+        #: Seconds between activity marks: often enough that even a short idle timeout never
+        #: sees a connected shell as idle.
+        self.touch_every_s = ACTIVITY_TOUCH_S
 
     async def run(self, websocket: WebSocket) -> None:
         """Relay until the shell exits, a newer attach takes over, the worker or agent is
@@ -341,7 +345,7 @@ class ShellRelay:
                         .values(last_activity_at=utcnow())
                     )
                     await session.commit()
-            await asyncio.sleep(ACTIVITY_TOUCH_S)
+            await asyncio.sleep(self.touch_every_s)
 
 
 async def _close(websocket: WebSocket, code: int, reason: str) -> None:
@@ -396,6 +400,9 @@ async def open_shell(
         input_stream.abandon()
         output.close()
         raise
-    return ShellRelay(
+    relay = ShellRelay(
         state, connection, bunker.id, principal.user_id, handle, input_stream, output, progress
     )
+    if bunker.idle_timeout_s is not None:
+        relay.touch_every_s = max(0.5, min(ACTIVITY_TOUCH_S, bunker.idle_timeout_s / 3))
+    return relay
