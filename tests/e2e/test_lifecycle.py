@@ -217,3 +217,38 @@ def test_fifty_concurrent_creates_admit_exactly_five(stack: Stack, busybox_image
             assert after["bunkers"] == live
         finally:
             client.patch(f"{BASE}/quota-profiles/{DEFAULT_QUOTA_PROFILE_ID}", json=E2E_CAPS)
+
+
+def _paused_at(client: httpx.Client, bunker_id: str) -> list[str]:
+    history = client.get(f"{BASE}/bunkers/{bunker_id}").json()["data"]["status_history"]
+    return [e["at"] for e in history if e["to"] == "paused"]
+
+
+def test_running_execs_keep_a_session_bunker_from_idling(stack: Stack, busybox_image: str) -> None:
+    """SPEC §2.6: the idle timer runs only while no exec runs, foreground or background."""
+    bunker = create_bunker(
+        stack, busybox_image, memory_mb=128, disk_mb=64, lifecycle_mode="session", idle_timeout_s=2
+    )
+    bid = bunker["id"]
+    with stack.client() as client:
+        foreground = client.post(
+            f"{BASE}/bunkers/{bid}/exec", json={"command": "sleep 7", "timeout_s": 30}
+        )
+        assert foreground.status_code == 200, foreground.text
+        assert foreground.json()["data"]["exit_code"] == 0
+        assert _paused_at(client, bid) == [], "paused while a foreground exec ran"
+
+        background = client.post(
+            f"{BASE}/bunkers/{bid}/exec",
+            json={"command": "sleep 7", "background": True},
+        )
+        assert background.status_code in (200, 201, 202), background.text
+        started = time.monotonic()
+        while time.monotonic() < started + 6:
+            assert client.get(f"{BASE}/bunkers/{bid}").json()["data"]["status"] == "running"
+            time.sleep(0.5)
+        paused = _wait_status(client, bid, "paused", 20)
+        assert (paused["status"], paused["status_reason"]) == ("paused", "idle_timeout")
+        # Not before the background exec ended (7 s) plus the 2 s idle timeout.
+        assert time.monotonic() - started >= 8.5
+        client.delete(f"{BASE}/bunkers/{bid}")

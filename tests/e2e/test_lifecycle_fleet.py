@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Iterator
@@ -156,3 +157,60 @@ def test_lost_worker_fails_its_bunkers_and_replaces_persistent_ones(
         still = client.get(f"{BASE}/bunkers/{ephemeral['id']}").json()["data"]
         assert (still["status"], still["status_reason"]) == ("failed", "worker_lost")
         client.delete(f"{BASE}/bunkers/{persistent['id']}")
+
+
+def test_silent_worker_goes_stale_then_lost_and_does_not_resurrect(
+    stack: Stack, busybox_image: str, extra_worker: ExtraWorker, dev_worker_id: str
+) -> None:
+    """A worker that stops heartbeating but keeps its connection (SIGSTOP) is ``stale`` at
+    15 s (no new bunkers), its bunkers fail by 30 s, and after SIGCONT it is ``online`` again
+    without bringing them back (SPEC §10.5, §10.6)."""
+    assert extra_worker.process is not None
+    with stack.client() as client:
+        wait_online(client, HOSTNAME, WORKER_START_TIMEOUT_S)
+        client.post(f"{BASE}/workers/{dev_worker_id}/drain")
+        victim = _created(client, busybox_image)
+        assert victim["worker_id"] == extra_worker.worker_id
+        client.post(f"{BASE}/workers/{dev_worker_id}/resume")
+
+        extra_worker.process.send_signal(signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        try:
+            worker: dict[str, Any] = {}
+            while time.monotonic() < stopped_at + 30:
+                worker = client.get(f"{BASE}/workers/{extra_worker.worker_id}").json()["data"]
+                if worker["connection"] != "online":
+                    break
+                time.sleep(0.5)
+            assert worker["connection"] == "stale", worker
+            assert time.monotonic() - stopped_at >= 9  # silent ≥ 15 s counting the last beat
+            placed = _created(client, busybox_image)
+            assert placed["worker_id"] == dev_worker_id
+            client.delete(f"{BASE}/bunkers/{placed['id']}")
+
+            failed: dict[str, Any] = {}
+            while time.monotonic() < stopped_at + 45:
+                failed = client.get(f"{BASE}/bunkers/{victim['id']}").json()["data"]
+                if failed["status"] == "failed":
+                    break
+                time.sleep(0.5)
+            assert (failed["status"], failed["status_reason"]) == ("failed", "worker_lost")
+            assert time.monotonic() - stopped_at <= 30
+        finally:
+            extra_worker.process.send_signal(signal.SIGCONT)
+        wait_online(client, HOSTNAME, WORKER_START_TIMEOUT_S)
+        # The heartbeat still lists the bunker; the controller has the worker destroy it.
+        log_path = extra_worker.data_dir / "worker.log"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            destroyed = [
+                line
+                for line in log_path.read_text(errors="replace").splitlines()
+                if "bunker_destroyed" in line and victim["id"] in line
+            ]
+            if destroyed:
+                break
+            time.sleep(0.5)
+        assert destroyed, "the returning worker did not clean up the failed bunker"
+        still = client.get(f"{BASE}/bunkers/{victim['id']}").json()["data"]
+        assert (still["status"], still["status_reason"]) == ("failed", "worker_lost")

@@ -62,8 +62,13 @@ class ModuleConfig:
     reaper_interval_s: float = 2.0
     #: Seconds between heartbeat-monitor passes (SPEC §10.6: every 5 s).
     monitor_interval_s: float = 5.0
-    #: A worker silent this many seconds is lost (SPEC §10.5).
-    worker_lost_after_s: float = 15.0
+    #: A worker silent this many seconds is ``stale``: no new bunkers, no fan-out (SPEC §10.5).
+    worker_stale_after_s: float = 15.0
+    #: A worker silent this many seconds is lost: its bunkers are failed out, which with a
+    #: monitor pass every 5 s happens within 30 s of its last heartbeat (SPEC §10.6).
+    worker_lost_after_s: float = 20.0
+    #: Seconds between re-placement passes for persistent bunkers of lost workers (SPEC §12).
+    replace_interval_s: float = 15.0
     #: A persistent bunker not re-placed within this many seconds fails (SPEC §10.6).
     reschedule_give_up_s: float = 600.0
     #: Seconds between usage-record passes (SPEC §1.9).

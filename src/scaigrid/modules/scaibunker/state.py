@@ -27,6 +27,8 @@ class ModuleState:
         hub: live worker connections.
         config: effective module configuration.
         placement_lock: serialises placement so concurrent creates cannot overfill a worker.
+        provisioning: ids of bunkers whose boot this process is following (the reaper's
+            provisioning-timeout sweep leaves them to it).
         storage: the object store and capability secrets (set by the module's startup).
         storage_url: base URL workers reach the storage proxy at (snapshot tasks).
     """
@@ -37,6 +39,7 @@ class ModuleState:
         self.hub = WorkerHub()
         self.config = ModuleConfig(usage_interval_s=settings.usage_interval_s)
         self.placement_lock = asyncio.Lock()
+        self.provisioning: set[str] = set()
         self.storage: StorageService | None = None
         self.storage_url = settings.public_url
         self._tasks: set[asyncio.Task[Any]] = set()

@@ -450,7 +450,20 @@ async def set_state(
 
 
 async def provision(state: ModuleState, bunker_id: str, image: Image) -> None:
-    """Send ``bunker.create`` to the bunker's worker and follow it to ``running`` or ``failed``."""
+    """Send ``bunker.create`` to the bunker's worker and follow it to ``running`` or ``failed``.
+
+    While it runs the bunker is in :attr:`ModuleState.provisioning`, so the reaper's
+    provisioning-timeout sweep (a backstop for boots nobody follows any more, e.g. after a
+    controller restart) leaves it alone.
+    """
+    state.provisioning.add(bunker_id)
+    try:
+        await _follow_boot(state, bunker_id, image)
+    finally:
+        state.provisioning.discard(bunker_id)
+
+
+async def _follow_boot(state: ModuleState, bunker_id: str, image: Image) -> None:
     async with state.db.sessionmaker() as session:
         bunker = await session.get(Bunker, bunker_id)
         if bunker is None:

@@ -313,6 +313,7 @@ async def _bake_worker(state: ModuleState, session: AsyncSession, image: Image) 
             .where(
                 Worker.id.in_(connected),
                 Worker.admin_state == "active",
+                Worker.connection == "online",
                 Worker.deleted_at.is_(None),
             )
             .order_by(Worker.id)
@@ -419,6 +420,7 @@ async def warm_image(
                 worker is None
                 or worker.deleted_at is not None
                 or worker.admin_state != "active"
+                or worker.connection != "online"
                 or worker_id not in connected
                 or not worker_usable(worker, image)
             ):

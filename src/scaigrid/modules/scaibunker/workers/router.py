@@ -212,6 +212,29 @@ async def _reconcile(
     await bake_pending_images(state)
 
 
+#: ``(worker_id, bunker_id)`` of heartbeat-reported bunkers being destroyed right now.
+_destroying: set[tuple[str, str]] = set()
+
+
+def _destroy_stale(state: ModuleState, worker_id: str, bunker_id: str) -> None:
+    """Have a worker destroy a bunker its heartbeat lists but must not hold (unknown, ended,
+    or placed elsewhere: e.g. it was failed out while the worker was silent; SPEC §10.4),
+    once at a time per bunker."""
+    key = (worker_id, bunker_id)
+    if key in _destroying:
+        return
+    _destroying.add(key)
+
+    async def destroy() -> None:
+        try:
+            log.info("heartbeat_destroy", worker_id=worker_id, bunker_id=bunker_id)
+            await bunker_service.destroy_on_worker(state, worker_id, bunker_id)
+        finally:
+            _destroying.discard(key)
+
+    state.spawn(destroy(), name=f"destroy-stale-{bunker_id}")
+
+
 async def _on_text(state: ModuleState, connection: WorkerConnection, text: str) -> None:
     if len(text) > MAX_MESSAGE_BYTES:
         raise ProtocolViolation("message too large")
@@ -221,6 +244,11 @@ async def _on_text(state: ModuleState, connection: WorkerConnection, text: str) 
         heartbeat = worker_service.HeartbeatMessage.model_validate(message)
         async with state.db.sessionmaker() as session:
             await worker_service.record_heartbeat(session, connection.worker_id, heartbeat)
+            stale = await worker_service.stale_bunkers(
+                session, connection.worker_id, heartbeat.bunkers
+            )
+        for bunker_id in stale:
+            _destroy_stale(state, connection.worker_id, bunker_id)
     elif kind == MsgType.BUNKER_EVENT:
         bunker_id, event = str(message.get("bunker_id")), str(message.get("event"))
         if event in ("vm_exited", "agent_lost"):
