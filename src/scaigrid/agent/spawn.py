@@ -16,8 +16,10 @@ millisecond, so the exec's process group exists from the start.
 
 from __future__ import annotations
 
+import _signal  # type: ignore[import-not-found]  # the C half of signal, no stubs
 import errno
 import fcntl
+import gc
 import os
 import signal
 import termios
@@ -26,6 +28,13 @@ from typing import NoReturn
 from scaigrid.agent.identity import Identity, can_switch
 
 _UNBLOCKABLE = {signal.SIGKILL, signal.SIGSTOP}
+#: Every signal number as plain ints: the C-level ``_signal`` calls below skip the
+#: ``signal.Signals`` conversions of the :mod:`signal` wrappers, which cost about a
+#: millisecond per spawn (in the parent, and again in the child, where every touched
+#: object also costs a copy-on-write page fault).
+_ALL_SIGNALS = frozenset(int(s) for s in _signal.valid_signals())
+_RESETTABLE = tuple(sorted(_ALL_SIGNALS - {int(s) for s in _UNBLOCKABLE}))
+_SIG_DFL = int(signal.SIG_DFL)
 
 
 def spawn(
@@ -60,9 +69,16 @@ def spawn(
     Raises:
         OSError: ``fork()`` failed (e.g. EAGAIN at the bunker's pids limit).
     """
+    # Only dispositions Python changed need resetting in the child; finding them here
+    # (C calls, no allocations) keeps the child's work before exec to a few syscalls.
+    changed = tuple(
+        signum
+        for signum in _RESETTABLE
+        if _signal.getsignal(signum) not in (_SIG_DFL, signal.SIG_DFL, None)
+    )
     ready_r, ready_w = os.pipe()
     try:
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        blocked = _signal.pthread_sigmask(_signal.SIG_BLOCK, _ALL_SIGNALS)
         try:
             pid = os.fork()
             if pid == 0:
@@ -76,9 +92,10 @@ def spawn(
                     cgroup_procs,
                     oom_score_adj,
                     controlling_tty,
+                    changed,
                 )
         finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            _signal.pthread_sigmask(_signal.SIG_SETMASK, blocked)
         os.close(ready_w)
         ready_w = -1
         # The pipe is close-on-exec: end-of-file means the child has exec'd (or exited),
@@ -101,18 +118,18 @@ def _child(
     cgroup_procs: tuple[str, ...],
     oom_score_adj: int,
     controlling_tty: bool = False,
+    changed_signals: tuple[int, ...] = (),
 ) -> NoReturn:
     try:
-        signal.set_wakeup_fd(-1)
-        for signum in signal.valid_signals():
-            # Only dispositions Python changed need a system call; the rest are default.
-            if signum in _UNBLOCKABLE or signal.getsignal(signum) in (signal.SIG_DFL, None):
-                continue
+        # A collection here would touch (and so copy) every tracked object of the agent.
+        gc.disable()
+        _signal.set_wakeup_fd(-1)
+        for signum in changed_signals:
             try:
-                signal.signal(signum, signal.SIG_DFL)
+                _signal.signal(signum, _SIG_DFL)
             except (OSError, ValueError):
                 continue
-        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        _signal.pthread_sigmask(_signal.SIG_SETMASK, ())
         os.setsid()
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
@@ -145,10 +162,15 @@ def _child(
 
 def _write_quietly(path: str, value: str) -> None:
     try:
-        with open(path, "w") as fh:
-            fh.write(value)
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     except OSError:
         return
+    try:
+        os.write(fd, value.encode())
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _fail(message: str, code: int) -> NoReturn:
