@@ -6,11 +6,14 @@ import hashlib
 import os
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from scaigrid.worker.images import bake_vm_disks
 from scaigrid.worker.rootfs import ImageBuildError
 from scaigrid.worker.rootfs.ext4 import make_ext4
+from scaigrid.worker.vm.disks import DiskError, base_disk_path
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="exact ownership needs root")
 
@@ -54,3 +57,39 @@ async def test_tree_too_big_fails_with_reason(work: Path) -> None:
 async def test_size_out_of_range_is_refused(work: Path) -> None:
     with pytest.raises(ImageBuildError, match="between 64 and 65536"):
         await make_ext4(work, work / "x.ext4", 32)
+
+
+async def test_id_shifted_tree_is_baked_with_guest_owners(work: Path) -> None:
+    """The bake pipeline's trees are owned by shifted host ids; the ext4 holds guest ids."""
+    base = 1_000_000
+    tree = _tree(work / "tree")
+    for path in (tree, tree / "etc", tree / "bin"):
+        os.chown(path, base, base)
+    os.chown(tree / "etc" / "shadow", base, base + 42)
+    os.lchown(tree / "bin" / "sh", base + 1000, base + 1000)
+    image = work / "shifted.ext4"
+    assert await make_ext4(tree, image, 64, id_base=base, digest=False) is None
+    assert "User:     0   Group:    42" in _debugfs(image, "stat /etc/shadow")
+    assert "User:  1000   Group:  1000" in _debugfs(image, "stat /bin/sh")
+    assert image.stat().st_uid == 0
+
+
+async def test_vm_base_disk_is_baked_at_the_image_size_or_fails_saying_so(work: Path) -> None:
+    """``bake_vm_disks`` (the image bake step of microVM workers) bakes one base disk per
+    microVM driver at ``size_mib`` where the driver's bunkers will find it."""
+    tree = _tree(work / "tree")
+    vm = SimpleNamespace(
+        info=SimpleNamespace(isolation="microvm"), cache_dir=work / "vm-cache", id_base=0
+    )
+    container = SimpleNamespace(info=SimpleNamespace(isolation="container"))
+    baked = await bake_vm_disks([container, vm], tree, 96)
+    assert baked == [base_disk_path(work / "vm-cache", tree, 0)]
+    assert baked[0].stat().st_size == 96 << 20
+    (tree / "big").write_bytes(os.urandom(80 << 20))
+    os.utime(tree)  # a rebuilt tree gets a new base disk path
+    other = SimpleNamespace(
+        info=SimpleNamespace(isolation="microvm"), cache_dir=work / "vm-cache-2", id_base=0
+    )
+    with pytest.raises(DiskError, match="does not fit in size_mib=64"):
+        await bake_vm_disks([other], tree, 64)
+    assert not any((work / "vm-cache-2").rglob("*.ext4"))

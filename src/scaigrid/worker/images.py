@@ -38,10 +38,10 @@ import contextlib
 import os
 import secrets
 import stat
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol, runtime_checkable
 
 import structlog
 
@@ -53,6 +53,7 @@ from scaigrid.worker.rootfs import ImageBuildError, ImageCache
 from scaigrid.worker.rootfs.mounts import overlays_using, remove_tree
 from scaigrid.worker.scan import ScanResult, scan_tree
 from scaigrid.worker.snapshots import archive_layer, file_sha256, restore_layer
+from scaigrid.worker.vm.disks import bake_base_disk
 
 log = structlog.get_logger(__name__)
 
@@ -371,6 +372,31 @@ class ImageStore:
                 archive.unlink()
         await asyncio.to_thread(self._cache.update_metadata, image_id, artifact_sha256=stats.sha256)
         log.info("image.artifact_uploaded", image_id=image_id, key=key, size_bytes=stats.size_bytes)
+
+
+@runtime_checkable
+class VmDiskCache(Protocol):
+    """A microVM driver's base-disk cache: where (``cache_dir``) and for which id base."""
+
+    cache_dir: Path
+    id_base: int
+
+
+async def bake_vm_disks(drivers: Iterable[object], tree: Path, size_mib: int) -> list[Path]:
+    """Bake the base ext4 of ``tree`` at the image's ``size_mib`` for every microVM driver
+    (SPEC §7.4 step 4); bunkers of those drivers reuse it. Container drivers need nothing.
+
+    Raises:
+        DiskError: ``mkfs.ext4`` failed or the tree does not fit in ``size_mib`` (the
+            message says so).
+    """
+    baked: list[Path] = []
+    for driver in drivers:
+        info = getattr(driver, "info", None)
+        if getattr(info, "isolation", None) != "microvm" or not isinstance(driver, VmDiskCache):
+            continue
+        baked.append(await bake_base_disk(driver.cache_dir, tree, driver.id_base, size_mib))
+    return baked
 
 
 def _archive_tree(tree: Path, archive: Path, id_base: int) -> Any:

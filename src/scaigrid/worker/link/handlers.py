@@ -12,13 +12,15 @@ their SPEC code, a lost or silent agent is ``AGENT_UNAVAILABLE``).
 ``bunker.destroy``
     params ``{}``; result ``{}``; idempotent, also for ids the worker does not hold.
 ``image.bake``
-    params ``{image: {id, name, source, artifact?}}`` (``artifact``: the baked artifact to fetch
-    or publish, see :mod:`scaigrid.worker.images`; ``bunker.create``'s ``image`` may carry it
-    too); result ``{digest, source_digest, bake_source}`` once the cache holds the image
-    (``digest``: ``sha256:`` of the stored artifact when this worker uploaded or fetched it,
-    else null; ``source_digest``: the pinned ``sha256:`` manifest digest of an OCI source, else
-    null; ``bake_source``: ``"artifact"`` or ``"baked"``); error ``BAKE_FAILED`` with the
-    reason. Deadline 1800 s.
+    params ``{image: {id, name, source, size_mib?, artifact?}}`` (``artifact``: the baked
+    artifact to fetch or publish, see :mod:`scaigrid.worker.images`; ``bunker.create``'s
+    ``image`` may carry it too; with ``size_mib`` a microVM worker also bakes the image's base
+    ext4 of that size, and a tree that does not fit fails the bake saying so); result
+    ``{digest, source_digest, bake_source}`` once the cache holds the image (``digest``:
+    ``sha256:`` of the stored artifact when this worker uploaded or fetched it, else null;
+    ``source_digest``: the pinned ``sha256:`` manifest digest of an OCI source, else null;
+    ``bake_source``: ``"artifact"`` or ``"baked"``); error ``BAKE_FAILED`` with the reason.
+    Deadline 1800 s.
 ``image.scan``
     params ``{image_id}``; result ``{status, scanner, scanner_version, counts, findings,
     error}`` (see :mod:`scaigrid.worker.scan`); error ``IMAGE_NOT_READY`` when the image is
@@ -89,6 +91,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -102,13 +105,19 @@ from scaigrid.protocol.agent import AgentConnectionLost, AgentError, AgentRespon
 from scaigrid.protocol.link import InboundStream, TaskKind
 from scaigrid.worker.bunkers import BunkerSupervisor, CreateRequest
 from scaigrid.worker.drivers.base import DriverError
-from scaigrid.worker.images import ImageInUse, ImageNotCached, ImagePrepareFailed
+from scaigrid.worker.images import (
+    ImageInUse,
+    ImageNotCached,
+    ImagePrepareFailed,
+    bake_vm_disks,
+)
 from scaigrid.worker.link.bridge_handlers import bridge_specs
 from scaigrid.worker.link.client import utc_timestamp
 from scaigrid.worker.link.shell import shell_specs
 from scaigrid.worker.link.tasks import HandlerSpec, Task, TaskFailed, TaskHandler
 from scaigrid.worker.rootfs import ImageBuildError
 from scaigrid.worker.snapshot_task import take_snapshot
+from scaigrid.worker.vm.disks import DiskError
 
 log = structlog.get_logger(__name__)
 
@@ -322,12 +331,20 @@ class TaskHandlers:
         artifact = image.get("artifact")
         images = self._bunkers.images
         try:
-            await images.ensure(
+            tree = await images.ensure(
                 image["id"], source, artifact if isinstance(artifact, Mapping) else None
             )
             await images.published(image["id"])
         except ImagePrepareFailed as exc:
             raise TaskFailed(BAKE_FAILED, str(exc)) from exc
+        size_mib = image.get("size_mib")
+        if isinstance(size_mib, int) and not isinstance(size_mib, bool):
+            try:
+                await bake_vm_disks(self._bunkers.drivers, tree, size_mib)
+            except DiskError as exc:
+                with contextlib.suppress(ImageInUse):
+                    await images.evict(image["id"])
+                raise TaskFailed(BAKE_FAILED, str(exc)) from exc
         return {
             "digest": images.digest(image["id"]),
             "source_digest": images.source_digest(image["id"]),

@@ -26,8 +26,6 @@ import hashlib
 import os
 import shlex
 import shutil
-import signal
-import subprocess
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,8 +33,9 @@ from pathlib import Path
 
 import structlog
 
-from scaigrid.worker.rootfs.commands import CommandError, run_command
-from scaigrid.worker.rootfs.idshift import ID_RANGE_SIZE
+from scaigrid.worker.rootfs.commands import CommandError
+from scaigrid.worker.rootfs.errors import ImageBuildError
+from scaigrid.worker.rootfs.ext4 import make_ext4, run_mkfs
 
 log = structlog.get_logger(__name__)
 
@@ -72,67 +71,9 @@ def bake_size_mib(tree: Path) -> int:
 
 async def _mkfs(tree: Path, output: Path, size_mib: int, *, id_base: int | None) -> None:
     """``mkfs.ext4 -d tree output`` (``output`` exists with its final size), in a user
-    namespace mapping ``id_base`` to 0 when ``id_base`` is given."""
-    if id_base is None:
-        await run_command(
-            "mkfs.ext4",
-            "-F",
-            "-q",
-            "-E",
-            "lazy_itable_init=0",
-            "-d",
-            str(tree),
-            str(output),
-            timeout_s=MKFS_TIMEOUT_S,
-        )
-        return
-    holder = await asyncio.create_subprocess_exec(
-        "unshare",
-        "--user",
-        "sleep",
-        "3600",
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        mapping = f"0 {id_base} {ID_RANGE_SIZE}\n"
-        await _write_maps(holder.pid, mapping)
-        os.chown(output, id_base, id_base)
-        # The host shell opens the output and enters the tree as host root, so the
-        # namespace's root needs no access to their parent directories.
-        await run_command(
-            "sh",
-            "-c",
-            'exec 3<>"$2" && cd "$1" && exec nsenter --user --target="$3" -- '
-            "mkfs.ext4 -F -q -E lazy_itable_init=0 -d . /proc/self/fd/3",
-            "sh",
-            str(tree),
-            str(output),
-            str(holder.pid),
-            timeout_s=MKFS_TIMEOUT_S,
-        )
-        os.chown(output, 0, 0)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            holder.send_signal(signal.SIGKILL)
-        await holder.wait()
-
-
-async def _write_maps(pid: int, mapping: str) -> None:
-    """Write ``uid_map`` and ``gid_map`` of ``pid`` once its ``unshare`` took effect."""
-    own = os.readlink("/proc/self/ns/user")
-    for _ in range(200):
-        try:
-            if os.readlink(f"/proc/{pid}/ns/user") != own:
-                break
-        except OSError:
-            pass
-        await asyncio.sleep(0.005)
-    else:
-        raise DiskError("the id-mapping user namespace did not come up")
-    for name in ("uid_map", "gid_map"):
-        await asyncio.to_thread(Path(f"/proc/{pid}/{name}").write_text, mapping)
+    namespace mapping ``id_base`` to 0 when ``id_base`` is given
+    (:func:`scaigrid.worker.rootfs.ext4.run_mkfs`)."""
+    await run_mkfs(tree, output, id_base=id_base, timeout_s=MKFS_TIMEOUT_S)
 
 
 def _sparse_file(path: Path, size_mib: int) -> None:
@@ -152,17 +93,23 @@ def _open_lock(output: Path) -> int:
     return fd
 
 
-async def bake_ext4(tree: Path, output: Path, *, id_base: int | None = None) -> Path:
-    """Bake ``tree`` into the ext4 ``output`` once (an existing ``output`` is reused).
+async def bake_ext4(
+    tree: Path, output: Path, *, id_base: int | None = None, size_mib: int | None = None
+) -> Path:
+    """Bake ``tree`` into the ext4 ``output`` once (an existing ``output`` is reused), through
+    :func:`scaigrid.worker.rootfs.ext4.make_ext4`.
 
     Args:
         tree: root tree to copy in.
         output: final path; written beside it and renamed into place when complete.
         id_base: host id of the tree's root owner when the tree is id-shifted (owners are
             shifted back to the guest's ids); ``None`` keeps owners as they are.
+        size_mib: filesystem size (an image's ``size_mib``); ``None`` sizes it from the tree
+            (:func:`bake_size_mib`).
 
     Raises:
-        DiskError: ``mkfs.ext4`` failed or the id mapping could not be set up.
+        DiskError: ``mkfs.ext4`` failed, the tree does not fit in ``size_mib`` (the message
+            says so), or the id mapping could not be set up.
     """
     if await asyncio.to_thread(output.is_file):
         return output
@@ -170,19 +117,28 @@ async def bake_ext4(tree: Path, output: Path, *, id_base: int | None = None) -> 
     try:
         if await asyncio.to_thread(output.is_file):
             return output
-        size_mib = await asyncio.to_thread(bake_size_mib, tree)
-        partial = output.with_name(f".{output.name}.partial")
-        await asyncio.to_thread(_sparse_file, partial, size_mib)
+        if size_mib is None:
+            size_mib = await asyncio.to_thread(bake_size_mib, tree)
         try:
-            await _mkfs(tree, partial, size_mib, id_base=id_base)
-        except (CommandError, OSError) as exc:
-            await asyncio.to_thread(_unlink, partial)
-            raise DiskError(f"cannot bake {tree} into ext4: {exc}") from exc
-        os.replace(partial, output)
+            await make_ext4(tree, output, size_mib, id_base=id_base, digest=False)
+        except ImageBuildError as exc:
+            raise DiskError(str(exc)) from exc
     finally:
         os.close(lock)
     log.info("vm.disk_baked", tree=str(tree), output=str(output), size_mib=size_mib)
     return output
+
+
+async def bake_base_disk(cache_dir: Path, rootfs: Path, id_base: int, size_mib: int) -> Path:
+    """Bake the read-only base disk of the image tree ``rootfs`` at ``size_mib`` MiB ahead of
+    any bunker (the image bake pipeline on a microVM worker, SPEC §7.4 step 4); bunkers then
+    reuse it.
+
+    Raises:
+        DiskError: as :func:`bake_ext4` (a tree too big for ``size_mib`` says so).
+    """
+    output = await asyncio.to_thread(base_disk_path, cache_dir, rootfs, id_base)
+    return await bake_ext4(rootfs, output, id_base=id_base, size_mib=size_mib)
 
 
 def boot_script(

@@ -76,10 +76,15 @@ def artifact_key(image_id: str) -> str:
 
 def image_payload(state: ModuleState, image: Image) -> dict[str, Any]:
     """The ``image`` object of ``image.bake`` and ``bunker.create`` tasks: ``{id, name,
-    source, artifact?}``; ``artifact`` = ``{key, digest, source_digest, capability,
+    source, size_mib, artifact?}``; ``artifact`` = ``{key, digest, source_digest, capability,
     expires_at, storage_url}`` (a ``GET``/``HEAD``/``PUT`` grant on the image's keys),
     left out when the module has no object storage."""
-    payload: dict[str, Any] = {"id": image.id, "name": image.name, "source": image.source}
+    payload: dict[str, Any] = {
+        "id": image.id,
+        "name": image.name,
+        "source": image.source,
+        "size_mib": image.size_mib,
+    }
     if state.storage is not None:
         grant = state.storage.mint(["GET", "HEAD", "PUT"], prefix=f"scaibunker/images/{image.id}/")
         payload["artifact"] = {
