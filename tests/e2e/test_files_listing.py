@@ -59,3 +59,23 @@ def test_a_huge_listing_answers_for_itself_and_keeps_the_worker(
         ]
         assert all(w["connection"] == "online" for w in workers_after)
         client.delete(f"{BASE}/bunkers/{bunker['id']}")
+
+
+def test_range_reads_ignore_headers_they_cannot_parse(stack: Stack, busybox_image: str) -> None:
+    """RFC 9110 §14.2: a malformed or multi-part ``Range`` is ignored (200, whole file); a
+    satisfiable one gets 206; one starting past the end gets 416."""
+    bunker = create_bunker(stack, busybox_image)
+    url = f"{BASE}/bunkers/{bunker['id']}/files"
+    with stack.client() as client:
+        body = bytes(range(256)) * 4
+        put = client.put(url, params={"path": "r.bin"}, content=body)
+        assert put.status_code == 200, put.text
+        for header in ("bytes=abc", "bytes=5-1", "items=0-3", "bytes=0-1,4-5", "bytes=-"):
+            whole = client.get(url, params={"path": "r.bin"}, headers={"Range": header})
+            assert (whole.status_code, whole.content) == (200, body), header
+        part = client.get(url, params={"path": "r.bin"}, headers={"Range": "bytes=-4"})
+        assert (part.status_code, part.content) == (206, body[-4:])
+        past = client.get(url, params={"path": "r.bin"}, headers={"Range": "bytes=5000-"})
+        assert past.status_code == 416
+        assert past.json()["error"]["code"] == "VALIDATION_ERROR"
+        client.delete(f"{BASE}/bunkers/{bunker['id']}")

@@ -146,11 +146,21 @@ class Download:
     body: AsyncIterator[bytes]
 
 
-def _parse_range(header: str, size: int) -> tuple[int, int]:
+def _single_range(header: str) -> tuple[str, str] | None:
+    """The ``(first, last)`` digit strings of a single ``bytes=`` range, or ``None`` for a
+    header to ignore: malformed, another unit, or several ranges (RFC 9110 §14.2: a server
+    may ignore ``Range`` and must ignore one it cannot parse; the reply is then the whole
+    file, 200)."""
     match = _RANGE.match(header.strip())
     if not match or not (match.group(1) or match.group(2)):
-        raise errors.RangeNotSatisfiable(f"unsupported Range header {header!r}")
-    start_s, end_s = match.groups()
+        return None
+    if match.group(1) and match.group(2) and int(match.group(2)) < int(match.group(1)):
+        return None
+    return match.group(1), match.group(2)
+
+
+def _parse_range(bounds: tuple[str, str], size: int) -> tuple[int, int]:
+    start_s, end_s = bounds
     if start_s:
         start = int(start_s)
         end = min(int(end_s), size - 1) if end_s else size - 1
@@ -158,7 +168,9 @@ def _parse_range(header: str, size: int) -> tuple[int, int]:
         suffix = int(end_s)
         start, end = max(size - suffix, 0), size - 1
     if start >= size or start > end:
-        raise errors.RangeNotSatisfiable(f"range {header!r} is outside the file of {size} bytes")
+        raise errors.RangeNotSatisfiable(
+            f"range bytes={start_s}-{end_s} is outside the file of {size} bytes"
+        )
     return start, end
 
 
@@ -169,15 +181,16 @@ async def read_file(
 
     Raises:
         errors.ScaiGridError: the agent's error (``FILE_NOT_FOUND``, ``FILE_CONFLICT``, …).
-        errors.RangeNotSatisfiable: 416 for a range outside the file.
+        errors.RangeNotSatisfiable: 416 for a range that starts past the end of the file.
     """
     start = end = None
-    if range_header:
+    bounds = _single_range(range_header) if range_header else None
+    if bounds is not None:
         entry = await call(state, bunker, TaskKind.FILES_STAT, params)
         if entry.get("type") == "dir":
             raise errors.FileConflict(f"{params['path']} is a directory")
         size = int(entry.get("size", 0))
-        start, end = _parse_range(range_header, size)
+        start, end = _parse_range(bounds, size)
         params = {**params, "offset": start, "length": end - start + 1}
     connection = state.hub.require(bunker.worker_id)
     stream = connection.open_inbound()
