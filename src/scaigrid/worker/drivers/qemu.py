@@ -90,6 +90,8 @@ KVM_PROBE_TIMEOUT_S = 10.0
 QMP_TIMEOUT_S = 10.0
 #: Seconds copying or mounting a scratch disk for a snapshot may take.
 LAYER_COMMAND_TIMEOUT_S = 300.0
+#: ``e2fsck`` exit statuses of a sound (0) or repaired (1, 2) filesystem.
+FSCK_OK = (0, 1, 2)
 #: Seconds the agent may take to answer the serial handshake of a new connection.
 HANDSHAKE_TIMEOUT_S = 10.0
 #: Seconds ``quit`` may take before QEMU is killed.
@@ -534,17 +536,19 @@ class QemuDriver:
 
         Call it only while the VM is paused (QMP ``stop`` drains its disk I/O) and after
         the guest flushed its page cache (agent ``POST /v1/sync``). A sparse copy of the
-        scratch disk is taken, mounted (its journal replayed on the copy, never on the
-        disk the guest uses; ``nodev,nosuid,noexec``) at ``<state>/layer`` and removed
-        when the context ends. The owners under it are the guest's ids
-        (:attr:`layer_id_base` 0).
+        scratch disk is taken, checked and repaired with ``e2fsck -f -y`` (which also
+        replays its journal, on the copy, never on the disk the guest uses), mounted
+        read-only (``nodev,nosuid,noexec``) at ``<state>/layer`` and removed when the
+        context ends. The owners under it are the guest's ids (:attr:`layer_id_base` 0).
 
-        Note: the host kernel parses an ext4 the guest wrote; a hostile guest could craft
-        it. Archiving inside the guest (by the agent) is the stronger design, left to do.
+        Note: the guest controls every byte of that filesystem. The user-space check
+        refuses a damaged one before the host kernel sees it, but the host kernel still
+        parses what passes; archiving inside the guest (by the agent) is the stronger
+        design, left to do.
 
         Raises:
-            DriverError: the VM is not running here, or the copy could not be made or
-                mounted.
+            DriverError: the VM is not running here, the copy could not be made or
+                mounted, or ``e2fsck`` found damage it could not repair.
         """
         own = self._handles.get(bunker_id)
         if own is None or own.process.returncode is not None:
@@ -561,18 +565,37 @@ class QemuDriver:
                 str(copy),
                 timeout_s=LAYER_COMMAND_TIMEOUT_S,
             )
+            # The guest wrote this filesystem: it is checked (and its journal replayed)
+            # in user space before the host kernel mounts it, read-only.
+            checked = await run_command(
+                "e2fsck",
+                "-f",
+                "-y",
+                "--",
+                str(copy),
+                check=False,
+                timeout_s=LAYER_COMMAND_TIMEOUT_S,
+            )
+            if checked.returncode not in FSCK_OK:
+                raise DriverError(
+                    f"the scratch disk of {bunker_id} holds no sound ext4 "
+                    f"(e2fsck status {checked.returncode})"
+                )
             await asyncio.to_thread(mount_point.mkdir, 0o700)
             await run_command(
                 "mount",
                 "-t",
                 "ext4",
                 "-o",
-                "loop,nodev,nosuid,noexec,noatime",
+                "loop,ro,noload,nodev,nosuid,noexec",
                 "--",
                 str(copy),
                 str(mount_point),
                 timeout_s=LAYER_COMMAND_TIMEOUT_S,
             )
+        except DriverError:
+            await self._drop_layer(state_dir)
+            raise
         except (CommandError, OSError) as exc:
             await self._drop_layer(state_dir)
             raise DriverError(f"cannot read the writable layer of {bunker_id}: {exc}") from exc
