@@ -149,7 +149,7 @@ def test_reconnect_replays_missed_output_and_newer_attach_takes_over(
     assert len(opened) >= 3 and {r["action"] for r in opened} == {"scaibunker.shell.open"}
 
 
-def test_grace_period_ends_the_session(stack: Stack, client: Client) -> None:
+def test_grace_period_ends_the_session(stack: Stack, client: Client, busybox_image: str) -> None:
     with stack.client() as admin:
         response = admin.put(
             "/v1/modules/scaibunker/config", json={"shell": {"reconnect_grace_s": 1}}
@@ -267,7 +267,9 @@ def test_bad_text_frames_get_an_error_frame_and_the_session_goes_on(
         assert json.loads(frames[-1]) == {"type": "exit", "exit_code": 9, "signal": None}
 
 
-def test_idle_paused_bunker_resumes_for_a_shell(stack: Stack, client: Client) -> None:
+def test_idle_paused_bunker_resumes_for_a_shell(
+    stack: Stack, client: Client, busybox_image: str
+) -> None:
     bunker = create_bunker(stack, "busybox", lifecycle_mode="session", idle_timeout_s=1, **SMALL)
     deadline = time.monotonic() + 60
     while client.bunkers.get(bunker["id"]).status != "paused":
@@ -347,3 +349,20 @@ def test_cli_shell_through_a_real_terminal(stack: Stack, bunker: dict[str, Any])
         except (ProcessLookupError, ChildProcessError):
             pass
         os.close(master)
+
+
+def test_terminated_bunker_closes_the_shell_with_1011(
+    stack: Stack, client: Client, busybox_image: str
+) -> None:
+    bunker = create_bunker(stack, busybox_image, **SMALL)
+    shell = client.shell(bunker["id"])
+    shell.send(b"echo up-$((2+5))\n")
+    shell.read_until(b"up-7")
+    client.bunkers.terminate(bunker["id"])
+    with pytest.raises(ScaiGridAPIError) as lost:
+        while shell.recv(60) is not None:
+            pass
+    assert lost.value.code == "AGENT_UNAVAILABLE"
+    with pytest.raises(ScaiGridAPIError) as gone:
+        client.shell(bunker["id"])
+    assert gone.value.code in ("BUNKER_NOT_RUNNING", "BUNKER_NOT_FOUND")
