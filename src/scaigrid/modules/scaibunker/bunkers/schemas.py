@@ -30,7 +30,9 @@ ENV_TOTAL_MAX_BYTES = 32 * 1024
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Strict types: JSON ``true`` is not a number and ``"5"`` is not an int; a caller's typo
+    # must fail loudly (VALIDATION_ERROR naming the field), never coerce.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class CreateBunkerRequest(_Strict):
