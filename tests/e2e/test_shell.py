@@ -12,6 +12,7 @@ import pty
 import select
 import signal
 import struct
+import subprocess
 import sys
 import termios
 import time
@@ -22,7 +23,7 @@ import pytest
 import websockets.exceptions as ws_errors
 import websockets.sync.client as ws_sync
 
-from scaigrid.client import Client
+from scaigrid.client import AsyncClient, Client
 from scaigrid.client.errors import ScaiGridAPIError
 from tests.e2e.conftest import create_bunker
 from tests.fixtures.stack import BASE, Stack
@@ -155,18 +156,21 @@ def test_grace_period_ends_the_session(stack: Stack, client: Client, busybox_ima
             "/v1/modules/scaibunker/config", json={"shell": {"reconnect_grace_s": 1}}
         )
         assert response.status_code == 200, response.text
-    bunker = create_bunker(stack, "busybox", **SMALL)
+    bunker = create_bunker(stack, busybox_image, **SMALL)
     try:
         shell = client.shell(bunker["id"])
-        shell.send(b"echo up-$((1+2))\n")
+        shell.send(b"echo up-$((1+2)); sleep 1000\n")
         shell.read_until(b"up-3")
+        running = client.bunkers.exec(bunker["id"], "ps | grep -c '[s]leep 1000'")
+        assert running.stdout.strip() == b"1"
         shell.abort()
         time.sleep(3)
         with pytest.raises(ScaiGridAPIError) as info:
             shell.reconnect()
         assert info.value.code == "SHELL_SESSION_NOT_FOUND"
-        result = client.bunkers.exec(bunker["id"], "ps -o pid,args | grep -c '[s]leep' || true")
-        assert result.exit_code == 0
+        # The hang-up reached the foreground job too.
+        left = client.bunkers.exec(bunker["id"], "ps | grep -c '[s]leep 1000'")
+        assert left.stdout.strip() == b"0", left
     finally:
         with stack.client() as admin:
             admin.put("/v1/modules/scaibunker/config", json={"shell": None})
@@ -366,3 +370,30 @@ def test_terminated_bunker_closes_the_shell_with_1011(
     with pytest.raises(ScaiGridAPIError) as gone:
         client.shell(bunker["id"])
     assert gone.value.code in ("BUNKER_NOT_RUNNING", "BUNKER_NOT_FOUND")
+
+
+def test_cli_shell_with_piped_stdin_exits_with_the_remote_status(
+    stack: Stack, bunker: dict[str, Any]
+) -> None:
+    cli = str(Path(sys.executable).parent / "scaibunker")
+    done = subprocess.run(
+        [cli, "--host", stack.url, "--api-key", stack.admin_key, "shell", bunker["id"]],
+        input=b"echo piped-$((6*7))\nexit 12\n",
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 12, done.stderr
+    assert b"piped-42" in done.stdout
+
+
+async def test_async_client_shell(stack: Stack, bunker: dict[str, Any]) -> None:
+    async with AsyncClient(stack.url, stack.admin_key) as sdk:
+        shell = await sdk.shell(bunker["id"], cols=70, rows=10)
+        async with shell:
+            await shell.send("stty size; echo async-$((8*8))\n")
+            out = await shell.read_until(b"async-64")
+            assert b"10 70" in out
+            await shell.signal("SIGINT")
+            await shell.send(b"exit 2\n")
+            assert await shell.wait() == 2
