@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import secrets
 import time
@@ -29,6 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 import structlog
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from sqlalchemy import update
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
@@ -65,10 +68,12 @@ class _Ticket:
 
 @dataclass
 class ShellRegistry:
-    """Per-controller-process shell state: unredeemed tickets and connection counts."""
+    """Per-controller-process shell state: unredeemed tickets (without Redis), connection
+    counts, and the Redis client tickets live in when the controller has one."""
 
     tickets: dict[str, _Ticket] = field(default_factory=dict)
     connected: dict[str, int] = field(default_factory=dict)
+    redis: Redis | None = None
 
 
 _registries: weakref.WeakKeyDictionary[ModuleState, ShellRegistry] = weakref.WeakKeyDictionary()
@@ -79,6 +84,9 @@ def registry(state: ModuleState) -> ShellRegistry:
     found = _registries.get(state)
     if found is None:
         found = _registries[state] = ShellRegistry()
+        url = state.settings.redis_url
+        if url:
+            found.redis = Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
     return found
 
 
@@ -88,18 +96,36 @@ def connected_shells(state: ModuleState, bunker_id: str) -> int:
     return registry(state).connected.get(bunker_id, 0)
 
 
-def mint_ticket(state: ModuleState, principal: Principal, bunker_id: str) -> dict[str, Any]:
+def _ticket_key(state: ModuleState, ticket: str) -> str:
+    digest = hashlib.sha256(ticket.encode()).hexdigest()
+    return f"{state.settings.redis_prefix}scaibunker:shell_ticket:{digest}"
+
+
+async def mint_ticket(state: ModuleState, principal: Principal, bunker_id: str) -> dict[str, Any]:
     """A one-use ticket for ``bunker_id`` bound to the caller, valid 30 s (SPEC §5.2).
+
+    Kept in Redis (under its SHA-256, so a Redis reader cannot use it) when the controller
+    has one, so any replica can redeem it; in this process's memory otherwise.
 
     Returns:
         ``{ticket, expires_at}`` (RFC 3339).
+
+    Raises:
+        errors.Unavailable: Redis cannot be reached.
     """
-    tickets = registry(state).tickets
-    now = time.monotonic()
-    for key in [k for k, t in tickets.items() if t.expires_mono <= now]:
-        del tickets[key]
+    shells = registry(state)
     ticket = _TICKET_PREFIX + secrets.token_urlsafe(32)
-    tickets[ticket] = _Ticket(principal.user_id, bunker_id, now + TICKET_TTL_S)
+    if shells.redis is not None:
+        value = json.dumps({"user_id": principal.user_id, "bunker_id": bunker_id})
+        try:
+            await shells.redis.set(_ticket_key(state, ticket), value, px=int(TICKET_TTL_S * 1000))
+        except RedisError as exc:
+            raise errors.Unavailable("the ticket store (Redis) cannot be reached") from exc
+    else:
+        now = time.monotonic()
+        for key in [k for k, t in shells.tickets.items() if t.expires_mono <= now]:
+            del shells.tickets[key]
+        shells.tickets[ticket] = _Ticket(principal.user_id, bunker_id, now + TICKET_TTL_S)
     expires_at = utcnow().timestamp() + TICKET_TTL_S
     return {
         "ticket": ticket,
@@ -107,16 +133,32 @@ def mint_ticket(state: ModuleState, principal: Principal, bunker_id: str) -> dic
     }
 
 
-def redeem_ticket(state: ModuleState, ticket: str, bunker_id: str) -> str:
-    """Consume ``ticket`` for ``bunker_id``; return the user id it was minted for.
+async def redeem_ticket(state: ModuleState, ticket: str, bunker_id: str) -> str:
+    """Consume ``ticket`` for ``bunker_id``; return the user id it was minted for. A ticket is
+    consumed by any redemption attempt, also a refused one.
 
     Raises:
         errors.AuthTokenInvalid: unknown, used, expired, or minted for another bunker.
+        errors.Unavailable: Redis cannot be reached.
     """
-    found = registry(state).tickets.pop(ticket, None)
-    if found is None or found.expires_mono <= time.monotonic() or found.bunker_id != bunker_id:
+    shells = registry(state)
+    user_id: str | None = None
+    if shells.redis is not None:
+        try:
+            raw = await shells.redis.getdel(_ticket_key(state, ticket))
+        except RedisError as exc:
+            raise errors.Unavailable("the ticket store (Redis) cannot be reached") from exc
+        if raw is not None:
+            value = json.loads(raw)
+            if value.get("bunker_id") == bunker_id:
+                user_id = str(value["user_id"])
+    else:
+        found = shells.tickets.pop(ticket, None)
+        if found is not None and found.expires_mono > time.monotonic():
+            user_id = found.user_id if found.bunker_id == bunker_id else None
+    if user_id is None:
         raise errors.AuthTokenInvalid("the shell ticket is invalid, used or expired")
-    return found.user_id
+    return user_id
 
 
 @dataclass(frozen=True)

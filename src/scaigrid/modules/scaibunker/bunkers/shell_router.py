@@ -40,11 +40,12 @@ async def shell_ticket(bunker_id: str, principal: ShellDep, state: StateDep) -> 
         or bunker.tenant_id != principal.tenant_id
     ):
         raise errors.BunkerNotFound(f"bunker {bunker_id} not found")
-    return ok(shell_service.mint_ticket(state, principal, bunker_id), status_code=201)
+    return ok(await shell_service.mint_ticket(state, principal, bunker_id), status_code=201)
 
 
 async def _ticket_principal(websocket: WebSocket, state: ModuleState, bunker_id: str) -> Principal:
-    user_id = shell_service.redeem_ticket(state, websocket.query_params["ticket"], bunker_id)
+    ticket = websocket.query_params["ticket"]
+    user_id = await shell_service.redeem_ticket(state, ticket, bunker_id)
     principal = await principal_for_user(get_database(websocket), user_id)
     async with state.db.sessionmaker() as session:
         if not await is_enabled(session, "scaibunker", principal.tenant_id, principal.partner_id):
