@@ -14,7 +14,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from scaigrid import errors
 from scaigrid.ids import new_secret
 from scaigrid.platform.auth import CurrentPrincipal, Principal
 from scaigrid.platform.db import get_session
@@ -22,7 +21,11 @@ from scaigrid.platform.envelope import ok, ok_list
 from scaigrid.platform.events.models import Webhook, WebhookDelivery
 from scaigrid.platform.events.service import check_target
 from scaigrid.platform.pagination import Cursor, Limit, page
-from scaigrid.platform.tenancy.router import administered_tenant
+from scaigrid.platform.tenancy.router import (
+    administered_page,
+    administered_row,
+    administered_tenant,
+)
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
 Session = Annotated[AsyncSession, Depends(get_session)]
@@ -67,14 +70,7 @@ def _delivery_out(d: WebhookDelivery) -> dict[str, object]:
 
 
 async def _hook(session: AsyncSession, principal: Principal, webhook_id: str) -> Webhook:
-    hook = await session.get(Webhook, webhook_id)
-    if hook is None:
-        raise errors.NotFound(f"No webhook {webhook_id}")
-    try:
-        await administered_tenant(session, principal, hook.tenant_id)
-    except errors.ScaiGridError as exc:
-        raise errors.NotFound(f"No webhook {webhook_id}") from exc
-    return hook
+    return await administered_row(session, principal, Webhook, webhook_id, "webhook")
 
 
 @router.post("", status_code=201)
@@ -108,9 +104,7 @@ async def list_webhooks(
     cursor: Cursor = None,
 ) -> JSONResponse:
     """Webhooks of ``tenant_id`` (default: the caller's), without secrets."""
-    tenant = await administered_tenant(session, principal, tenant_id or principal.tenant_id)
-    query = select(Webhook).where(Webhook.tenant_id == tenant.id)
-    rows, nxt = await page(session, query, Webhook.id, limit, cursor)
+    rows, nxt = await administered_page(session, principal, Webhook, tenant_id, limit, cursor)
     return ok_list([_out(h) for h in rows], nxt)
 
 

@@ -24,10 +24,15 @@ from scaigrid.platform.envelope import ok, ok_list
 from scaigrid.platform.iam import service as iam
 from scaigrid.platform.iam.models import CustomRole, Group, GroupMember, RoleMapping, UserRole
 from scaigrid.platform.modules.service import is_enabled
-from scaigrid.platform.pagination import Cursor, Limit, page
+from scaigrid.platform.pagination import Cursor, Limit
 from scaigrid.platform.permissions import CORE_PERMISSIONS, permissions_for_role
 from scaigrid.platform.tenancy.models import User
-from scaigrid.platform.tenancy.router import administered_tenant, administered_user
+from scaigrid.platform.tenancy.router import (
+    administered_page,
+    administered_row,
+    administered_tenant,
+    administered_user,
+)
 
 router = APIRouter(prefix="/v1", tags=["iam"])
 Session = Annotated[AsyncSession, Depends(get_session)]
@@ -175,21 +180,12 @@ async def list_custom_roles(
     cursor: Cursor = None,
 ) -> JSONResponse:
     """Custom roles of ``tenant_id`` (default: the caller's)."""
-    tenant = await administered_tenant(session, principal, tenant_id or principal.tenant_id)
-    query = select(CustomRole).where(CustomRole.tenant_id == tenant.id)
-    rows, nxt = await page(session, query, CustomRole.id, limit, cursor)
+    rows, nxt = await administered_page(session, principal, CustomRole, tenant_id, limit, cursor)
     return ok_list([_role_out(r) for r in rows], nxt)
 
 
 async def _role(session: AsyncSession, principal: Principal, role_id: str) -> CustomRole:
-    role = await session.get(CustomRole, role_id)
-    if role is None:
-        raise errors.NotFound(f"No custom role {role_id}")
-    try:
-        await administered_tenant(session, principal, role.tenant_id)
-    except errors.ScaiGridError as exc:
-        raise errors.NotFound(f"No custom role {role_id}") from exc
-    return role
+    return await administered_row(session, principal, CustomRole, role_id, "custom role")
 
 
 @router.get("/iam/custom-roles/{role_id}")
@@ -237,14 +233,7 @@ async def put_user_custom_roles(
 
 
 async def _group(session: AsyncSession, principal: Principal, group_id: str) -> Group:
-    group = await session.get(Group, group_id)
-    if group is None:
-        raise errors.NotFound(f"No group {group_id}")
-    try:
-        await administered_tenant(session, principal, group.tenant_id)
-    except errors.ScaiGridError as exc:
-        raise errors.NotFound(f"No group {group_id}") from exc
-    return group
+    return await administered_row(session, principal, Group, group_id, "group")
 
 
 async def _members(session: AsyncSession, group_id: str) -> list[str]:
@@ -283,10 +272,7 @@ async def list_groups(
     cursor: Cursor = None,
 ) -> JSONResponse:
     """Groups of ``tenant_id`` (default: the caller's) with their direct members."""
-    tenant = await administered_tenant(session, principal, tenant_id or principal.tenant_id)
-    rows, nxt = await page(
-        session, select(Group).where(Group.tenant_id == tenant.id), Group.id, limit, cursor
-    )
+    rows, nxt = await administered_page(session, principal, Group, tenant_id, limit, cursor)
     return ok_list([_group_out(g, await _members(session, g.id)) for g in rows], nxt)
 
 
@@ -394,9 +380,7 @@ async def list_role_mappings(
     cursor: Cursor = None,
 ) -> JSONResponse:
     """Role mappings of ``tenant_id`` (default: the caller's)."""
-    tenant = await administered_tenant(session, principal, tenant_id or principal.tenant_id)
-    query = select(RoleMapping).where(RoleMapping.tenant_id == tenant.id)
-    rows, nxt = await page(session, query, RoleMapping.id, limit, cursor)
+    rows, nxt = await administered_page(session, principal, RoleMapping, tenant_id, limit, cursor)
     return ok_list([_mapping_out(m) for m in rows], nxt)
 
 

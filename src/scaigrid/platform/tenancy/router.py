@@ -7,7 +7,7 @@ is 404, never 403.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any, Protocol, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
@@ -183,6 +183,59 @@ async def administered_tenant(
     if not iam.can_admin_tenant(principal, tenant):
         raise errors.AuthzPermissionDenied("You do not administer this tenant")
     return tenant
+
+
+class TenantOwned(Protocol):
+    """A row that belongs to one tenant (custom roles, groups, webhooks, ...)."""
+
+    id: Any
+    tenant_id: Any
+
+
+R = TypeVar("R", bound=TenantOwned)
+
+
+async def administered_row(
+    session: AsyncSession, principal: Principal, model: type[R], row_id: str, label: str
+) -> R:
+    """The ``model`` row ``row_id`` if ``principal`` administers its tenant.
+
+    Args:
+        label: what the row is, for the message (``"custom role"``).
+
+    Raises:
+        NotFound: unknown, or of a tenant the caller does not administer (404 either way,
+            so ids of other tenants' rows are not confirmed).
+    """
+    row = await session.get(model, row_id)
+    if row is None:
+        raise errors.NotFound(f"No {label} {row_id}")
+    try:
+        await administered_tenant(session, principal, row.tenant_id)
+    except errors.ScaiGridError as exc:
+        raise errors.NotFound(f"No {label} {row_id}") from exc
+    return row
+
+
+async def administered_page(
+    session: AsyncSession,
+    principal: Principal,
+    model: type[R],
+    tenant_id: str | None,
+    limit: int,
+    cursor: str | None,
+) -> tuple[list[R], str | None]:
+    """One page (newest first, SPEC §1.4) of the ``model`` rows of ``tenant_id`` (default:
+    the caller's tenant), which the caller must administer.
+
+    Raises:
+        NotFound: unknown or invisible tenant (404).
+        AuthzPermissionDenied: a visible tenant the caller does not administer (403).
+    """
+    tenant = await administered_tenant(session, principal, tenant_id or principal.tenant_id)
+    table: Any = model
+    query = select(table).where(table.tenant_id == tenant.id)
+    return await page(session, query, table.id, limit, cursor)
 
 
 @router.post("/tenants", status_code=201)
