@@ -16,6 +16,8 @@ import time
 import pytest
 from pyroute2 import netns
 
+from scaigrid.worker.bunkers import CreateRequest
+from scaigrid.worker.link.tasks import TaskFailed
 from scaigrid.worker.net.l2 import (
     BridgeInUse,
     InterfaceRequest,
@@ -232,3 +234,42 @@ async def test_restarted_worker_starts_without_stale_bridges_or_rules(inet: Inet
             first.l2._exec.close()
         await second.close()
     assert second.leftovers() == []
+
+
+def _create_params(profile: str, interfaces: object) -> dict[str, object]:
+    return {
+        "bunker": {
+            "id": "bnk_x",
+            "cpu_millicores": 100,
+            "memory_mb": 128,
+            "disk_mb": 64,
+            "network_profile": profile,
+            "interfaces": interfaces,
+        },
+        "image": {"id": "img_x", "source": {"kind": "tar", "path": "/x"}},
+        "network": {"dns_upstreams": []},
+    }
+
+
+def test_bunker_create_interface_params_are_checked() -> None:
+    good = {"if_name": "net1", "mac": "02:AA:00:00:00:01", "spoof_guard": False, "device": "br1"}
+    request = CreateRequest.from_params("bnk_x", _create_params("transit", [good]))
+    assert request.network is not None
+    assert request.network.interfaces == (
+        InterfaceRequest("net1", "02:aa:00:00:00:01", False, "br1"),
+    )
+    bad = [
+        ("transit", None),
+        ("transit", []),
+        ("unrestricted", [good]),
+        ("transit", [good, good]),
+        ("transit", [{**good, "if_name": "eth0"}]),
+        ("transit", [{**good, "mac": "01:00:5e:00:00:01"}]),
+        ("transit", [{**good, "device": "br-1"}]),
+        ("transit", [{**good, "spoof_guard": "no"}]),
+        ("transit", [good] * 9),
+    ]
+    for profile, interfaces in bad:
+        with pytest.raises(TaskFailed) as failed:
+            CreateRequest.from_params("bnk_x", _create_params(profile, interfaces))
+        assert failed.value.code == "VALIDATION_ERROR", (profile, interfaces)
