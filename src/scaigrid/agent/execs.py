@@ -39,6 +39,7 @@ from scaigrid.protocol.agent import (
     CHANNEL_GAP,
     CHANNEL_STDERR,
     CHANNEL_STDOUT,
+    MAX_FRAME_BYTES,
     RECORD_HEADER,
     AgentConnectionLost,
     AgentError,
@@ -50,10 +51,10 @@ from scaigrid.protocol.agent import (
 _log = logging.getLogger(__name__)
 
 EOF_GRACE_S = 0.1
-_READ_BYTES = 64 * 1024
-_READS_PER_WAKEUP = 16
-_PIPE_BYTES = 256 * 1024
-_RECORD_PAYLOAD_BYTES = 64 * 1024
+_READ_BYTES = 256 * 1024
+_READS_PER_WAKEUP = 4
+_PIPE_BYTES = 1024 * 1024
+_RECORD_PAYLOAD_BYTES = MAX_FRAME_BYTES - RECORD_HEADER.size
 
 
 class Notifier:
