@@ -113,22 +113,33 @@ def test_sse_keepalive_while_the_process_is_silent(stack: Stack, bunker_id: str)
 def test_a_reader_that_pauses_gets_uncorrupted_output_with_offsets(
     stack: Stack, bunker_id: str
 ) -> None:
-    """The process writes 64 MiB while the client reads nothing for a while: the process
-    is never blocked, and every byte that arrives sits at its true offset."""
+    """The process writes 64 MiB while the client reads nothing for 60 s: the process is
+    never blocked (it finishes while nobody reads), and every byte that arrives sits at its
+    true offset."""
     total = 64 << 20
-    command = f"yes 0123456789abcdef | head -c {total}"
+    command = f"rm -f /tmp/wrote; yes 0123456789abcdef | head -c {total}; touch /tmp/wrote"
     with (
         stack.client() as client,
         client.stream(
             "POST",
             f"{BASE}/bunkers/{bunker_id}/exec",
-            json={"command": command, "timeout_s": 120},
+            json={"command": command, "timeout_s": 180},
             headers={"Accept": "text/event-stream"},
         ) as response,
     ):
         frames = _frames(response)
         assert next(frames)[0] == "start"
-        time.sleep(8)
+        stalled_at = time.monotonic()
+        with stack.client() as other:
+            done = False
+            while not done and time.monotonic() < stalled_at + 40:
+                time.sleep(1)
+                check = other.post(
+                    f"{BASE}/bunkers/{bunker_id}/exec", json={"command": "test -e /tmp/wrote"}
+                )
+                done = check.json()["data"]["exit_code"] == 0
+        assert done, "the writer was blocked by a reader that reads nothing"
+        time.sleep(max(0.0, stalled_at + 60 - time.monotonic()))
         received, last_end, exit_ = 0, 0, None
         for event, data in frames:
             if event == "stdout":
