@@ -769,6 +769,9 @@ class NetworkManager:
                 await self.refresh_egress()
             except nft.NftError as exc:
                 log.warning("egress_counter_read_failed", error=str(exc))
+            except RuntimeError:
+                # The namespace executor was shut down under us (the manager is going away).
+                return
 
     def egress_bytes(self, bunker_id: str) -> int | None:
         """Bytes ``bunker_id`` has sent out of the uplink since it was attached, as of the
