@@ -7,6 +7,10 @@ Both sides pull the same image from the same local registry (Debian's ``docker-r
   (``skopeo inspect --raw``), ``skopeo copy`` into a layout, check every layer member, ``umoci
   unpack``, add the guest user and mount points, shift owners for the user namespace.
 * baseline — ``skopeo copy docker://… oci:…`` then ``umoci unpack`` (as root), nothing else.
+* artifact fetch — what a second worker does instead of pulling and baking again: download the
+  baked tree (``scaibunker/images/{id}/rootfs.tar.zst``, published once by the first bake)
+  through a standalone storage proxy (``bunker_proxy`` on a local-directory store), check its
+  digest, unpack it and shift owners (:meth:`ImageStore.ensure` with ``artifact``).
 
 The image is one layer made from a Debian bookworm minbase + python3 tree (default: the
 worker tests' cached debootstrap tree, whose shifted owners are shifted back while packing).
@@ -14,6 +18,9 @@ worker tests' cached debootstrap tree, whose shifted owners are shifted back whi
 Usage (as root, from the repository root)::
 
     .venv/bin/python -m benchmarks.images [--runs 5] [--tree DIR --tree-id-base N] [--write]
+
+Without the worker tests' debootstrap tree, any ~250 MB root tree works, e.g. ``--tree
+/var/tmp/bench-root --tree-id-base 0``.
 
 ``--write`` replaces the images section of ``benchmarks/RESULTS.md``.
 """
@@ -31,8 +38,12 @@ import time
 from pathlib import Path
 
 from tests.images.conftest import Registry
+from tests.storage.conftest import SECRET, Proxy, _stop, start_proxy
 
 from benchmarks.run import RESULTS, percentile
+from scaigrid.modules.scaibunker.storage.capabilities import mint
+from scaigrid.worker.capabilities import CapabilityBroker
+from scaigrid.worker.images import ImageStore, artifact_key
 from scaigrid.worker.rootfs import DEFAULT_ID_BASE, ImageCache
 
 SECTION = "## Images (issue #6)"
@@ -79,6 +90,55 @@ def run_ours(ref: str, host: str, work: Path, run: int) -> float:
     return elapsed
 
 
+def _broker(proxy: Proxy) -> CapabilityBroker:
+    async def requester(
+        purpose: str, *, bunker_id: str | None = None, image_id: str | None = None
+    ) -> dict[str, object]:
+        token, exp = mint(
+            SECRET.encode(), ["GET", "HEAD", "PUT"], prefix=f"scaibunker/images/{image_id}/"
+        )
+        return {"capability": token, "expires_at": exp, "storage_url": proxy.url}
+
+    return CapabilityBroker(requester)
+
+
+def publish_artifact(ref: str, host: str, proxy: Proxy, work: Path) -> tuple[str, float, int]:
+    """Bake once and publish the artifact; return ``(digest, publish ms, artifact bytes)``."""
+    store = ImageStore(
+        ImageCache(work / "publisher", insecure_registries=frozenset({host})),
+        broker=_broker(proxy),
+    )
+
+    async def bake() -> tuple[str, float]:
+        await store.ensure(
+            "img_benchart", {"kind": "oci", "ref": ref}, {"key": artifact_key("img_benchart")}
+        )
+        start = time.perf_counter()
+        await store.published("img_benchart")
+        elapsed = (time.perf_counter() - start) * 1000
+        digest = store.digest("img_benchart")
+        assert digest is not None, "the artifact was not published"
+        return digest, elapsed
+
+    digest, elapsed = asyncio.run(bake())
+    size = sum(p.stat().st_size for p in (work / "objects").rglob("rootfs.tar.zst"))
+    asyncio.run(store.evict("img_benchart"))
+    return digest, elapsed, size
+
+
+def run_fetch(proxy: Proxy, digest: str, work: Path, run: int) -> float:
+    """One artifact fetch + unpack on a fresh cache (another id base); milliseconds."""
+    cache = ImageCache(work / f"fetcher{run}", id_base=DEFAULT_ID_BASE + 2 * 65536)
+    store = ImageStore(cache, broker=_broker(proxy))
+    artifact = {"key": artifact_key("img_benchart"), "digest": digest}
+    start = time.perf_counter()
+    asyncio.run(store.ensure("img_benchart", {"kind": "tar", "path": "/nonexistent"}, artifact))
+    elapsed = (time.perf_counter() - start) * 1000
+    assert store.bake_source("img_benchart") == "artifact"
+    asyncio.run(store.evict("img_benchart"))
+    return elapsed
+
+
 def run_baseline(ref: str, work: Path, run: int) -> float:
     """One ``skopeo copy`` + ``umoci unpack``; milliseconds."""
     layout, bundle = work / f"layout{run}", work / f"bundle{run}"
@@ -113,25 +173,36 @@ def main() -> None:
         raise SystemExit(f"{args.tree} is missing: run tests/worker/test_debootstrap_image.py once")
     root = Path(tempfile.mkdtemp(prefix="sbt-bench-img-", dir="/var/tmp"))
     registry = Registry(root)
+    proxy = start_proxy(
+        {"SCAIBUNKER_STORAGE_BACKEND": "local", "SCAIBUNKER_STORAGE_DIR": str(root / "objects")},
+        root,
+    )
     try:
         layer = pack_layer(args.tree, args.tree_id_base, root / "layer.tar")
         ref = registry.push("bench/debian:v1", [layer], work=root)
         tree_mib = du_mib(args.tree)
-        ours, base = [], []
+        digest, publish_ms, artifact_bytes = publish_artifact(ref, registry.host, proxy, root)
+        ours, base, fetch = [], [], []
         for run in range(args.runs):
             base.append(run_baseline(ref, root, run))
             ours.append(run_ours(ref, registry.host, root, run))
+            fetch.append(run_fetch(proxy, digest, root, run))
         rows = [
             ("OCI pull + bake (`ImageCache.ensure`)", ours),
             ("`skopeo copy` + `umoci unpack`", base),
+            ("baked artifact fetch + unpack (second worker, through the proxy)", fetch),
         ]
         command = f".venv/bin/python -m benchmarks.images --runs {args.runs}"
+        what = "a Debian bookworm minbase + python3 tree"
+        if args.tree != DEFAULT_TREE:
+            command += f" --tree {args.tree} --tree-id-base {args.tree_id_base}"
+            what = f"the tree {args.tree}"
         lines = [
             SECTION,
             "",
             f"Command: `{command}`  ",
-            f"Machine: {platform.node()}, {platform.machine()}, image: one layer of a Debian "
-            f"bookworm minbase + python3 tree ({tree_mib:.0f} MiB unpacked, "
+            f"Machine: {platform.node()}, {platform.machine()}, image: one layer of {what} "
+            f"({tree_mib:.0f} MiB unpacked, "
             f"{layer.stat().st_size / (1 << 20):.0f} MiB tar, gzip-compressed by umoci), local "
             f"registry on 127.0.0.1; run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
             "",
@@ -151,6 +222,10 @@ def main() -> None:
             "adds the guest user and shifts the owner of every inode for the user namespace. "
             "The machine's 2 cores are shared with other engineers' runs.",
             "",
+            f"Artifact: {artifact_bytes / (1 << 20):.0f} MiB `tar.zst`, archived and uploaded "
+            f"once by the first bake in {publish_ms:.0f} ms (in the background of that bake); "
+            f"ratio p50 fetch / pull + bake: {percentile(fetch, 50) / percentile(ours, 50):.2f}.",
+            "",
         ]
         section = "\n".join(lines)
         print(section)
@@ -164,6 +239,7 @@ def main() -> None:
                 text = text.rstrip("\n") + "\n\n" + section
             RESULTS.write_text(text)
     finally:
+        _stop(proxy.process)
         registry.stop()
         subprocess.run(["rm", "-rf", "--one-file-system", str(root)], check=False)
 
