@@ -11,7 +11,15 @@
   (``cat FILE | crun exec … sh -c 'cat >/dev/null'``), and as many bytes out of it
   (``crun exec … head -c N /dev/zero``; its root is read-only, so no copy of the file).
 
+* ``archive``: ``GET .../files/archive`` of the home directory holding the uploaded file, and
+  ``PUT .../files/archive`` of a local tar of it into a fresh directory (same baselines as
+  the file rows).
+
 Throughputs are MB/s (10^6 bytes per second) of the best and median of ``--rounds`` runs.
+Beside each, the CPU time the controller, the worker and the guest agent spent on it (CPU
+seconds per GiB moved, or CPU milliseconds per exec), read from ``/proc/PID/stat``: on a
+shared, loaded machine these say where the work goes even when wall times are dominated by
+waiting for a core.
 
 Usage (as root, from the repository root)::
 
@@ -29,6 +37,7 @@ import platform
 import shutil
 import statistics
 import subprocess
+import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -54,6 +63,49 @@ def _rate(nbytes: int, action: Callable[[], None], rounds: int) -> list[float]:
         action()
         rates.append(nbytes / 1e6 / (time.perf_counter() - start))
     return rates
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds ``pid`` has used (0 when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU seconds of the controller, its worker and the newest guest agent, per measurement."""
+
+    def __init__(self, controller_pid: int) -> None:
+        table = subprocess.run(
+            ["ps", "-e", "-o", "pid=,ppid=,args="], capture_output=True, text=True, check=True
+        ).stdout.splitlines()
+        children: dict[int, list[int]] = {}
+        args: dict[int, str] = {}
+        for row in table:
+            pid, ppid, command = row.strip().split(None, 2) + [""] * (3 - len(row.split(None, 2)))
+            children.setdefault(int(ppid), []).append(int(pid))
+            args[int(pid)] = command
+        self.pids = {"controller": controller_pid}
+        workers = children.get(controller_pid, [])
+        if workers:
+            self.pids["worker"] = workers[0]
+            # The agent of the benchmark's bunker: the newest agent below that worker.
+            below, agents = list(workers), []
+            while below:
+                pid = below.pop()
+                below.extend(children.get(pid, []))
+                if "scaigrid.agent" in args.get(pid, ""):
+                    agents.append(pid)
+            if agents:
+                self.pids["agent"] = max(agents)
+
+    def measure(self, action: Callable[[], Any]) -> tuple[Any, dict[str, float]]:
+        """Run ``action``; return its result and the CPU seconds each process used."""
+        before = {name: _cpu_s(pid) for name, pid in self.pids.items()}
+        result = action()
+        return result, {name: _cpu_s(pid) - before[name] for name, pid in self.pids.items()}
 
 
 @contextlib.contextmanager
@@ -97,10 +149,15 @@ def measure(
                     raise RuntimeError(f"exec failed: {answer}")
 
             timed(lambda: run(["true"]), 20)
-            results["exec_round_trip"] = timed(lambda: run(["true"]), execs)
+            meter = CpuMeter(stack.process.pid)
+            cpu: dict[str, dict[str, float]] = {}
+            results["cpu"] = cpu
+            results["exec_round_trip"], cpu["exec_round_trip"] = meter.measure(
+                lambda: timed(lambda: run(["true"]), execs)
+            )
             produce = f"head -c {stdout_bytes} /dev/zero"
-            results["stdout_api"] = _rate(
-                stdout_bytes, lambda: run(produce, max_output_bytes=1 << 20), rounds
+            results["stdout_api"], cpu["stdout_api"] = meter.measure(
+                lambda: _rate(stdout_bytes, lambda: run(produce, max_output_bytes=1 << 20), rounds)
             )
 
             def sse() -> None:
@@ -113,7 +170,9 @@ def measure(
                     for _ in response.iter_bytes(_CHUNK):
                         pass
 
-            results["stdout_sse"] = _rate(stdout_bytes, sse, rounds)
+            results["stdout_sse"], cpu["stdout_sse"] = meter.measure(
+                lambda: _rate(stdout_bytes, sse, rounds)
+            )
             results["stdout_inside"] = _rate(
                 stdout_bytes, lambda: run(f"{produce} >/dev/null"), rounds
             )
@@ -137,8 +196,51 @@ def measure(
                 if received != file_bytes:
                     raise RuntimeError(f"download returned {received} of {file_bytes} bytes")
 
-            results["upload"] = _rate(file_bytes, upload, rounds)
-            results["download"] = _rate(file_bytes, download, rounds)
+            results["upload"], cpu["upload"] = meter.measure(
+                lambda: _rate(file_bytes, upload, rounds)
+            )
+            results["download"], cpu["download"] = meter.measure(
+                lambda: _rate(file_bytes, download, rounds)
+            )
+            archive_url = f"{files_url}/archive"
+            local_tar = Path(scratch) / "blob.tar"
+            with tarfile.open(local_tar, "w") as tar:
+                tar.add(local, arcname="blob")
+            tar_bytes = local_tar.stat().st_size
+            client.post(exec_url, json={"command": "mkdir -p /home/user/arch-src"})
+            client.post(exec_url, json={"command": "mv blob arch-src/blob"})
+
+            def archive_download() -> None:
+                received = 0
+                with client.stream("GET", archive_url, params={"path": "arch-src"}) as response:
+                    for chunk in response.iter_bytes(_CHUNK):
+                        received += len(chunk)
+                if received < file_bytes:
+                    raise RuntimeError(f"archive of {received} bytes: {response.status_code}")
+
+            def archive_upload() -> None:
+                with local_tar.open("rb") as fh:
+                    response = client.put(
+                        archive_url,
+                        params={"path": "arch-dst"},
+                        content=iter(lambda: fh.read(_CHUNK), b""),
+                    )
+                if response.json()["data"].get("bytes") != file_bytes:
+                    raise RuntimeError(f"archive upload: {response.text}")
+
+            results["archive_download"], cpu["archive_download"] = meter.measure(
+                lambda: _rate(tar_bytes, archive_download, rounds)
+            )
+            results["archive_upload"], cpu["archive_upload"] = meter.measure(
+                lambda: _rate(tar_bytes, archive_upload, rounds)
+            )
+            results["sizes"] = {
+                "stdout": stdout_bytes,
+                "file": file_bytes,
+                "tar": tar_bytes,
+                "rounds": rounds,
+                "execs": execs,
+            }
             client.delete(f"{BASE}/bunkers/{bunker['id']}")
 
         with _bare(bunker_rootfs(stack, image)) as (runtime, name):
@@ -179,6 +281,11 @@ def report(results: dict[str, Any], command: str, sizes: str) -> str:
     """Render the results as a Markdown section."""
     runtime = results["runtime"]
     ours, base = results["exec_round_trip"], results["bare_exec"]
+    cpu, sizes_of = results["cpu"], results["sizes"]
+    exec_cpu = ", ".join(
+        f"{name} {seconds * 1000 / sizes_of['execs']:.1f}"
+        for name, seconds in cpu["exec_round_trip"].items()
+    )
     lines = [
         SECTION,
         "",
@@ -195,9 +302,11 @@ def report(results: dict[str, Any], command: str, sizes: str) -> str:
         f"{statistics.median(base):.1f} | {percentile(base, 99):.1f} | "
         f"{statistics.median(ours) / statistics.median(base):.2f} | ≤ 5 |",
         "",
+        f"CPU per exec (ms): {exec_cpu}.",
+        "",
         "| throughput | n | median MB/s | best MB/s | baseline | median MB/s | best MB/s "
-        "| target |",
-        "|---|---|---|---|---|---|---|---|",
+        "| target | CPU s/GiB: controller, worker, agent |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     rows = [
         (
@@ -228,12 +337,37 @@ def report(results: dict[str, Any], command: str, sizes: str) -> str:
             "bare_download",
             "≥ 300",
         ),
+        (
+            "tar of a directory, GET /files/archive",
+            "archive_download",
+            f"`{runtime} exec … head -c N /dev/zero`",
+            "bare_download",
+            "—",
+        ),
+        (
+            "tar extracted into a directory, PUT /files/archive",
+            "archive_upload",
+            f"`cat FILE \\| {runtime} exec … cat >/dev/null`",
+            "bare_upload",
+            "—",
+        ),
     ]
+    moved = {
+        "stdout_api": sizes_of["stdout"],
+        "stdout_sse": sizes_of["stdout"],
+        "upload": sizes_of["file"],
+        "download": sizes_of["file"],
+        "archive_download": sizes_of["tar"],
+        "archive_upload": sizes_of["tar"],
+    }
     for label, key, base_label, base_key, target in rows:
         mine, theirs = results[key], results[base_key]
+        gib = moved[key] * sizes_of["rounds"] / (1 << 30)
+        per_gib = ", ".join(f"{seconds / gib:.2f}" for seconds in cpu[key].values())
         lines.append(
             f"| {label} | {len(mine)} | {statistics.median(mine):.0f} | {max(mine):.0f} | "
-            f"{base_label} | {statistics.median(theirs):.0f} | {max(theirs):.0f} | {target} |"
+            f"{base_label} | {statistics.median(theirs):.0f} | {max(theirs):.0f} | {target} "
+            f"| {per_gib} |"
         )
     return "\n".join(lines) + "\n"
 
