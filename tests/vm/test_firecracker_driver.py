@@ -9,6 +9,7 @@ import copy
 import json
 import os
 import shutil
+import stat
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ import yaml
 
 from scaigrid.worker.drivers.base import DriverError
 from scaigrid.worker.drivers.firecracker import FirecrackerDriver, vcpu_count, vsock_connect
+from scaigrid.worker.rootfs.mounts import mounts_under
 from tests.vm.conftest import SpecFactory
 
 SWAGGER = Path(__file__).resolve().parents[3] / "shared" / "data" / "firecracker-swagger.yaml"
@@ -233,6 +235,40 @@ async def test_the_jailer_gets_a_staged_chroot_and_relative_paths(
         await driver.stop(spec.bunker_id)
     assert not (fc_data / "firecracker" / spec.bunker_id).exists()
     assert not root.exists()
+
+
+async def test_a_restored_layer_lands_on_the_jailed_scratch_disk_and_reads_back(
+    fake_bin: Path, fc_log: Path, fc_data: Path, make_spec: SpecFactory
+) -> None:
+    """Snapshot plumbing without a guest: ``populate_upper`` fills the scratch disk the
+    (jailed) VMM is given, and ``frozen_layer`` reads that disk's upper back with the guest's
+    ids, then leaves nothing mounted."""
+
+    def populate(upper: Path) -> None:
+        (upper / "data").mkdir()
+        (upper / "data" / "f").write_text("restored\n")
+        os.chown(upper / "data" / "f", 1000, 50)
+        os.mknod(upper / "gone", 0o600 | stat.S_IFCHR, 0)  # an overlay whiteout
+
+    driver = fake_driver(fake_bin, fc_data, jailer=str(fake_bin / "jailer"))
+    assert driver.layer_id_base == 0
+    spec = make_spec(populate_upper=populate)
+    handle = await driver.start(spec)
+    state_dir = fc_data / "firecracker" / spec.bunker_id
+    try:
+        assert handle.scratch_disk.parent.name == "root"  # the chroot's disk
+        await driver.pause(handle)
+        async with driver.frozen_layer(spec.bunker_id) as upper:
+            data = upper / "data" / "f"
+            assert data.read_text() == "restored\n"
+            assert (data.stat().st_uid, data.stat().st_gid) == (1000, 50)
+            gone = (upper / "gone").lstat()
+            assert stat.S_ISCHR(gone.st_mode) and gone.st_rdev == 0
+            assert mounts_under(state_dir) == [str(state_dir / "layer")]
+        assert mounts_under(state_dir) == []
+        assert sorted(p.name for p in state_dir.iterdir() if p.name.startswith("layer")) == []
+    finally:
+        await driver.stop(spec.bunker_id)
 
 
 async def test_vsock_connect_refusal_is_a_connection_error(tmp_path: Path) -> None:

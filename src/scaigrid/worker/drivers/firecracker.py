@@ -19,7 +19,10 @@ The agent listens on vsock port :data:`AGENT_VSOCK_PORT`; the host connects to t
 unix socket and sends ``CONNECT <port>\\n``, Firecracker answers ``OK <host port>\\n`` and
 the stream is the agent's (a fresh connection each time, so no resync handshake).
 Pause/resume are ``PATCH /vm {"state": "Paused"|"Resumed"}``. Stop kills the process and
-removes the state (and chroot) directory; it works from the id alone.
+removes the state (and chroot) directory; it works from the id alone. Snapshots read the
+paused guest's writable layer from a checked copy of the scratch disk the VMM writes
+(:func:`~scaigrid.worker.vm.disks.scratch_layer`), and a restore fills a new scratch disk,
+as for ``qemu``.
 
 Networking: for any profile but ``isolated`` the bunker's namespace is rewired for a tap
 (:mod:`scaigrid.worker.vm.network`), Firecracker runs in that namespace (``nsenter
@@ -37,7 +40,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +61,11 @@ from scaigrid.worker.vm.disks import (
     DiskError,
     GuestDisks,
     boot_script,
+    drop_scratch_layer,
     guest_agent_argv,
     prepare_guest_disks,
     remove_tree,
+    scratch_layer,
 )
 from scaigrid.worker.vm.network import (
     TAP,
@@ -169,6 +174,8 @@ class FirecrackerHandle:
         self.process = process
         self.api_socket = api_socket
         self.vsock_socket = vsock_socket
+        #: The scratch disk the VMM writes (the chroot's hard link or copy when jailed).
+        self.scratch_disk = state_dir / "scratch.ext4"
         self.console = Console()
         self._reader: asyncio.Task[None] | None = None
 
@@ -299,6 +306,8 @@ class FirecrackerDriver:
             raise DriverError(str(exc)) from exc
         self.jail_uid, self.jail_gid = jail_uid, jail_gid
         self.id_base = id_base
+        #: Owners in a guest's writable layer are the guest's own ids (snapshots).
+        self.layer_id_base = 0
         self.boot_timeout_s = boot_timeout_s
         self.info = DriverInfo(name="firecracker", isolation="microvm", accel="kvm")
         self._bunkers_dir = self.data_dir / "firecracker"
@@ -339,6 +348,7 @@ class FirecrackerDriver:
                         spec.hostname,
                         network=guest_network_script(network) if network is not None else (),
                     ),
+                    populate_upper=spec.populate_upper,
                 )
             except DiskError as exc:
                 raise DriverError(str(exc)) from exc
@@ -417,6 +427,8 @@ class FirecrackerDriver:
             raise DriverError(f"cannot start {argv[0]}: {exc}") from exc
         (state_dir / "vmm.pid").write_text(f"{process.pid}\n")
         handle = FirecrackerHandle(spec.bunker_id, state_dir, process, api_socket, vsock_socket)
+        if self.jailer is not None:
+            handle.scratch_disk = root / "scratch"
         self._handles[spec.bunker_id] = handle
         handle.start_console()
         await self._wait_api(handle)
@@ -495,6 +507,24 @@ class FirecrackerDriver:
         """
         await self._own(handle).api("PATCH", "/vm", {"state": "Resumed"})
 
+    @contextlib.asynccontextmanager
+    async def frozen_layer(self, bunker_id: str) -> AsyncIterator[Path]:
+        """Yield the VM's writable layer as a host directory, for snapshots (see
+        :meth:`QemuDriver.frozen_layer <scaigrid.worker.drivers.qemu.QemuDriver.frozen_layer>`);
+        call it only while the VM is paused and after the guest synced.
+
+        Raises:
+            DriverError: the VM is not running here, or the layer could not be read.
+        """
+        own = self._handles.get(bunker_id)
+        if own is None or own.process.returncode is not None:
+            raise DriverError(f"bunker {bunker_id} is not running on this worker")
+        try:
+            async with scratch_layer(own.scratch_disk, own.state_dir) as upper:
+                yield upper
+        except DiskError as exc:
+            raise DriverError(f"cannot read the writable layer of {bunker_id}: {exc}") from exc
+
     async def stop(self, bunker_id: str) -> None:
         """Kill the VMM and remove the state directory (idempotent; from the id alone).
 
@@ -510,6 +540,7 @@ class FirecrackerDriver:
             await handle.wait_exit()
         else:
             await asyncio.to_thread(_kill_leftover, state_dir)
+        await drop_scratch_layer(state_dir)
         await asyncio.to_thread(remove_tree, self._jail_dir(bunker_id))
         await asyncio.to_thread(remove_tree, state_dir)
 

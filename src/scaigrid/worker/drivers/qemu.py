@@ -53,9 +53,7 @@ from qemu.qmp import QMPClient, QMPError
 from scaigrid.agent.serial import host_handshake
 from scaigrid.ids import is_id
 from scaigrid.worker.drivers.base import BunkerHandle, BunkerSpec, DriverError, DriverInfo
-from scaigrid.worker.rootfs.commands import CommandError, run_command
 from scaigrid.worker.rootfs.idshift import DEFAULT_ID_BASE
-from scaigrid.worker.rootfs.mounts import unmount_all_under
 from scaigrid.worker.vm.artifacts import (
     VmArtifactError,
     VmArtifacts,
@@ -67,9 +65,11 @@ from scaigrid.worker.vm.disks import (
     DiskError,
     base_disk_path,
     boot_script,
+    drop_scratch_layer,
     guest_agent_argv,
     prepare_guest_disks,
     remove_tree,
+    scratch_layer,
 )
 from scaigrid.worker.vm.network import (
     TAP,
@@ -88,10 +88,6 @@ BOOT_TIMEOUT_S = 90.0
 #: Seconds the KVM probe may take before KVM counts as unusable.
 KVM_PROBE_TIMEOUT_S = 10.0
 QMP_TIMEOUT_S = 10.0
-#: Seconds copying or mounting a scratch disk for a snapshot may take.
-LAYER_COMMAND_TIMEOUT_S = 300.0
-#: ``e2fsck`` exit statuses of a sound (0) or repaired (1, 2) filesystem.
-FSCK_OK = (0, 1, 2)
 #: Seconds the agent may take to answer the serial handshake of a new connection.
 HANDSHAKE_TIMEOUT_S = 10.0
 #: Seconds ``quit`` may take before QEMU is killed.
@@ -532,85 +528,26 @@ class QemuDriver:
     @contextlib.asynccontextmanager
     async def frozen_layer(self, bunker_id: str) -> AsyncIterator[Path]:
         """Yield the VM's writable layer (the overlay ``upper`` directory on its scratch
-        disk) as a host directory, for snapshots.
+        disk) as a host directory, for snapshots (:func:`~scaigrid.worker.vm.disks.
+        scratch_layer`: a checked, read-only mounted copy; owners are the guest's ids,
+        :attr:`layer_id_base` 0).
 
         Call it only while the VM is paused (QMP ``stop`` drains its disk I/O) and after
-        the guest flushed its page cache (agent ``POST /v1/sync``). A sparse copy of the
-        scratch disk is taken, checked and repaired with ``e2fsck -f -y`` (which also
-        replays its journal, on the copy, never on the disk the guest uses), mounted
-        read-only (``nodev,nosuid,noexec``) at ``<state>/layer`` and removed when the
-        context ends. The owners under it are the guest's ids (:attr:`layer_id_base` 0).
-
-        Note: the guest controls every byte of that filesystem. The user-space check
-        refuses a damaged one before the host kernel sees it, but the host kernel still
-        parses what passes; archiving inside the guest (by the agent) is the stronger
-        design, left to do.
+        the guest flushed its page cache (agent ``POST /v1/sync``).
 
         Raises:
-            DriverError: the VM is not running here, the copy could not be made or
-                mounted, or ``e2fsck`` found damage it could not repair.
+            DriverError: the VM is not running here, or the layer could not be read (the
+                copy could not be made or mounted, or ``e2fsck`` found damage it could not
+                repair).
         """
         own = self._handles.get(bunker_id)
         if own is None or own.process.returncode is not None:
             raise DriverError(f"bunker {bunker_id} is not running on this worker")
-        state_dir = own.state_dir
-        copy, mount_point = state_dir / "layer.ext4", state_dir / "layer"
         try:
-            await run_command(
-                "cp",
-                "--sparse=always",
-                "--reflink=auto",
-                "--",
-                str(state_dir / "scratch.ext4"),
-                str(copy),
-                timeout_s=LAYER_COMMAND_TIMEOUT_S,
-            )
-            # The guest wrote this filesystem: it is checked (and its journal replayed)
-            # in user space before the host kernel mounts it, read-only.
-            checked = await run_command(
-                "e2fsck",
-                "-f",
-                "-y",
-                "--",
-                str(copy),
-                check=False,
-                timeout_s=LAYER_COMMAND_TIMEOUT_S,
-            )
-            if checked.returncode not in FSCK_OK:
-                raise DriverError(
-                    f"the scratch disk of {bunker_id} holds no sound ext4 "
-                    f"(e2fsck status {checked.returncode})"
-                )
-            await asyncio.to_thread(mount_point.mkdir, 0o700)
-            await run_command(
-                "mount",
-                "-t",
-                "ext4",
-                "-o",
-                "loop,ro,noload,nodev,nosuid,noexec",
-                "--",
-                str(copy),
-                str(mount_point),
-                timeout_s=LAYER_COMMAND_TIMEOUT_S,
-            )
-        except DriverError:
-            await self._drop_layer(state_dir)
-            raise
-        except (CommandError, OSError) as exc:
-            await self._drop_layer(state_dir)
+            async with scratch_layer(own.state_dir / "scratch.ext4", own.state_dir) as upper:
+                yield upper
+        except DiskError as exc:
             raise DriverError(f"cannot read the writable layer of {bunker_id}: {exc}") from exc
-        try:
-            yield mount_point / "upper"
-        finally:
-            await self._drop_layer(state_dir)
-
-    @staticmethod
-    async def _drop_layer(state_dir: Path) -> None:
-        """Unmount and delete what :meth:`frozen_layer` made (idempotent)."""
-        await unmount_all_under(state_dir)
-        await asyncio.to_thread(remove_tree, state_dir / "layer")
-        with contextlib.suppress(FileNotFoundError):
-            await asyncio.to_thread((state_dir / "layer.ext4").unlink)
 
     async def stop(self, bunker_id: str) -> None:
         """Quit (or kill) the VM and remove its state directory (idempotent; works from the
@@ -635,7 +572,7 @@ class QemuDriver:
         else:
             await asyncio.to_thread(_kill_leftover, state_dir)
         # A snapshot interrupted by a crash may have left its layer copy mounted.
-        await self._drop_layer(state_dir)
+        await drop_scratch_layer(state_dir)
         await asyncio.to_thread(remove_tree, state_dir)
         log.info("qemu.stopped", bunker_id=bunker_id)
 

@@ -12,9 +12,11 @@ per-bunker scratch disk.
   (:mod:`scaigrid.worker.rootfs.agent_runtime`), baked once per runtime.
 * **Scratch disk** (``/dev/vdb``): a sparse file of ``disk_mb`` MiB formatted as ext4
   holding ``boot.sh`` (what the initramfs sources: environment, hostname, agent argv) at
-  its top; the overlay's upper and work directories are created beside it at boot. Data a
+  its top; the overlay's upper and work directories are created beside it at boot (a
+  restored bunker's upper is filled from its snapshot when the disk is made). Data a
   guest writes lands only in this file, so a full scratch disk fails inside the guest and
-  never touches the host's free space beyond ``disk_mb``.
+  never touches the host's free space beyond ``disk_mb``. Snapshots read the upper from a
+  checked copy of the disk (:func:`scratch_layer`).
 """
 
 from __future__ import annotations
@@ -27,15 +29,16 @@ import os
 import shlex
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
-from scaigrid.worker.rootfs.commands import CommandError
+from scaigrid.worker.rootfs.commands import CommandError, run_command
 from scaigrid.worker.rootfs.errors import ImageBuildError
 from scaigrid.worker.rootfs.ext4 import make_ext4, run_mkfs
+from scaigrid.worker.rootfs.mounts import unmount_all_under
 
 log = structlog.get_logger(__name__)
 
@@ -44,6 +47,12 @@ BAKE_SLACK_MIB = 64
 #: Factor over the tree's apparent size (ext4 metadata, block rounding of small files).
 BAKE_FACTOR = 1.25
 MKFS_TIMEOUT_S = 600.0
+#: Seconds copying, checking or mounting a scratch disk for a snapshot may take.
+LAYER_COMMAND_TIMEOUT_S = 300.0
+#: ``e2fsck`` exit statuses of a sound (0) or repaired (1, 2) filesystem.
+FSCK_OK = (0, 1, 2)
+LAYER_COPY = "layer.ext4"
+LAYER_MOUNT = "layer"
 
 
 class DiskError(Exception):
@@ -204,6 +213,73 @@ def _write_boot(top: Path, boot_sh: str) -> None:
     fd = os.open(top / "boot.sh", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(boot_sh)
+
+
+@contextlib.asynccontextmanager
+async def scratch_layer(scratch: Path, work_dir: Path) -> AsyncIterator[Path]:
+    """Yield the overlay ``upper`` directory of the scratch disk ``scratch`` as a host
+    directory, for snapshots; the VM must be paused and its guest synced.
+
+    A sparse copy of the disk is made at ``work_dir/layer.ext4``, checked and repaired with
+    ``e2fsck -f -y`` (which also replays its journal: on the copy, never on the disk the
+    guest uses), mounted read-only (``noload,nodev,nosuid,noexec``) at ``work_dir/layer``,
+    and unmounted and removed when the context ends (:func:`drop_scratch_layer`).
+
+    The guest controls every byte of that filesystem: the user-space check refuses a
+    damaged one before the host kernel sees it, but the host kernel still parses what
+    passes. Archiving inside the guest (by the agent) is the stronger design, left to do.
+
+    Raises:
+        DiskError: the copy could not be made or mounted, or ``e2fsck`` found damage it
+            could not repair.
+    """
+    copy, mount_point = work_dir / LAYER_COPY, work_dir / LAYER_MOUNT
+    try:
+        await run_command(
+            "cp",
+            "--sparse=always",
+            "--reflink=auto",
+            "--",
+            str(scratch),
+            str(copy),
+            timeout_s=LAYER_COMMAND_TIMEOUT_S,
+        )
+        checked = await run_command(
+            "e2fsck", "-f", "-y", "--", str(copy), check=False, timeout_s=LAYER_COMMAND_TIMEOUT_S
+        )
+        if checked.returncode not in FSCK_OK:
+            raise DiskError(
+                f"the scratch disk holds no sound ext4 (e2fsck status {checked.returncode})"
+            )
+        await asyncio.to_thread(mount_point.mkdir, 0o700)
+        await run_command(
+            "mount",
+            "-t",
+            "ext4",
+            "-o",
+            "loop,ro,noload,nodev,nosuid,noexec",
+            "--",
+            str(copy),
+            str(mount_point),
+            timeout_s=LAYER_COMMAND_TIMEOUT_S,
+        )
+    except BaseException as exc:
+        await drop_scratch_layer(work_dir)
+        if isinstance(exc, CommandError | OSError):
+            raise DiskError(str(exc)) from exc
+        raise
+    try:
+        yield mount_point / "upper"
+    finally:
+        await drop_scratch_layer(work_dir)
+
+
+async def drop_scratch_layer(work_dir: Path) -> None:
+    """Unmount and delete what :func:`scratch_layer` made in ``work_dir`` (idempotent;
+    also after a crash)."""
+    await unmount_all_under(work_dir / LAYER_MOUNT)
+    await asyncio.to_thread(remove_tree, work_dir / LAYER_MOUNT)
+    await asyncio.to_thread(_unlink, work_dir / LAYER_COPY)
 
 
 def remove_tree(path: Path) -> None:
