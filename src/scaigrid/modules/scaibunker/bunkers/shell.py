@@ -269,6 +269,7 @@ class ShellRelay:
         pump_out = asyncio.ensure_future(self._pump_output(websocket))
         pump_in = asyncio.ensure_future(self._pump_input(websocket))
         toucher = asyncio.ensure_future(self._touch_activity())
+        gaps = asyncio.ensure_future(self._drain_progress())
         result_task = asyncio.ensure_future(self.handle.result(RESULT_WAIT_S))
         try:
             await websocket.send_text(
@@ -311,7 +312,7 @@ class ShellRelay:
         except (WebSocketDisconnect, RuntimeError, OSError):
             await self.handle.cancel()
         finally:
-            for task in (pump_out, pump_in, toucher, result_task):
+            for task in (pump_out, pump_in, toucher, gaps, result_task):
                 task.cancel()
             self.input.abandon()
             self.output.close()
@@ -320,6 +321,23 @@ class ShellRelay:
                 shells[self.bunker_id] = left
             else:
                 shells.pop(self.bunker_id, None)
+
+    async def _drain_progress(self) -> None:
+        """Consume the task's progress (gap notices: output the agent's ring buffer dropped
+        while this client read too slowly), so it does not pile up for a long session."""
+        while True:
+            try:
+                progress = await self.handle.next_progress(3600.0)
+            except errors.AgentUnavailable:
+                continue
+            if progress is None:
+                return
+            if progress.get("event") == "gap":
+                log.info(
+                    "shell_output_dropped",
+                    session_id=self.session_id,
+                    dropped_bytes=progress.get("dropped_bytes"),
+                )
 
     async def _pump_output(self, websocket: WebSocket) -> None:
         async for chunk in self.output:
