@@ -162,7 +162,8 @@ async def test_worker_restart_leaves_no_stale_namespaces_or_rules(inet: Inet) ->
         assert second.leftovers() == sorted([second.router, second.l2.netns])
         kinds = [next(iter(obj)) for obj in await second.ruleset()]
         chains = [obj["chain"]["name"] for obj in await second.ruleset() if "chain" in obj]
-        assert "set" in kinds and sorted(chains) == ["forward", "input", "postrouting"]
+        assert "set" in kinds
+        assert sorted(chains) == ["forward", "input", "postrouting", "prerouting"]
         fresh = await second.attach(_bid(), NetRequest("unrestricted", upstreams=UPSTREAM))
         assert await connect(fresh.netns, WEB_IPS[0]) == "ok"
     finally:

@@ -49,6 +49,10 @@ class BunkerSpec:
         agent_runtime: host directory with the self-contained agent runtime, mounted
             read-only at ``/.scaibunker`` inside the bunker.
         init_argv: argv of the bunker's PID 1 (the agent), as seen inside the bunker.
+        userns_path: a user namespace to join (container driver), the one owning
+            ``netns_path`` for a ``transit`` bunker; ``None`` for a new one.
+        extra_capabilities: capabilities added to the bunker's root (container driver),
+            e.g. ``CAP_NET_ADMIN`` and ``CAP_NET_RAW`` for a ``transit`` bunker.
         populate_upper: blocking callable run with the empty writable-layer (overlay upper)
             directory before the root is assembled, e.g. to unpack a snapshot into it. Only
             drivers with an ``upper_dir(bunker_id)`` method honour it; the supervisor never
@@ -64,6 +68,8 @@ class BunkerSpec:
     agent_runtime: Path | None = None
     init_argv: tuple[str, ...] = ()
     populate_upper: Callable[[Path], None] | None = None
+    userns_path: str | None = None
+    extra_capabilities: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

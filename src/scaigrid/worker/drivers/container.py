@@ -20,7 +20,11 @@ seccomp profile of :mod:`.seccomp`; runc's/Docker's masked and read-only ``/proc
 ``/sys`` paths; cgroup limits from :class:`Resources`. The network namespace is new and
 loopback-only, or the one at ``spec.netns_path``; a bunker cannot mount sysfs in a namespace
 its user namespace does not own, so for a joined namespace the worker mounts a sysfs from
-inside it and binds it read-only at ``/sys``.
+inside it and binds it read-only at ``/sys``. A ``transit`` bunker instead joins a user
+namespace the worker made with the same mapping and that owns its network namespace
+(``spec.userns_path``, :mod:`scaigrid.worker.net.userns`) and gets ``NET_ADMIN`` and
+``NET_RAW`` as well (``spec.extra_capabilities``): it configures its own interfaces. crun
+1.8 and runc 1.1 both join it by path (the mappings stay in the spec; runc wants them).
 
 **Runtime choice.** The constructor probes crun, then runc, by running a throwaway
 container through the very same config builder (user namespace, cgroups, seccomp): the first
@@ -587,6 +591,8 @@ def build_oci_config(
     oom_score_adj: int | None = None,
     sysfs_source: Path | None = None,
     extra_mounts: Sequence[Mapping[str, Any]] = (),
+    userns_path: str | None = None,
+    extra_capabilities: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Return an OCI runtime-spec 1.0.2 ``config.json`` document for one bunker.
 
@@ -607,6 +613,12 @@ def build_oci_config(
             read-only at ``/sys``; ``None`` mounts a fresh sysfs (possible only in a network
             namespace the bunker's user namespace owns).
         extra_mounts: mounts appended after the standard ones (OCI mount objects).
+        userns_path: a user namespace to join instead of creating one (a ``transit``
+            bunker's, which owns its network namespace: :mod:`scaigrid.worker.net.userns`);
+            it must already map 0..65535 to ``id_base``. The mappings stay in the document
+            (runc 1.1 wants them even when joining; crun ignores them).
+        extra_capabilities: capabilities added to :data:`DEFAULT_CAPABILITIES` (bounding,
+            effective, permitted), e.g. ``CAP_NET_ADMIN`` for a ``transit`` bunker.
 
     Spec: https://github.com/opencontainers/runtime-spec/blob/v1.0.2/config.md and
     config-linux.md.
@@ -617,7 +629,13 @@ def build_oci_config(
     network: dict[str, str] = {"type": "network"}
     if netns_path:
         network["path"] = netns_path
-    caps = list(DEFAULT_CAPABILITIES)
+    caps = [
+        *DEFAULT_CAPABILITIES,
+        *(c for c in extra_capabilities if c not in DEFAULT_CAPABILITIES),
+    ]
+    user: dict[str, str] = {"type": "user"}
+    if userns_path:
+        user["path"] = userns_path
     environment = {"PATH": DEFAULT_PATH, **env}
     mapping = [{"containerID": 0, "hostID": id_base, "size": ID_RANGE_SIZE}]
     # Raising a hard limit needs CAP_SYS_RESOURCE in the initial namespace: stay within ours.
@@ -709,7 +727,7 @@ def build_oci_config(
                 {"type": "ipc"},
                 {"type": "uts"},
                 {"type": "mount"},
-                {"type": "user"},
+                user,
                 {"type": "cgroup"},
             ],
             "cgroupsPath": cgroups_path,
@@ -1320,6 +1338,8 @@ class ContainerDriver:
             oom_score_adj=self.oom_score_adj,
             sysfs_source=sysfs,
             extra_mounts=mounts,
+            userns_path=spec.userns_path,
+            extra_capabilities=spec.extra_capabilities,
         )
         fd = os.open(state_dir / "config.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as fh:

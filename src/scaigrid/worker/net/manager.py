@@ -10,6 +10,11 @@ workers sharing a host never collide):
   out of it.
 * **Bunker namespace** ``sb<tag>-<bunker_id>`` with ``lo`` and ``eth0`` (the bunker's end
   of veth ``v<slot>``), IPv6 disabled. Bunkers join it through ``BunkerSpec.netns_path``.
+* **Owned bunker namespace** (``transit`` bunkers, ``attach(..., owner_id_base=...)``): the
+  same, but created inside a user namespace with the bunker's id mapping, bind-mounted at
+  ``/run/scaibunker/userns/<netns name>`` (:mod:`scaigrid.worker.net.userns`), so the
+  bunker's root (which joins both) can configure its own interfaces. The router drops every
+  packet from its ``eth0`` whose source is not its address (:func:`nft.bunker_add`).
 * **Addresses** from a pool of /30 blocks: block 0 is the uplink (``.1`` uplink side,
   ``.2`` router), block ``n`` is bunker slot ``n`` (``.1`` gateway and resolver, ``.2``
   bunker).
@@ -47,6 +52,12 @@ from scaigrid.worker.net.l2 import InterfaceRequest, L2Error, L2Manager
 from scaigrid.worker.net.nsexec import NetnsExecutor
 from scaigrid.worker.net.policy import NamePolicy
 from scaigrid.worker.net.resolver import BunkerResolver, QueryRecord, parse_upstream
+from scaigrid.worker.net.userns import (
+    create_owned_netns,
+    remove_userns,
+    userns_leftovers,
+)
+from scaigrid.worker.rootfs.idshift import ID_RANGE_SIZE
 
 log = structlog.get_logger(__name__)
 
@@ -130,6 +141,8 @@ class Attachment:
         address: the bunker's ``eth0`` address.
         gateway: its gateway and DNS resolver address.
         ifname: the router-side interface name.
+        userns_path: the user namespace owning ``netns`` (``transit`` bunkers), else
+            ``None`` (the namespace belongs to the initial user namespace).
     """
 
     bunker_id: str
@@ -147,6 +160,7 @@ class Attachment:
     flows: dict[int, _Tracked] = field(default_factory=dict)
     done: set[int] = field(default_factory=set)
     egress_bytes: int = 0
+    userns_path: str | None = None
 
     @property
     def netns_path(self) -> str:
@@ -285,9 +299,13 @@ class NetworkManager:
     # -- lifecycle ---------------------------------------------------------------------
 
     def leftovers(self) -> list[str]:
-        """Namespaces of this worker that exist now (router and bunkers)."""
+        """Namespaces of this worker that exist now (router and bunkers), and
+        ``userns/<name>`` for each bind-mounted user namespace of an owned one."""
         prefix = f"sb{self.tag}-"
-        return sorted(n for n in netns.listnetns() if n.startswith(prefix))
+        return sorted(
+            [n for n in netns.listnetns() if n.startswith(prefix)]
+            + [f"userns/{n}" for n in userns_leftovers(prefix)]
+        )
 
     async def start(self) -> list[str]:
         """Remove a previous run's namespaces, then build the router; return what was removed.
@@ -317,7 +335,10 @@ class NetworkManager:
     def _reconcile(self) -> list[str]:
         removed = self.leftovers()
         for name in removed:
-            netns.remove(name)
+            if name.startswith("userns/"):
+                remove_userns(name.removeprefix("userns/"))
+            else:
+                netns.remove(name)
         self._delete_uplink_peer()
         for name in removed:
             log.info("net_leftover_removed", netns=name)
@@ -414,8 +435,19 @@ class NetworkManager:
 
     # -- bunkers -----------------------------------------------------------------------
 
-    async def attach(self, bunker_id: str, request: NetRequest) -> Attachment:
+    async def attach(
+        self, bunker_id: str, request: NetRequest, *, owner_id_base: int | None = None
+    ) -> Attachment:
         """Build ``bunker_id``'s namespace, addresses, rules and resolver.
+
+        Args:
+            bunker_id: ``bnk_`` id.
+            request: the network request.
+            owner_id_base: host uid/gid of the bunker's root: the namespace is then created
+                inside a new user namespace mapping bunker ids 0..65535 there
+                (:attr:`Attachment.userns_path`), so root in a bunker that joins both
+                configures its own interfaces (``transit``). ``None``: owned by the
+                initial user namespace, as for every other profile.
 
         Raises:
             NetworkError: not started, pool exhausted, or a netlink/nftables failure (whatever
@@ -445,13 +477,17 @@ class NetworkManager:
             )
             self._attached[bunker_id] = attachment
         try:
-            await asyncio.to_thread(self._build_bunker, attachment, request.bandwidth_mbit)
+            await asyncio.to_thread(
+                self._build_bunker, attachment, request.bandwidth_mbit, owner_id_base
+            )
             if request.interfaces:
                 await self.l2.attach(bunker_id, attachment.netns, request.interfaces)
             open_egress = request.profile in ("unrestricted", "transit")
             await self._exec.run(
                 self._nft.run,
-                nft.bunker_add(slot, attachment.ifname, gateway, open_egress=open_egress),
+                nft.bunker_add(
+                    slot, attachment.ifname, gateway, open_egress=open_egress, source=address
+                ),
             )
             policy = NamePolicy(None if open_egress else (request.allowlist or ()))
             attachment.resolver = await self._start_resolver(attachment, policy, upstreams)
@@ -470,8 +506,13 @@ class NetworkManager:
         )
         return attachment
 
-    def _build_bunker(self, a: Attachment, bandwidth_mbit: int | None) -> None:
-        create_netns(a.netns)
+    def _build_bunker(
+        self, a: Attachment, bandwidth_mbit: int | None, owner_id_base: int | None
+    ) -> None:
+        if owner_id_base is None:
+            create_netns(a.netns)
+        else:
+            a.userns_path = str(create_owned_netns(a.netns, owner_id_base, ID_RANGE_SIZE))
         run_in_netns(a.netns, lambda: _write_sysctl("net.ipv6.conf.all.disable_ipv6", "1"))
         run_in_netns(a.netns, lambda: _write_sysctl("net.ipv6.conf.default.disable_ipv6", "1"))
 
@@ -587,6 +628,7 @@ class NetworkManager:
             name = f"sb{self.tag}-{bunker_id}"
             if (NETNS_DIR / name).exists():
                 await asyncio.to_thread(netns.remove, name)
+            await asyncio.to_thread(remove_userns, name)
             return
         if attachment.resolver is not None:
             await attachment.resolver.close()
@@ -609,6 +651,7 @@ class NetworkManager:
             await asyncio.to_thread(ipr_in, self.router, self._link_deleter(attachment.ifname))
             if (NETNS_DIR / attachment.netns).exists():
                 await asyncio.to_thread(netns.remove, attachment.netns)
+            await asyncio.to_thread(remove_userns, attachment.netns)
         except (OSError, NetlinkError) as exc:
             raise NetworkError(f"network of bunker {bunker_id}: {exc}") from exc
         log.info("net_bunker_detached", bunker_id=bunker_id)

@@ -15,6 +15,13 @@ The ruleset of a worker lives in its router namespace, table ``inet scaibunker``
 * ``chain input`` (policy drop): loopback, established/related, and UDP DNS to a bunker's gateway
   address from that bunker's interface (``set dns``: ``ifname . ipv4_addr``).
 * ``chain postrouting`` (nat): masquerade out of the uplink.
+* ``chain prerouting`` (filter, raw priority, before conntrack): ``iifname vmap @guard``
+  jumps to the bunker's ``g_<slot>``, which drops (and counts) every IPv4 packet whose
+  source is not the bunker's own address: a bunker that changes its ``eth0`` address (a
+  ``transit`` bunker holds CAP_NET_ADMIN/CAP_NET_RAW in its namespace) can neither reach
+  anything with a forged source nor have replies routed to another bunker. ``rp_filter``
+  already drops most such packets; this rule holds without it, and drops them before
+  conntrack could match them to another bunker's established flow.
 * Per bunker: ``chain b_<slot>`` (deny4 → drop; profile rule; reject), ``set allow_<slot>``
   (ipv4 with timeouts) that the DNS resolver fills, and ``chain e_<slot>`` with ``counter
   egress_<slot>`` (every byte the bunker sent out of the uplink, for accounting).
@@ -141,6 +148,9 @@ def base_ruleset(deny: Iterable[str]) -> list[dict[str, Any]]:
         {"add": _obj("map", name="bunkers", type="ifname", map="verdict")},
         {"add": _obj("map", name="egress", type="ifname", map="verdict")},
         {"add": _obj("set", name="dns", type=["ifname", "ipv4_addr"])},
+        {"add": _obj("map", name="guard", type="ifname", map="verdict")},
+        {"add": _obj("chain", name="prerouting", type="filter", hook="prerouting", prio=-300)},
+        _rule("prerouting", {"vmap": {"key": _meta("iifname"), "data": "@guard"}}),
         {
             "add": _obj(
                 "chain", name="forward", type="filter", hook="forward", prio=0, policy="drop"
@@ -191,17 +201,23 @@ def _note_denied(chain: str, denied: str, *conditions: dict[str, Any]) -> dict[s
     )
 
 
-def bunker_add(slot: int, ifname: str, gateway: str, *, open_egress: bool) -> list[dict[str, Any]]:
-    """Commands adding one bunker's chain, allow set and map entries.
+def bunker_add(
+    slot: int, ifname: str, gateway: str, *, open_egress: bool, source: str
+) -> list[dict[str, Any]]:
+    """Commands adding one bunker's chains, allow set and map entries.
 
     Args:
-        slot: the bunker's address slot (names ``b_<slot>`` and ``allow_<slot>``).
+        slot: the bunker's address slot (names ``b_<slot>``, ``g_<slot>``, ``allow_<slot>``).
         ifname: router-side interface of the bunker's veth.
         gateway: the bunker's gateway (and DNS resolver) address.
         open_egress: ``True`` for ``unrestricted``/``transit`` (any destination but deny4),
             ``False`` for ``registry``/``allowlisted`` (only ``allow_<slot>``).
+        source: the bunker's own ``eth0`` address; IPv4 packets from ``ifname`` with any
+            other source are dropped in ``g_<slot>`` (anti-spoofing, every profile).
     """
     chain, allow, counter = f"b_{slot}", f"allow_{slot}", egress_counter(slot)
+    guard = f"g_{slot}"
+    saddr = {"payload": {"protocol": "ip", "field": "saddr"}}
     to_uplink = _match(_meta("oifname"), UPLINK_IF)
     egress = (
         _rule(chain, to_uplink, {"counter": None}, {"accept": None})
@@ -212,6 +228,18 @@ def bunker_add(slot: int, ifname: str, gateway: str, *, open_egress: bool) -> li
     )
     denied = f"denied_{slot}"
     return [
+        {"add": _obj("chain", name=guard)},
+        _rule(guard, _match(saddr, source, "!="), {"counter": None}, {"drop": None}),
+        {
+            "add": {
+                "element": {
+                    "family": FAMILY,
+                    "table": TABLE,
+                    "name": "guard",
+                    "elem": [[ifname, {"jump": {"target": guard}}]],
+                }
+            }
+        },
         {"add": _obj("counter", name=counter)},
         {"add": _obj("chain", name=f"e_{slot}")},
         _rule(f"e_{slot}", {"counter": counter}),
@@ -269,6 +297,13 @@ def bunker_add(slot: int, ifname: str, gateway: str, *, open_egress: bool) -> li
 def bunker_delete(slot: int, ifname: str, gateway: str) -> list[dict[str, Any]]:
     """Commands removing what :func:`bunker_add` created (the map entries first)."""
     return [
+        {
+            "delete": {
+                "element": {"family": FAMILY, "table": TABLE, "name": "guard", "elem": [ifname]}
+            }
+        },
+        {"flush": _obj("chain", name=f"g_{slot}")},
+        {"delete": _obj("chain", name=f"g_{slot}")},
         {
             "delete": {
                 "element": {"family": FAMILY, "table": TABLE, "name": "bunkers", "elem": [ifname]}
