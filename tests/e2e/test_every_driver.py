@@ -307,6 +307,33 @@ def test_a_snapshot_restores_into_every_driver_with_the_same_tree(
                 terminate(client, restored["id"])
 
 
+def test_a_paused_bunker_is_snapshotted_with_its_last_writes_and_stays_paused(
+    bunker: DriverBunker, suite_stack: Stack
+) -> None:
+    """A microVM is thawed just long enough to flush its disks; the snapshot holds what was
+    written right before the pause and restores into a container bunker."""
+    with suite_stack.client(timeout_s=CREATE_S) as client:
+        ok(client, bunker.id, "echo before-pause > /paused-write")
+        paused = client.post(f"{BASE}/bunkers/{bunker.id}/pause")
+        assert paused.json()["data"]["status"] == "paused", paused.text
+        try:
+            taken = client.post(f"{BASE}/bunkers/{bunker.id}/snapshot", json={})
+            assert taken.status_code == 201, taken.text
+            snap = _wait_snapshot(client, taken.json()["data"]["snapshot_id"])
+            assert snap["status"] == "ready", snap
+            current = client.get(f"{BASE}/bunkers/{bunker.id}").json()["data"]
+            assert current["status"] == "paused", current
+        finally:
+            client.post(f"{BASE}/bunkers/{bunker.id}/resume")
+        restored = create(
+            client, "container", snapshot_id=snap["snapshot_id"], network_profile="isolated"
+        )
+        try:
+            assert ok(client, restored["id"], "cat /paused-write") == "before-pause\n"
+        finally:
+            terminate(client, restored["id"])
+
+
 def available_drivers() -> list[str]:
     """Drivers the suite stack runs."""
     return ["container"] if _qemu_reason() is not None else list(DRIVERS)
