@@ -9,6 +9,8 @@ import fcntl
 import os
 import secrets
 import socket
+import subprocess
+import time
 from pathlib import Path
 
 from pyroute2 import IPRoute
@@ -27,6 +29,7 @@ from scaigrid.worker.rootfs.idshift import DEFAULT_ID_BASE
 from tests.network.conftest import DNS_IP, HTTP_PORT, WEB_IPS, Inet, connect
 
 UPSTREAM = (DNS_IP,)
+SINK_PORT = 9009  # the inet namespace's byte-counting sink (tests/network/inet_server.py)
 #: ``NS_GET_USERNS`` (``linux/nsfs.h``): ``_IO(0xb7, 0x1)``.
 NS_GET_USERNS = 0xB701
 
@@ -150,3 +153,35 @@ async def test_a_restarted_worker_removes_owned_namespaces(inet: Inet) -> None:
     finally:
         await second.close()
     assert second.leftovers() == []
+
+
+def _upload_seconds(nbytes: int) -> float:
+    """Seconds to send ``nbytes`` to the sink (:data:`SINK_PORT`) and hear its count."""
+    payload = b"x" * 65536
+    start = time.perf_counter()
+    with socket.create_connection((WEB_IPS[0], SINK_PORT), timeout=30) as sock:
+        sent = 0
+        while sent < nbytes:
+            sock.sendall(payload)
+            sent += len(payload)
+        sock.shutdown(socket.SHUT_WR)
+        assert int(sock.recv(64)) == sent
+    return time.perf_counter() - start
+
+
+async def test_an_owned_namespace_stays_capped_without_its_tbf(manager: NetworkManager) -> None:
+    capped = await manager.attach(
+        _bid(),
+        NetRequest("transit", upstreams=UPSTREAM, bandwidth_mbit=16),
+        owner_id_base=DEFAULT_ID_BASE,
+    )
+
+    # What the bunker's root may now do in its own namespace.
+    tc = ["tc", "-n", capped.netns, "qdisc"]
+    subprocess.run([*tc, "del", "dev", "eth0", "root"], check=True)
+    assert "tbf" not in subprocess.run([*tc, "show"], capture_output=True, text=True).stdout
+    # 64 Mbit: about 4 s at 16 Mbit/s, less the 1 s of rate an nftables byte limit lets
+    # through at once (its bucket holds one ``per`` unit of rate plus the burst).
+    nbytes = 8 * 1024 * 1024
+    slow = await asyncio.to_thread(run_in_netns, capped.netns, lambda: _upload_seconds(nbytes))
+    assert slow > 2.5, slow

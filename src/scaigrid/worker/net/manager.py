@@ -486,7 +486,13 @@ class NetworkManager:
             await self._exec.run(
                 self._nft.run,
                 nft.bunker_add(
-                    slot, attachment.ifname, gateway, open_egress=open_egress, source=address
+                    slot,
+                    attachment.ifname,
+                    gateway,
+                    open_egress=open_egress,
+                    source=address,
+                    # A bunker owning its namespace can remove its tbf: police it here.
+                    police_mbit=request.bandwidth_mbit if owner_id_base is not None else None,
                 ),
             )
             policy = NamePolicy(None if open_egress else (request.allowlist or ()))

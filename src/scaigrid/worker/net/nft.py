@@ -24,7 +24,9 @@ The ruleset of a worker lives in its router namespace, table ``inet scaibunker``
   conntrack could match them to another bunker's established flow.
 * Per bunker: ``chain b_<slot>`` (deny4 → drop; profile rule; reject), ``set allow_<slot>``
   (ipv4 with timeouts) that the DNS resolver fills, and ``chain e_<slot>`` with ``counter
-  egress_<slot>`` (every byte the bunker sent out of the uplink, for accounting).
+  egress_<slot>`` (every byte the bunker sent out of the uplink, for accounting), preceded
+  for a capped ``transit`` bunker by a ``limit rate over`` drop (its own ``tbf`` is in a
+  namespace it controls).
 """
 
 from __future__ import annotations
@@ -202,7 +204,13 @@ def _note_denied(chain: str, denied: str, *conditions: dict[str, Any]) -> dict[s
 
 
 def bunker_add(
-    slot: int, ifname: str, gateway: str, *, open_egress: bool, source: str
+    slot: int,
+    ifname: str,
+    gateway: str,
+    *,
+    open_egress: bool,
+    source: str,
+    police_mbit: int | None = None,
 ) -> list[dict[str, Any]]:
     """Commands adding one bunker's chains, allow set and map entries.
 
@@ -214,6 +222,11 @@ def bunker_add(
             ``False`` for ``registry``/``allowlisted`` (only ``allow_<slot>``).
         source: the bunker's own ``eth0`` address; IPv4 packets from ``ifname`` with any
             other source are dropped in ``g_<slot>`` (anti-spoofing, every profile).
+        police_mbit: drop what the bunker sends to the uplink beyond this many Mbit/s, before
+            ``egress_<slot>`` counts it: the cap of a bunker that could remove the ``tbf`` on
+            its own ``eth0`` (``transit``); ``None``: none. The kernel's byte limit starts
+            with one second of rate (plus the burst) in its bucket, so that much passes at
+            once; the long-run rate is exact (16 Mbit/s measured over 16 MiB).
     """
     chain, allow, counter = f"b_{slot}", f"allow_{slot}", egress_counter(slot)
     guard = f"g_{slot}"
@@ -242,6 +255,26 @@ def bunker_add(
         },
         {"add": _obj("counter", name=counter)},
         {"add": _obj("chain", name=f"e_{slot}")},
+        *(
+            [
+                _rule(
+                    f"e_{slot}",
+                    {
+                        "limit": {
+                            "rate": police_mbit * 125_000,
+                            "rate_unit": "bytes",
+                            "per": "second",
+                            "burst": max(16 * 1024, police_mbit * 1250),
+                            "burst_unit": "bytes",
+                            "inv": True,
+                        }
+                    },
+                    {"drop": None},
+                )
+            ]
+            if police_mbit is not None
+            else []
+        ),
         _rule(f"e_{slot}", {"counter": counter}),
         {
             "add": {
