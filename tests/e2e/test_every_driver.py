@@ -7,7 +7,8 @@ profile) that every test of this module drives through the public API, so the sa
 assertions hold for a container and a microVM:
 
 create → exec → files → pause/resume → snapshot (restored into every driver, tree hashes
-compared) → network profile → terminate (nothing left on the worker).
+compared; also of a paused bunker) → network profile → a write past ``disk_mb`` →
+terminate (nothing left on the worker).
 
 Adding a surface: write one more ``test_*`` taking ``bunker`` (a :class:`DriverBunker`) and
 ``suite_stack``; it runs against every driver. The interactive shell (WebSocket PTY) goes
@@ -356,6 +357,21 @@ def test_the_registry_profile_resolves_through_the_gateway_and_refuses_others(
     assert "default via" in output and "nameserver" in output
     gateway = output.split("default via ")[1].split()[0]
     assert f"nameserver {gateway}" in output
+
+
+# -- disk limit ---------------------------------------------------------------------------
+
+
+def test_writing_past_disk_mb_fails_inside_and_the_bunker_keeps_working(
+    bunker: DriverBunker, suite_stack: Stack
+) -> None:
+    """The writable layer holds ``disk_mb`` (128 MiB): a bigger write fails with ENOSPC in
+    the bunker, and once the file is removed the bunker writes again."""
+    with suite_stack.client(timeout_s=CREATE_S) as client:
+        filled = run(client, bunker.id, "dd if=/dev/zero of=/fill bs=1M count=200", timeout_s=180)
+        assert filled["exit_code"] != 0, filled
+        assert "No space left" in filled["stderr"], filled
+        assert ok(client, bunker.id, "rm /fill && echo fine > /after && cat /after") == "fine\n"
 
 
 # -- terminate (last: it ends the shared bunker) -------------------------------------------
