@@ -243,7 +243,7 @@ def _child_main(
         low, high = sorted(keep)
         os.closerange(3, low)
         os.closerange(low + 1, high)
-        os.closerange(high + 1, 1 << 16)
+        os.closerange(high + 1, max(os.sysconf("SC_OPEN_MAX"), high + 1))
         with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as fh:
             fh.write(str(oom_score_adj))
         if can_switch() and identity.uid != 0:
