@@ -1,10 +1,10 @@
 """Bridges and transit bunkers end to end: a real controller, worker and busybox bunkers
 (SPEC §8.6, §8.8, §1.7).
 
-Bunkers in containers hold no CAP_NET_ADMIN over their namespace (it belongs to the worker),
-so the addresses the bunkers talk over are set on their interfaces from the host, the way an
-appliance image would set them itself; the TCP exchange then runs inside the bunkers. Forged
-frames are sent from the bunkers' namespaces with AF_PACKET sockets.
+A transit bunker's network namespace belongs to its own user namespace and its root holds
+CAP_NET_ADMIN and CAP_NET_RAW, so the bunkers set their addresses and MACs themselves (exec as
+root); other bunkers still cannot touch their interfaces. Forged frames are also sent from the
+bunkers' namespaces with AF_PACKET sockets.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import pytest
 
 from scaigrid.modules.scaibunker.network.bridges import bridge_device
 from scaigrid.worker.net.manager import worker_tag
+from scaigrid.worker.net.userns import USERNS_DIR
 from tests.fixtures.fleet import ExtraWorker, wait_online
 from tests.fixtures.stack import BASE, Stack, StackError, build_busybox_tar, start_stack
 from tests.network.conftest import DNS_IP, HTTP_PORT, WEB_IPS, Inet
@@ -105,12 +106,38 @@ def _transit(stack: Stack, image: str, key: str | None = None, **interface: Any)
     return dict(bunker)
 
 
-def _sh(stack: Stack, bunker_id: str, script: str, **extra: Any) -> dict[str, Any]:
-    with stack.client() as client:
+def _sh(
+    stack: Stack, bunker_id: str, script: str, key: str | None = None, **extra: Any
+) -> dict[str, Any]:
+    with stack.client(key) as client:
         response = client.post(
             f"{BASE}/bunkers/{bunker_id}/exec", json={"command": script, "timeout_s": 30, **extra}
         )
     return dict(_data(response))
+
+
+def _root(stack: Stack, bunker_id: str, script: str, key: str | None = None) -> dict[str, Any]:
+    """``_sh`` as root; asserts it exited 0."""
+    result = _sh(stack, bunker_id, script, key, user="root")
+    assert result["exit_code"] == 0, result
+    return result
+
+
+def _pings(stack: Stack, bunker_id: str, address: str, key: str | None = None) -> bool:
+    """Whether ``address`` answers a ping from ``bunker_id`` (three tries, 1 s each)."""
+    script = f"ping -c 1 -W 1 {address} || ping -c 1 -W 1 {address} || ping -c 1 -W 1 {address}"
+    return bool(_sh(stack, bunker_id, script, key, user="root")["exit_code"] == 0)
+
+
+def _net_caps(stack: Stack, bunker_id: str) -> tuple[bool, bool]:
+    """(CAP_NET_ADMIN, CAP_NET_RAW) in the effective set of a root exec in ``bunker_id``."""
+    status = _sh(stack, bunker_id, "grep CapEff /proc/self/status", user="root")["stdout"]
+    caps = int(status.split()[1], 16)
+    return bool(caps >> 12 & 1), bool(caps >> 13 & 1)
+
+
+def _userns_files(bunker_id: str) -> list[str]:
+    return [p.name for p in USERNS_DIR.glob(f"*{bunker_id}")] if USERNS_DIR.exists() else []
 
 
 def _terminate(stack: Stack, bunker_id: str) -> None:
@@ -220,9 +247,14 @@ def test_two_transit_bunkers_exchange_frames_and_spoofing_is_dropped(
             f"printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {WEB_IPS[0]} {HTTP_PORT}",
         )
         assert f"hello from {WEB_IPS[0]}" in got["stdout"], got
-        # TCP between the bunkers over the bridge (addresses set as an appliance would).
-        _ip("-n", ns_a, "addr", "add", "10.77.0.1/24", "dev", "net1")
-        _ip("-n", ns_b, "addr", "add", "10.77.0.2/24", "dev", "lan0")
+        # The bunkers configure their own interfaces, as an appliance image would.
+        assert _net_caps(l2_stack, a["id"]) == (True, True)
+        assert _userns_files(a["id"]) == [ns_a] and _userns_files(b["id"]) == [ns_b]
+        _root(l2_stack, a["id"], "ip addr add 10.77.0.1/24 dev net1 && ip link set net1 up")
+        _root(l2_stack, b["id"], "ip addr add 10.77.0.2/24 dev lan0 && ip link set lan0 up")
+        assert "10.77.0.2/24" in _ip("-n", ns_b, "-o", "addr", "show", "dev", "lan0")
+        assert _pings(l2_stack, a["id"], "10.77.0.2")
+        # TCP between the bunkers over the bridge.
         _sh(l2_stack, b["id"], "nc -l -p 7000 > /tmp/got", background=True)
         sent = ""
         for _ in range(20):
@@ -235,14 +267,21 @@ def test_two_transit_bunkers_exchange_frames_and_spoofing_is_dropped(
         assert asyncio.run(_exchange((ns_a, "net1"), (ns_b, "lan0"), mac_a))
         assert not asyncio.run(_exchange((ns_a, "net1"), (ns_b, "lan0"), FORGED))
         assert not asyncio.run(_exchange((ns_b, "lan0"), (ns_a, "net1"), FORGED))
+        # A bunker that changes its own MAC is cut off by spoof_guard, and is back with its
+        # own MAC again.
+        _root(l2_stack, a["id"], f"ip link set dev net1 address {FORGED}")
+        assert not _pings(l2_stack, a["id"], "10.77.0.2")
+        _root(l2_stack, a["id"], f"ip link set dev net1 address {mac_a}")
+        assert _pings(l2_stack, a["id"], "10.77.0.2")
         with l2_stack.client() as client:
             in_use = client.delete(f"{BASE}/bridges/{bridge['id']}")
             _error(in_use, 409, "RESOURCE_IN_USE")
     finally:
         _terminate(l2_stack, a["id"])
         _terminate(l2_stack, b["id"])
-    # Ending the bunkers removed their namespaces and their bridge ports.
+    # Ending the bunkers removed their namespaces, user namespaces and bridge ports.
     assert a["id"] not in _netns_list() and b["id"] not in _netns_list()
+    assert _userns_files(a["id"]) == [] and _userns_files(b["id"]) == []
     ports = _ip("-n", f"sb{tag}-l2", "-o", "link", "show", "master", _device(l2_stack, bridge))
     assert ports.strip() == "", ports
     with l2_stack.client() as client:
@@ -282,6 +321,8 @@ def test_spoof_guard_off_needs_l2_transparency_and_is_audited(
                         "scaibunker:create",
                         "scaibunker:network:transit",
                         "scaibunker:l2_transparency",
+                        "scaibunker:execute",
+                        "scaibunker:root",
                     ]
                 },
             )
@@ -294,6 +335,15 @@ def test_spoof_guard_off_needs_l2_transparency_and_is_audited(
         # Forged frames leave the unguarded interface and reach the other bunker.
         assert asyncio.run(_exchange((ns_open, "tap0"), (ns_guarded, "tap0"), FORGED))
         assert not asyncio.run(_exchange((ns_guarded, "tap0"), (ns_open, "tap0"), FORGED))
+        # The same from inside: a bunker changing its MAC still reaches the other bunker
+        # through the unguarded port, not through the guarded one.
+        up = "dev tap0 && ip link set tap0 up"
+        _root(l2_stack, opened["id"], f"ip addr add 10.78.0.1/24 {up}", key)
+        _root(l2_stack, guarded["id"], f"ip addr add 10.78.0.2/24 {up}", key)
+        _root(l2_stack, opened["id"], f"ip link set dev tap0 address {FORGED}", key)
+        assert _pings(l2_stack, opened["id"], "10.78.0.2", key)
+        _root(l2_stack, guarded["id"], "ip link set dev tap0 address 02:de:ad:be:ef:02", key)
+        assert not _pings(l2_stack, guarded["id"], "10.78.0.1", key)
         with l2_stack.client() as admin:
             records = _data(
                 admin.get("/v1/audit-log", params={"action": "scaibunker.bunker.l2_transparency"})
@@ -307,6 +357,25 @@ def test_spoof_guard_off_needs_l2_transparency_and_is_audited(
         with l2_stack.client(key) as client:
             for bunker in (opened, guarded):
                 _data(client.delete(f"{BASE}/bunkers/{bunker['id']}"))
+
+
+def test_other_bunkers_cannot_configure_their_network(l2_stack: Stack, busybox: str) -> None:
+    with l2_stack.client() as client:
+        response = client.post(
+            f"{BASE}/bunkers",
+            params={"wait_s": 60},
+            json={"image": busybox, "network_profile": "unrestricted"},
+        )
+    bunker = _data(response, 201)
+    try:
+        assert _net_caps(l2_stack, bunker["id"]) == (False, False)
+        assert _userns_files(bunker["id"]) == []
+        down = _sh(l2_stack, bunker["id"], "ip link set lo down", user="root")
+        assert down["exit_code"] != 0, down
+        forge = _sh(l2_stack, bunker["id"], "ip addr add 10.79.0.1/32 dev eth0", user="root")
+        assert forge["exit_code"] != 0, forge
+    finally:
+        _terminate(l2_stack, bunker["id"])
 
 
 def test_interface_errors(l2_stack: Stack, busybox: str) -> None:

@@ -313,6 +313,11 @@ class _Bunker:
     teardown: asyncio.Task[None] | None = None
 
 
+#: Capabilities a ``transit`` bunker's root gets on top of the container defaults, over the
+#: network namespace its user namespace owns (:mod:`scaigrid.worker.net.userns`).
+TRANSIT_CAPABILITIES: tuple[str, ...] = ("CAP_NET_ADMIN", "CAP_NET_RAW")
+
+
 def layer_id_base(driver: Driver) -> int:
     """Host id of uid 0 in the writable layers of ``driver``: ``layer_id_base`` when the
     driver sets it (VM drivers: their layers are read from guest disks with the guest's own
@@ -440,8 +445,15 @@ class BunkerSupervisor:
             transit = request.network is not None and bool(request.network.interfaces)
             if transit and driver.info.isolation != "container":
                 raise NetworkError("transit interfaces need a container driver")
-            netns_path = await self._attach_network(request)
+            owner = int(getattr(driver, "id_base", DEFAULT_ID_BASE)) if transit else None
+            netns_path, userns_path = await self._attach_network(request, owner)
             spec = self._spec(request, rootfs, netns_path)
+            if userns_path is not None:
+                # The bunker's user namespace owns its network namespace: its root
+                # configures its own interfaces (L2 appliances, SPEC §8.6).
+                spec = dataclasses.replace(
+                    spec, userns_path=userns_path, extra_capabilities=TRANSIT_CAPABILITIES
+                )
             if request.snapshot is not None:
                 await progress({"stage": "snapshot"})
                 archive = await self._fetch_snapshot(driver, request.snapshot)
@@ -592,14 +604,20 @@ class BunkerSupervisor:
             "boot_ms": record.boot_ms,
         }
 
-    async def _attach_network(self, request: CreateRequest) -> str | None:
-        """The namespace path a non-``isolated`` bunker joins (``None`` for ``isolated``)."""
+    async def _attach_network(
+        self, request: CreateRequest, owner_id_base: int | None
+    ) -> tuple[str | None, str | None]:
+        """``(netns path, userns path)`` a non-``isolated`` bunker joins (``(None, None)`` for
+        ``isolated``; the user namespace only with ``owner_id_base``, see
+        :meth:`NetworkManager.attach`)."""
         if request.network is None:
-            return None
+            return None, None
         if self.network is None:
             raise NetworkError("this worker runs without bunker networking")
-        attachment = await self.network.attach(request.bunker_id, request.network)
-        return attachment.netns_path
+        attachment = await self.network.attach(
+            request.bunker_id, request.network, owner_id_base=owner_id_base
+        )
+        return attachment.netns_path, attachment.userns_path
 
     async def _point_resolver(self, agent: AgentClient, bunker_id: str) -> None:
         """Write ``/etc/resolv.conf`` naming the bunker's DNS resolver (its gateway).
