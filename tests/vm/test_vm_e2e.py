@@ -140,37 +140,94 @@ def test_a_killed_vmm_fails_the_bunker_and_frees_its_resources(vm_stack: Stack) 
         assert refused.status_code == 409, refused.text
 
 
-def test_a_restarted_worker_leaves_no_vmm_or_tap_behind(vm_stack: Stack) -> None:
-    """A second worker (container + qemu) is SIGKILLed while its microVM runs: the VM
-    outlives it; started again, the worker stops the VM and removes its namespace (and so
-    its tap), and the controller marks the bunker failed."""
-    data_dir = Path(tempfile.mkdtemp(prefix="scaibunker-vm-restart-", dir="/var/tmp"))
+@pytest.fixture(scope="module")
+def vm_worker(vm_stack: Stack) -> Iterator[ExtraWorker]:
+    """A second worker process offering ``container,qemu``, busybox warmed; tests may kill
+    and restart it (``start(drivers=VM_DRIVERS)``)."""
+    data_dir = Path(tempfile.mkdtemp(prefix="scaibunker-vm-worker-", dir="/var/tmp"))
     os.chmod(data_dir, 0o755)
     worker = ExtraWorker(vm_stack, data_dir)
     with vm_stack.client(timeout_s=240) as client:
-        dev_id = client.get(f"{BASE}/workers").json()["data"][0]["id"]
         token = client.post(f"{BASE}/workers/join-tokens", json={}).json()["data"]["token"]
-        worker.start(token, drivers="container,qemu")
+        worker.start(token, drivers=VM_DRIVERS)
         try:
             worker.worker_id = wait_online(client, HOSTNAME, WORKER_START_TIMEOUT_S)["id"]
             warm(client, "busybox", worker.worker_id)
-            assert client.post(f"{BASE}/workers/{dev_id}/drain").status_code == 200
-            try:
-                bunker = _create(client, network_profile="registry")
-            finally:
-                client.post(f"{BASE}/workers/{dev_id}/resume")
-            bid = bunker["id"]
-            assert bunker["worker_id"] == worker.worker_id, bunker
-            (vmm,) = _qemu_pids_for(bid)
-
-            worker.kill()
-            assert _qemu_pids_for(bid) == [vmm], "the VM outlives a SIGKILLed worker"
-            worker.start(drivers="container,qemu")
-            wait_online(client, HOSTNAME, WORKER_START_TIMEOUT_S)
-            _wait_gone(bid, data_dir / "qemu")
-            assert _wait_status(client, bid, "failed")["status_reason"] == "vm_exited"
+            yield worker
         finally:
             worker.stop()
-            if worker.worker_id:
-                client.delete(f"{BASE}/workers/{worker.worker_id}")
+            client.delete(f"{BASE}/workers/{worker.worker_id}")
             shutil.rmtree(data_dir, ignore_errors=True)
+
+
+VM_DRIVERS = "container,qemu"
+
+
+def _create_on(
+    client: httpx.Client, worker: ExtraWorker, wait: bool = True, **fields: Any
+) -> dict[str, Any]:
+    """Create a microVM bunker on ``worker`` (the dev worker drained meanwhile)."""
+    dev_id = next(
+        w["id"] for w in client.get(f"{BASE}/workers").json()["data"] if w["id"] != worker.worker_id
+    )
+    assert client.post(f"{BASE}/workers/{dev_id}/drain").status_code == 200
+    try:
+        if wait:
+            bunker = _create(client, **fields)
+        else:
+            response = client.post(
+                f"{BASE}/bunkers",
+                params={"wait_s": 60},
+                json={"image": "busybox", "memory_mb": 384, "disk_mb": 128, **fields},
+            )
+            assert response.status_code == 201, response.text
+            bunker = dict(response.json()["data"])
+    finally:
+        client.post(f"{BASE}/workers/{dev_id}/resume")
+    assert bunker["worker_id"] == worker.worker_id, bunker
+    return bunker
+
+
+def test_a_restarted_worker_leaves_no_vmm_or_tap_behind(
+    vm_stack: Stack, vm_worker: ExtraWorker
+) -> None:
+    """The second worker is SIGKILLed while its microVM runs: the VM outlives it; started
+    again, the worker stops the VM and removes its namespace (and so its tap), and the
+    controller marks the bunker failed."""
+    with vm_stack.client(timeout_s=240) as client:
+        bunker = _create_on(client, vm_worker, network_profile="registry")
+        bid = bunker["id"]
+        (vmm,) = _qemu_pids_for(bid)
+
+        vm_worker.kill()
+        assert _qemu_pids_for(bid) == [vmm], "the VM outlives a SIGKILLed worker"
+        vm_worker.start(drivers=VM_DRIVERS)
+        wait_online(client, HOSTNAME, WORKER_START_TIMEOUT_S)
+        _wait_gone(bid, vm_worker.data_dir / "qemu")
+        assert _wait_status(client, bid, "failed")["status_reason"] == "vm_exited"
+
+
+def test_a_missed_boot_deadline_fails_the_bunker_with_the_console_tail(
+    vm_stack: Stack, vm_worker: ExtraWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second worker restarted with a 1 s VM boot deadline (TCG needs more): the
+    bunker fails ``boot_failed`` with the guest's console tail in its message, and nothing
+    of it is left on the worker."""
+    monkeypatch.setenv("SCAIBUNKER_VM_BOOT_TIMEOUT_S", "1")
+    with vm_stack.client(timeout_s=240) as client:
+        vm_worker.stop()
+        vm_worker.start(drivers=VM_DRIVERS)
+        wait_online(client, HOSTNAME, WORKER_START_TIMEOUT_S)
+        try:
+            bunker = _create_on(client, vm_worker, wait=False, network_profile="registry")
+            failed = _wait_status(client, bunker["id"], "failed")
+            assert failed["status_reason"] == "boot_failed", failed
+            message = failed["status_message"]
+            assert "qemu driver failed" in message and "not ready within 1 s" in message
+            assert "console:" in message, message
+            _wait_gone(bunker["id"], vm_worker.data_dir / "qemu")
+        finally:
+            monkeypatch.delenv("SCAIBUNKER_VM_BOOT_TIMEOUT_S")
+            vm_worker.stop()
+            vm_worker.start(drivers=VM_DRIVERS)
+            wait_online(client, HOSTNAME, WORKER_START_TIMEOUT_S)

@@ -37,6 +37,7 @@ import structlog
 
 from scaigrid.worker.bunkers import AgentLaunch, BunkerSupervisor
 from scaigrid.worker.capabilities import CapabilityBroker
+from scaigrid.worker.drivers import firecracker, qemu
 from scaigrid.worker.drivers.base import Driver, DriverError
 from scaigrid.worker.drivers.container import ContainerDriver
 from scaigrid.worker.drivers.firecracker import FirecrackerDriver
@@ -136,6 +137,7 @@ def _qemu_driver(settings: WorkerSettings) -> Driver:
         kernel=settings.vm_kernel,
         initramfs=settings.vm_initramfs,
         accel=settings.vm_accel,
+        boot_timeout_s=settings.vm_boot_timeout_s or qemu.BOOT_TIMEOUT_S,
     )
 
 
@@ -143,7 +145,10 @@ def _firecracker_driver(settings: WorkerSettings) -> Driver:
     if (settings.vm_kernel is None) != (settings.vm_initramfs is None):
         raise DriverError("set both vm_kernel and vm_initramfs, or neither")
     return FirecrackerDriver(
-        settings.data_dir, kernel=settings.vm_kernel, initramfs=settings.vm_initramfs
+        settings.data_dir,
+        kernel=settings.vm_kernel,
+        initramfs=settings.vm_initramfs,
+        boot_timeout_s=settings.vm_boot_timeout_s or firecracker.BOOT_TIMEOUT_S,
     )
 
 

@@ -19,6 +19,9 @@ Every setting is read from an environment variable with the prefix ``SCAIBUNKER_
   or neither).
 - ``vm_accel`` (``SCAIBUNKER_VM_ACCEL``, default probed): ``kvm`` or ``tcg`` for the ``qemu``
   driver; unset, KVM is used when ``/dev/kvm`` really boots a guest, else TCG.
+- ``vm_boot_timeout_s`` (``SCAIBUNKER_VM_BOOT_TIMEOUT_S``, default the driver's: 90 for
+  ``qemu``, 30 for ``firecracker``): seconds from VMM start to the guest agent's ready line
+  before a microVM boot fails (its console tail is the reason).
 - ``labels`` (``SCAIBUNKER_LABELS``): extra labels, ``k=v,k=v``.
 - ``reserved_cpu_millicores`` / ``reserved_memory_mb`` (``SCAIBUNKER_RESERVED_CPU_MILLICORES``,
   ``SCAIBUNKER_RESERVED_MEMORY_MB``, default 0): host capacity kept out of ``capacity``.
@@ -97,6 +100,7 @@ class WorkerSettings(BaseSettings):
     vm_kernel: Path | None = None
     vm_initramfs: Path | None = None
     vm_accel: Literal["kvm", "tcg"] | None = None
+    vm_boot_timeout_s: float | None = Field(default=None, gt=0)
 
     @field_validator("controller_url")
     @classmethod
