@@ -430,6 +430,17 @@ def test_restarted_worker_gets_its_bridges_back_without_stale_ports(
             )
         l2_ns = f"sb{worker_tag(data_dir)}-l2"
         device = _device(l2_stack, bridge)
+        # A transit bunker on it: its namespace and user namespace must not outlive the crash.
+        # (A lazily pulled image: the worker joined after the busybox image was prepared.)
+        with l2_stack.client() as client:
+            source = {"kind": "tar", "path": str(build_busybox_tar(data_dir / "bb"))}
+            body = {"name": "busybox-lazy", "source": source, "lazy_pull": True}
+            _data(client.post(f"{BASE}/images", json=body), 201)
+        l2_stack.wait_image("busybox-lazy")
+        crashed = _transit(l2_stack, "busybox-lazy", if_name="net1", bridge_name="survivor")
+        assert crashed["worker_id"] == worker_id
+        crashed_ns = f"sb{worker_tag(data_dir)}-{crashed['id']}"
+        assert _userns_files(crashed["id"]) == [crashed_ns]
         assert device in _ip("-n", l2_ns, "-o", "link", "show", "type", "bridge")
         # A stale port on the bridge (what a crashed worker's bunker would leave).
         _ip("-n", l2_ns, "link", "add", "pstale0", "type", "veth", "peer", "name", "pstale1")
@@ -460,7 +471,9 @@ def test_restarted_worker_gets_its_bridges_back_without_stale_ports(
             assert time.monotonic() < deadline, "the controller did not re-create the bridge"
             time.sleep(0.5)
         assert "pstale" not in _ip("-n", l2_ns, "-o", "link")
+        assert crashed_ns not in _netns_list() and _userns_files(crashed["id"]) == []
         with l2_stack.client() as client:
+            client.delete(f"{BASE}/bunkers/{crashed['id']}")
             _data(client.delete(f"{BASE}/bridges/{bridge['id']}"))
         assert device not in _ip("-n", l2_ns, "-o", "link")
     finally:
