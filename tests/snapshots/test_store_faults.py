@@ -5,6 +5,7 @@ standalone `bunker_proxy`, the dev worker A and a second worker process B):
 * a snapshot upload cut short by SIGKILLing its worker leaves no `ready` snapshot, no object
   and no multipart parts in the bucket;
 * snapshots survive a module disable and are restorable after the module is enabled again;
+* a warm-up on a worker whose image cache is too small marks it ``skipped``;
 * ``capability_request`` on the worker channel is refused for other workers' bunkers and
   unknown images, and grants exactly the image's keys otherwise.
 """
@@ -13,7 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,6 +27,7 @@ from websockets.sync.client import connect
 
 from scaigrid.errors import ScaiGridError
 from scaigrid.modules.scaibunker.storage.capabilities import verify
+from tests.fixtures import fleet as fleet_fixture
 from tests.fixtures.fleet import HOSTNAME, WORKER_START_TIMEOUT_S, ExtraWorker, wait_online
 from tests.fixtures.stack import BASE, Stack
 from tests.snapshots.test_e2e import (
@@ -192,3 +198,43 @@ def test_capability_requests_are_checked_against_the_asking_worker(
         verify(granted["capability"], secrets, "PUT", "scaibunker/images/img_other/rootfs.tar.zst")
     with stack.client() as client:
         client.delete(f"{BASE}/workers/{worker_id}")
+
+
+def test_warm_skips_a_worker_short_of_cache_space(
+    fleet: tuple[Stack, ExtraWorker, str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """A worker whose image cache (SCAIBUNKER_IMAGE_CACHE_MAX_MB=1) cannot hold the image is
+    ``skipped`` with the reason (SPEC §7.6), and keeps nothing of it."""
+    stack = fleet[0]
+    monkeypatch.setattr(fleet_fixture, "HOSTNAME", "fleet-small-cache")
+    monkeypatch.setenv("SCAIBUNKER_IMAGE_CACHE_MAX_MB", "1")
+    data_dir = Path(tempfile.mkdtemp(prefix="scaibunker-small-", dir="/var/tmp"))
+    os.chmod(data_dir, 0o755)
+    small = ExtraWorker(stack, data_dir)
+    try:
+        with stack.client() as client:
+            token = client.post(f"{BASE}/workers/join-tokens", json={}).json()["data"]["token"]
+            small.start(token)
+            worker_id = wait_online(client, "fleet-small-cache", WORKER_START_TIMEOUT_S)["id"]
+            image = _image(client, "busybox")
+            queued = client.post(
+                f"{BASE}/images/{image['id']}/warm", json={"worker_ids": [worker_id]}
+            )
+            assert queued.status_code == 200, queued.text
+            deadline = time.monotonic() + 120
+            row: dict[str, Any] = {}
+            while time.monotonic() < deadline:
+                warm = client.get(f"{BASE}/images/{image['id']}/warm").json()["data"]
+                row = next((w for w in warm["workers"] if w["worker_id"] == worker_id), {})
+                if row.get("state") in ("skipped", "failed", "ready"):
+                    break
+                time.sleep(0.5)
+            assert row.get("state") == "skipped", row
+            assert "short of cache space" in str(row.get("error")), row
+            assert not (data_dir / "images" / image["id"]).exists()
+            client.delete(f"{BASE}/workers/{worker_id}")
+    finally:
+        small.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)

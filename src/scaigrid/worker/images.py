@@ -24,7 +24,9 @@ Cache size: with ``max_cache_bytes`` set, every finished build evicts cached ima
 recently used first (last :meth:`ImageStore.ensure`; the ``image.json`` mtime), until the
 cache fits again. Never evicted: the image just built, images being built or uploaded, and
 images a bunker's root still uses. If what remains does not fit, the cache stays over the
-limit (logged as ``image.cache_over_limit``).
+limit (logged as ``image.cache_over_limit``) — except for a warm-up (``image.bake`` with
+``warm: true``), which then drops the image again and answers that the worker is short of
+cache space (the controller records the worker as ``skipped``, SPEC §7.6).
 
 ``digest`` in reports is ``sha256:`` of that artifact once this worker uploaded or fetched
 it, else ``null``. Artifact trouble (store unreachable, refused, corrupt) never fails a bake:
@@ -244,6 +246,18 @@ class ImageStore:
         task = self._publishing.get(image_id)
         if task is not None:
             await asyncio.shield(task)
+
+    async def cache_bytes(self) -> int:
+        """Bytes of every cached tree (see :meth:`tree_bytes`)."""
+        total = 0
+        for image_id in self._cache.cached():
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                total += await self.tree_bytes(image_id)
+        return total
+
+    async def fits(self) -> bool:
+        """True when the cache is within ``max_cache_bytes`` (always without a limit)."""
+        return self.max_cache_bytes is None or await self.cache_bytes() <= self.max_cache_bytes
 
     async def tree_bytes(self, image_id: str) -> int:
         """Apparent size of the cached tree of ``image_id`` in bytes (kept in ``image.json``).

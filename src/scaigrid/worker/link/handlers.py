@@ -20,7 +20,9 @@ their SPEC code, a lost or silent agent is ``AGENT_UNAVAILABLE``).
     ``sha256:`` of the stored artifact when this worker uploaded or fetched it, else null;
     ``source_digest``: the pinned ``sha256:`` manifest digest of an OCI source, else null;
     ``bake_source``: ``"artifact"`` or ``"baked"``); error ``BAKE_FAILED`` with the reason.
-    Deadline 1800 s.
+    With ``warm: true`` (a warm-up, not the image's first bake) a worker whose image cache
+    stays over its limit drops the image again and answers ``BAKE_FAILED`` with details
+    ``{cache_full: true}``. Deadline 1800 s.
 ``image.scan``
     params ``{image_id}``; result ``{status, scanner, scanner_version, counts, findings,
     error}`` (see :mod:`scaigrid.worker.scan`); error ``IMAGE_NOT_READY`` when the image is
@@ -337,6 +339,14 @@ class TaskHandlers:
             await images.published(image["id"])
         except ImagePrepareFailed as exc:
             raise TaskFailed(BAKE_FAILED, str(exc)) from exc
+        if task.params.get("warm") is True and not await images.fits():
+            with contextlib.suppress(ImageInUse):
+                await images.evict(image["id"])
+            raise TaskFailed(
+                BAKE_FAILED,
+                "short of cache space: the image does not fit in this worker's image cache",
+                details={"cache_full": True},
+            )
         size_mib = image.get("size_mib")
         if isinstance(size_mib, int) and not isinstance(size_mib, bool):
             try:

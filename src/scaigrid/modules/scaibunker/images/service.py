@@ -446,9 +446,14 @@ async def _warm_one(
 ) -> None:
     try:
         result = await state.hub.require(worker_id).call(
-            TaskKind.IMAGE_BAKE, {"image": payload}, timeout_s=BAKE_TIMEOUT_S
+            TaskKind.IMAGE_BAKE, {"image": payload, "warm": True}, timeout_s=BAKE_TIMEOUT_S
         )
     except errors.ScaiGridError as exc:
+        if isinstance(exc.details, dict) and exc.details.get("cache_full") is True:
+            # SPEC §7.6: a worker short of cache space is skipped, not failed.
+            log.info("image_warm_skipped", image_id=image_id, worker_id=worker_id)
+            await _record_warm(state, image_id, worker_id, "skipped", exc.message)
+            return
         log.warning("image_warm_failed", image_id=image_id, worker_id=worker_id, reason=exc.message)
         await _record_warm(state, image_id, worker_id, "failed", exc.message)
         return
