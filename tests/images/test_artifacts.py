@@ -22,6 +22,7 @@ from scaigrid.worker.capabilities import CapabilityBroker
 from scaigrid.worker.images import ImageStore, artifact_key
 from scaigrid.worker.rootfs import ImageCache
 from scaigrid.worker.rootfs.idshift import DEFAULT_ID_BASE, ID_RANGE_SIZE
+from tests.fixtures.stack import free_port
 from tests.storage.conftest import SECRET, Proxy, S3Server, proxies, s3_server, secret_key
 
 __all__ = ["proxies", "s3_server", "secret_key"]
@@ -163,3 +164,23 @@ async def test_without_a_store_the_image_is_still_built(tmp_path: Path) -> None:
     await store.published("img_nostore")
     assert (tree / "bin" / "busybox").is_file()
     assert store.bake_source("img_nostore") == "baked" and store.digest("img_nostore") is None
+
+
+async def test_unreachable_store_does_not_fail_the_bake_and_is_not_retried_at_once(
+    tmp_path: Path,
+) -> None:
+    """With the proxy down the image is built from its source; the failed upload is not
+    repeated by every later use of the image (PUBLISH_RETRY_S)."""
+    dead = Proxy(f"http://127.0.0.1:{free_port()}", None)  # type: ignore[arg-type]
+    asked: list[str] = []
+    store = ImageStore(ImageCache(tmp_path / "a"), broker=_broker(dead, asked))
+    source = {"kind": "tar", "path": str(_source_tar(tmp_path))}
+    artifact = {"key": artifact_key("img_down")}
+    tree = await store.ensure("img_down", source, artifact)
+    await store.published("img_down")
+    assert (tree / "bin" / "busybox").is_file()
+    assert store.bake_source("img_down") == "baked" and store.digest("img_down") is None
+    started = time.monotonic()
+    await store.ensure("img_down", source, artifact)
+    await store.published("img_down")
+    assert time.monotonic() - started < 2

@@ -30,7 +30,8 @@ cache space (the controller records the worker as ``skipped``, SPEC §7.6).
 
 ``digest`` in reports is ``sha256:`` of that artifact once this worker uploaded or fetched
 it, else ``null``. Artifact trouble (store unreachable, refused, corrupt) never fails a bake:
-the worker builds from the source and says why in the log.
+the worker builds from the source and says why in the log; a failed upload is retried by a
+later use of the image, at most every :data:`PUBLISH_RETRY_S` seconds.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import contextlib
 import os
 import secrets
 import stat
+import time
 from collections.abc import Iterable, Mapping
 from enum import StrEnum
 from pathlib import Path
@@ -61,6 +63,8 @@ log = structlog.get_logger(__name__)
 
 
 ARTIFACT_PURPOSE: Final = "image_artifact"
+#: After a failed artifact upload, later uses of the image retry it at most this often (s).
+PUBLISH_RETRY_S: Final = 600.0
 #: Largest uncompressed tree accepted from an artifact (SPEC §7.1 ``size_mib`` ceiling).
 MAX_ARTIFACT_TREE_BYTES: Final = 65536 << 20
 
@@ -111,6 +115,7 @@ class ImageStore:
         self._states: dict[str, ImageState] = {}
         self._builds: dict[str, asyncio.Task[Path]] = {}
         self._publishing: dict[str, asyncio.Task[None]] = {}
+        self._publish_failed_at: dict[str, float] = {}
         for image_id in cache.cached():
             self._states[image_id] = ImageState.READY
 
@@ -231,7 +236,13 @@ class ImageStore:
             raise ImagePrepareFailed("internal error while building the image") from exc
         self._states[image_id] = ImageState.READY
         await self._enforce_limit(keep=image_id)
-        if use_store and artifact is not None and image_id not in self._publishing:
+        failed_at = self._publish_failed_at.get(image_id)
+        if (
+            use_store
+            and artifact is not None
+            and image_id not in self._publishing
+            and (failed_at is None or time.monotonic() - failed_at >= PUBLISH_RETRY_S)
+        ):
             # In the background: a bunker waiting for this image boots at once; image.bake
             # waits for it with :meth:`published`.
             task = asyncio.create_task(
@@ -380,6 +391,7 @@ class ImageStore:
         except (TaskFailed, OSError) as exc:
             reason = exc.message if isinstance(exc, TaskFailed) else str(exc)
             log.warning("image.artifact_upload_failed", image_id=image_id, reason=reason)
+            self._publish_failed_at[image_id] = time.monotonic()
             return
         finally:
             with contextlib.suppress(FileNotFoundError):
