@@ -8,7 +8,9 @@ The worker always dials out; the controller never connects to a worker. One
 2. send ``register`` and wait for ``registered`` ``{worker_id, credential?,
    heartbeat_interval_s}``; a returned credential is stored (0600) and used from then on;
 3. send ``heartbeat`` every ``heartbeat_interval_s`` seconds and dispatch ``task`` /
-   ``task_cancel`` / ``stream_credit`` messages and binary stream frames until the link drops;
+   ``task_cancel`` / ``stream_credit`` / ``capability_grant`` messages and binary stream
+   frames until the link drops (storage capabilities are asked for with
+   :meth:`LinkClient.request_capability`);
 4. reconnect with exponential backoff (1 s doubling to 30 s, with jitter).
 
 Bunkers keep running while the link is down. Tasks of a dropped connection are

@@ -5,7 +5,8 @@ Layout under ``cache_dir``::
     <image_id>/rootfs      the tree: owners shifted by ``id_base`` (see ``idshift``), used as
                            the read-only overlay lower layer of container bunkers
     <image_id>/image.json  {"image_id", "source", "id_base", "build_s", "entries",
-                           "source_digest", "bake_source", "artifact_sha256"?, "used_at"?}
+                           "source_digest", "bake_source", "artifact_sha256"?,
+                           "tree_bytes"?}; its mtime is the image's last use (LRU)
     .build-<image_id>-*/   a build in progress (renamed into place when complete)
     .lock-<image_id>       flock(2) file serialising builds of one image across processes
 
