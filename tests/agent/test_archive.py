@@ -311,3 +311,30 @@ async def test_a_client_reset_mid_upload_stops_the_extraction(
         await put_archive(client, "reset", chunks())
     # The agent still serves requests, and no archive child is left running.
     await client.ping()
+
+
+async def test_a_tree_deeper_than_pythons_recursion_limit_is_archived(
+    agent: AgentProcess, client: AgentClient
+) -> None:
+    deep = agent.root / "home/user/deep"
+    deep.mkdir()
+    os.chown(deep, 1000, 1000)
+    fd = os.open(deep, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(1100):  # relative to an fd: no host path gets near PATH_MAX
+            os.mkdir("d", dir_fd=fd)
+            os.chown("d", 1000, 1000, dir_fd=fd)
+            child = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        leaf = os.open("bottom.txt", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.write(leaf, b"found")
+        os.close(leaf)
+        os.chown("bottom.txt", 1000, 1000, dir_fd=fd)
+    finally:
+        os.close(fd)
+    body, result = await get_archive(client, "deep")
+    assert (result["entries"], result["skipped"]) == (1101, 0)
+    with tarfile.open(fileobj=io.BytesIO(body)) as tar:
+        bottom = tar.extractfile("/".join(["d"] * 1100) + "/bottom.txt")
+        assert bottom is not None and bottom.read() == b"found"

@@ -31,7 +31,7 @@ import json
 import os
 import signal
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import IO, Any, NoReturn
 
 from scaigrid.agent.identity import Identity, acting_as, can_switch
@@ -296,20 +296,33 @@ def _pack_child(path: str, fd: int, _out: IO[bytes]) -> dict[str, Any]:
             format=tarfile.PAX_FORMAT,
             copybufsize=COPY_BYTES,
         )
-        _pack_directory(tar, path, "", counts)
+        _pack_directory(tar, path, counts)
         tar.close()
     except OSError as exc:
         raise _os_error(exc, path) from exc
     return {"path": display_path(path), **counts}
 
 
-def _pack_directory(tar: Any, directory: str, prefix: str, counts: dict[str, int]) -> None:
-    try:
-        names = sorted(os.listdir(directory))
-    except OSError:
-        counts["skipped"] += 1
-        return
-    for name in names:
+def _pack_directory(tar: Any, root: str, counts: dict[str, int]) -> None:
+    """Add ``root``'s contents depth-first, names sorted (an explicit stack: no recursion
+    limit however deep the tree)."""
+    pending: list[tuple[str, str, Iterator[str]]] = []
+
+    def enter(directory: str, prefix: str) -> None:
+        try:
+            names = sorted(os.listdir(directory))
+        except OSError:
+            counts["skipped"] += 1
+            return
+        pending.append((directory, prefix, iter(names)))
+
+    enter(root, "")
+    while pending:
+        directory, prefix, names = pending[-1]
+        name = next(names, None)
+        if name is None:
+            pending.pop()
+            continue
         full = f"{directory.rstrip('/')}/{name}"
         arcname = f"{prefix}{name}"
         try:
@@ -324,6 +337,10 @@ def _pack_directory(tar: Any, directory: str, prefix: str, counts: dict[str, int
             try:
                 source = open(full, "rb", buffering=0)  # noqa: SIM115 - closed below
             except OSError:
+                # Later hard links to this inode must not point at a member never written.
+                for inode, first in list(tar.inodes.items()):
+                    if first == arcname:
+                        del tar.inodes[inode]
                 counts["skipped"] += 1
                 continue
             with source:
@@ -335,7 +352,7 @@ def _pack_directory(tar: Any, directory: str, prefix: str, counts: dict[str, int
             tar.addfile(info)
         counts["entries"] += 1
         if info.isdir():
-            _pack_directory(tar, full, f"{arcname}/", counts)
+            enter(full, f"{arcname}/")
 
 
 def _extract_child(path: str, fd: int, _out: IO[bytes]) -> dict[str, Any]:
