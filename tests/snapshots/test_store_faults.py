@@ -152,12 +152,14 @@ def test_snapshots_survive_module_disable(fleet: tuple[Stack, ExtraWorker, str])
 def test_capability_requests_are_checked_against_the_asking_worker(
     fleet: tuple[Stack, ExtraWorker, str],
 ) -> None:
-    """A worker gets a capability only for its own bunkers and images it may hold; the grant
-    names exactly the image's keys."""
+    """A worker gets a capability only for its own bunkers, images it may hold and snapshots
+    being taken on it; the grant names exactly the image's keys."""
     stack = fleet[0]
     with stack.client() as client:
         image = _image(client, "busybox")
         on_a = _create(client, image="busybox").json()["data"]
+        taken = client.post(f"{BASE}/bunkers/{on_a['id']}/snapshot").json()["data"]
+        assert _wait_snapshot(client, taken["snapshot_id"])["status"] == "ready"
         token = client.post(f"{BASE}/workers/join-tokens", json={}).json()["data"]["token"]
     url = stack.url.replace("http://", "ws://") + f"{BASE}/workers/connect"
     register = {
@@ -184,6 +186,9 @@ def test_capability_requests_are_checked_against_the_asking_worker(
         assert foreign["error"]["code"] == "AUTHZ_PERMISSION_DENIED" and "capability" not in foreign
         unknown = ask("r2", purpose="image_artifact", image_id="img_01JZZZZZZZZZZZZZZZZZZZZZZZ")
         assert unknown["error"]["code"] == "AUTHZ_PERMISSION_DENIED"
+        for purpose in ("snapshot_layer", "snapshot_manifest"):
+            done = ask(f"s-{purpose}", purpose=purpose, snapshot_id=taken["snapshot_id"])
+            assert done["error"]["code"] == "AUTHZ_PERMISSION_DENIED", done
         bad = ask("r3", purpose="everything")
         assert bad["error"]["code"] == "VALIDATION_ERROR"
         granted = ask("r4", purpose="image_artifact", image_id=image["id"])

@@ -25,7 +25,12 @@ class Requester(Protocol):
     """Sends ``capability_request`` and returns the grant (``LinkClient.request_capability``)."""
 
     def __call__(
-        self, purpose: str, *, bunker_id: str | None = None, image_id: str | None = None
+        self,
+        purpose: str,
+        *,
+        bunker_id: str | None = None,
+        image_id: str | None = None,
+        snapshot_id: str | None = None,
     ) -> Awaitable[dict[str, Any]]: ...
 
 
@@ -71,8 +76,9 @@ class CapabilityBroker:
         """A grant for ``purpose`` on ``subject`` valid for at least ``margin_s`` seconds.
 
         Args:
-            purpose: ``audit`` (subject: bunker id) or ``image_artifact`` (subject: image id).
-            subject: the bunker or image id.
+            purpose: ``audit`` (subject: bunker id), ``image_artifact`` (subject: image id)
+                or ``snapshot_layer`` / ``snapshot_manifest`` (subject: snapshot id).
+            subject: the bunker, image or snapshot id.
             force: ask for a new grant even if the cached one looks fresh (it was refused).
 
         Raises:
@@ -86,7 +92,12 @@ class CapabilityBroker:
                 return cached
             if self.requester is None:
                 raise TaskFailed("OBJECT_STORE_UNAVAILABLE", f"no {purpose} capability held")
-            ids = {"bunker_id": subject} if purpose == "audit" else {"image_id": subject}
+            if purpose == "audit":
+                ids = {"bunker_id": subject}
+            elif purpose.startswith("snapshot_"):
+                ids = {"snapshot_id": subject}
+            else:
+                ids = {"image_id": subject}
             answer = await self.requester(purpose, **ids)
             grant = Grant(
                 str(answer["capability"]), float(answer["expires_at"]), str(answer["storage_url"])

@@ -4,7 +4,9 @@
    to a local ``tar.zst`` in the scratch dir (:func:`~scaigrid.worker.snapshots.archive_layer`).
 2. Thaw it, report ``{stage: "uploading"}`` and upload the archive, then the manifest (the
    controller's ``body`` plus ``layer_bytes``, ``size_bytes`` and ``sha256``), each through
-   the storage proxy with the capability the controller minted for exactly that key.
+   the storage proxy with the capability the controller minted for exactly that key (one
+   refused as expired is renewed over the link, ``capability_request`` purposes
+   ``snapshot_layer`` / ``snapshot_manifest``).
 3. Remove the local archive whatever happened. A failed upload leaves no object behind (the
    proxy aborts its multipart upload) and the bunker keeps running.
 
@@ -91,7 +93,14 @@ async def take_snapshot(supervisor: BunkerSupervisor, task: Task) -> dict[str, A
         )
         await task.progress({"stage": "uploading"})
         client = ObjectClient(storage_url)
-        await client.upload(archive, layer_key, layer_cap, stats.sha256)
+        broker = supervisor.images.broker
+        await client.upload(
+            archive,
+            layer_key,
+            layer_cap,
+            stats.sha256,
+            refresh=broker.refresher("snapshot_layer", snapshot_id) if broker else None,
+        )
         manifest = {
             **body,
             "layer_bytes": stats.layer_bytes,
@@ -101,7 +110,11 @@ async def take_snapshot(supervisor: BunkerSupervisor, task: Task) -> dict[str, A
         data = json.dumps(manifest, sort_keys=True).encode()
         await asyncio.to_thread(manifest_path.write_bytes, data)
         await client.upload(
-            manifest_path, manifest_key, manifest_cap, hashlib.sha256(data).hexdigest()
+            manifest_path,
+            manifest_key,
+            manifest_cap,
+            hashlib.sha256(data).hexdigest(),
+            refresh=broker.refresher("snapshot_manifest", snapshot_id) if broker else None,
         )
     finally:
         for path in (archive, manifest_path):

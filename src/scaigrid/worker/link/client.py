@@ -166,13 +166,15 @@ class LinkClient:
         *,
         bunker_id: str | None = None,
         image_id: str | None = None,
+        snapshot_id: str | None = None,
         timeout_s: float = 30.0,
     ) -> dict[str, Any]:
         """Ask the controller for a storage capability (``capability_request``, SPEC §10.4).
 
         Args:
-            purpose: ``audit`` (with ``bunker_id``) or ``image_artifact`` (with ``image_id``);
-                see :mod:`scaigrid.modules.scaibunker.storage.grants`.
+            purpose: ``audit`` (with ``bunker_id``), ``image_artifact`` (with ``image_id``) or
+                ``snapshot_layer`` / ``snapshot_manifest`` (with ``snapshot_id``); see
+                :mod:`scaigrid.modules.scaibunker.storage.grants`.
             timeout_s: how long to wait for the link to be up and the grant to arrive.
 
         Returns:
@@ -192,6 +194,8 @@ class LinkClient:
             message["bunker_id"] = bunker_id
         if image_id is not None:
             message["image_id"] = image_id
+        if snapshot_id is not None:
+            message["snapshot_id"] = snapshot_id
         waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._grants[request_id] = waiter
         try:

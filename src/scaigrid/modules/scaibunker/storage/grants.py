@@ -14,6 +14,10 @@ Purposes and what they grant (lifetime :data:`GRANT_TTL_S`):
   artifact keys ``scaibunker/images/{image_id}/rootfs.*``, only for a visible, not
   deactivated image the worker may hold (:func:`~scaigrid.modules.scaibunker.images.service.
   worker_usable`).
+* ``snapshot_layer`` / ``snapshot_manifest`` with ``snapshot_id`` (an extension of SPEC §10.4's
+  fields): ``PUT`` on exactly that snapshot's layer or manifest key, only while the snapshot
+  is ``pending`` or ``uploading`` and its bunker is on the asking worker (a long snapshot
+  whose task capability expired before its upload or a retry).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from scaigrid import errors
 from scaigrid.modules.scaibunker.bunkers.models import Bunker
 from scaigrid.modules.scaibunker.images.models import Image
 from scaigrid.modules.scaibunker.images.service import worker_usable
+from scaigrid.modules.scaibunker.snapshots.common import layer_key, manifest_key
+from scaigrid.modules.scaibunker.snapshots.models import Snapshot
 from scaigrid.modules.scaibunker.state import ModuleState
 from scaigrid.modules.scaibunker.workers.models import Worker
 from scaigrid.protocol.link import MsgType
@@ -36,6 +42,8 @@ log = structlog.get_logger(__name__)
 GRANT_TTL_S: Final = 900
 AUDIT: Final = "audit"
 IMAGE_ARTIFACT: Final = "image_artifact"
+SNAPSHOT_LAYER: Final = "snapshot_layer"
+SNAPSHOT_MANIFEST: Final = "snapshot_manifest"
 
 
 def audit_prefix(bunker_id: str) -> str:
@@ -49,7 +57,13 @@ def image_prefix(image_id: str) -> str:
 
 
 async def mint_for_worker(
-    state: ModuleState, worker_id: str, purpose: str, *, bunker_id: Any, image_id: Any
+    state: ModuleState,
+    worker_id: str,
+    purpose: str,
+    *,
+    bunker_id: Any,
+    image_id: Any,
+    snapshot_id: Any = None,
 ) -> dict[str, Any]:
     """Check that ``worker_id`` may have a capability for ``purpose`` and mint it.
 
@@ -83,6 +97,20 @@ async def mint_for_worker(
             minted = state.storage.mint(
                 ["GET", "HEAD", "PUT"], prefix=image_prefix(image_id), ttl_s=GRANT_TTL_S
             )
+        elif purpose in (SNAPSHOT_LAYER, SNAPSHOT_MANIFEST) and isinstance(snapshot_id, str):
+            snapshot = await session.get(Snapshot, snapshot_id)
+            owner = await session.get(Bunker, snapshot.bunker_id) if snapshot else None
+            if (
+                snapshot is None
+                or snapshot.status not in ("pending", "uploading")
+                or owner is None
+                or owner.worker_id != worker_id
+            ):
+                raise errors.AuthzPermissionDenied(
+                    f"snapshot {snapshot_id} is not being taken on this worker"
+                )
+            key = layer_key(snapshot) if purpose == SNAPSHOT_LAYER else manifest_key(snapshot)
+            minted = state.storage.mint(["PUT"], key=key, ttl_s=GRANT_TTL_S)
         else:
             raise errors.ValidationFailed(
                 f"capability_request for {purpose!r} needs a known purpose and its id"
@@ -106,6 +134,7 @@ async def answer_request(
             purpose,
             bunker_id=message.get("bunker_id"),
             image_id=message.get("image_id"),
+            snapshot_id=message.get("snapshot_id"),
         )
     except errors.ScaiGridError as exc:
         log.warning("capability_refused", worker_id=worker_id, purpose=purpose, reason=exc.message)
