@@ -156,3 +156,24 @@ def test_cli_tar_in_and_out(
         assert tar.getnames() == ["inner", "inner/a.txt"]
     with Client(stack.url, stack.admin_key) as client:
         client.bunkers.terminate(bunker["id"])
+
+
+async def test_async_sdk_round_trip_to_a_local_tar_file(
+    stack: Stack, busybox_image: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    from scaigrid.client import AsyncClient
+
+    local = Path(tmp_path_factory.mktemp("async-tar", numbered=True))
+    (local / "src/a").mkdir(parents=True)
+    (local / "src/a/one.txt").write_text("one\n")
+    (local / "src/two.txt").write_text("two\n")
+    bunker = create_bunker(stack, busybox_image)
+    async with AsyncClient(stack.url, stack.admin_key) as client:
+        result = await client.files.upload_archive(bunker["id"], "async-dir", local / "src")
+        assert (result["entries"], result["bytes"]) == (3, 8)
+        out = local / "back.tar"
+        written = await client.files.download_archive(bunker["id"], "async-dir", out)
+        assert written == out.stat().st_size
+        with tarfile.open(out) as tar:
+            assert tar.getnames() == ["a", "a/one.txt", "two.txt"]
+        await client.bunkers.terminate(bunker["id"])
