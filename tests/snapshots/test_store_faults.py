@@ -6,6 +6,7 @@ standalone `bunker_proxy`, the dev worker A and a second worker process B):
   and no multipart parts in the bucket;
 * snapshots survive a module disable and are restorable after the module is enabled again;
 * a warm-up on a worker whose image cache is too small marks it ``skipped``;
+* a deactivated image's artifact is deleted, unless a snapshot still references the image;
 * ``capability_request`` on the worker channel is refused for other workers' bunkers and
   unknown images, and grants exactly the image's keys otherwise.
 """
@@ -29,7 +30,7 @@ from scaigrid.errors import ScaiGridError
 from scaigrid.modules.scaibunker.storage.capabilities import verify
 from tests.fixtures import fleet as fleet_fixture
 from tests.fixtures.fleet import HOSTNAME, WORKER_START_TIMEOUT_S, ExtraWorker, wait_online
-from tests.fixtures.stack import BASE, Stack
+from tests.fixtures.stack import BASE, Stack, build_busybox_tar
 from tests.snapshots.test_e2e import (
     _create,
     _exec,
@@ -243,3 +244,44 @@ def test_warm_skips_a_worker_short_of_cache_space(
     finally:
         small.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def _wait_gone_or_kept(s3: Any, key: str, gone: bool, timeout_s: float = 60) -> bool:
+    deadline = time.monotonic() + timeout_s
+    present = True
+    while time.monotonic() < deadline:
+        present = "Contents" in s3.list_objects_v2(Bucket=BUCKET, Prefix=key)
+        if present != gone:
+            return present
+        time.sleep(0.5)
+    return present
+
+
+def test_deactivated_image_artifact_is_deleted_unless_a_snapshot_needs_it(
+    fleet: tuple[Stack, ExtraWorker, str], s3_server: S3Server, tmp_path: Path
+) -> None:
+    stack = fleet[0]
+    s3 = s3_server.client()
+    tar = str(build_busybox_tar(tmp_path))
+    unused = stack.register_image("art-unused", {"kind": "tar", "path": tar})
+    kept = stack.register_image("art-kept", {"kind": "tar", "path": tar})
+    with stack.client() as client:
+        bunker = _create(client, image="art-kept").json()["data"]
+        taken = client.post(f"{BASE}/bunkers/{bunker['id']}/snapshot").json()["data"]
+        assert _wait_snapshot(client, taken["snapshot_id"])["status"] == "ready"
+        client.delete(f"{BASE}/bunkers/{bunker['id']}")
+        for image in (unused, kept):
+            key = f"scaibunker/images/{image['id']}/rootfs.tar.zst"
+            assert "Contents" in s3.list_objects_v2(Bucket=BUCKET, Prefix=key)
+            done = client.post(f"{BASE}/images/{image['id']}/deactivate")
+            assert done.status_code == 200, done.text
+        unused_key = f"scaibunker/images/{unused['id']}/rootfs.tar.zst"
+        assert _wait_gone_or_kept(s3, unused_key, gone=True) is False
+        # Deactivations run in order: the second one has finished well within this wait.
+        kept_key = f"scaibunker/images/{kept['id']}/rootfs.tar.zst"
+        time.sleep(3)
+        assert "Contents" in s3.list_objects_v2(Bucket=BUCKET, Prefix=kept_key)
+        # The snapshot of the deactivated image still restores (SPEC §6.4).
+        restored = _create(client, snapshot_id=taken["snapshot_id"])
+        assert restored.status_code == 201, restored.text
+        assert restored.json()["data"]["status"] == "running", restored.text

@@ -331,7 +331,10 @@ async def create_bunker(
     else:
         assert request.image is not None
         image = await resolve_image(session, principal, request.image)
-    if image.status != "ready":
+    # SPEC §6.4: a snapshot whose image has since been deactivated can still be restored
+    # (its baked artifact is kept while snapshots reference it, SPEC §7.4).
+    usable = ("ready", "deactivated") if snapshot is not None else ("ready",)
+    if image.status not in usable:
         raise errors.ImageNotReady(
             f"image {image.name} is {image.status}",
             details={"status": image.status, "reason": image.status_reason},
@@ -377,7 +380,8 @@ async def create_bunker(
                 isolation,
                 image_id=image.id,
                 worker_id=pinned,
-                lazy_pull=image.lazy_pull,
+                # Workers dropped a deactivated image; a restore fetches it on demand.
+                lazy_pull=image.lazy_pull or image.status == "deactivated",
             ),
         )
         bunker = Bunker(

@@ -20,6 +20,7 @@ admin bakes one with ``POST /images/{id}/warm``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -29,7 +30,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from scaigrid import errors
 from scaigrid.ids import is_id, new_id
+from scaigrid.modules.scaibunker.bunkers.models import Bunker
 from scaigrid.modules.scaibunker.bunkers.schemas import iso
+from scaigrid.modules.scaibunker.bunkers.states import TERMINAL
 from scaigrid.modules.scaibunker.images.models import (
     AvailabilityGroup,
     Image,
@@ -37,6 +40,7 @@ from scaigrid.modules.scaibunker.images.models import (
     ImageWorker,
 )
 from scaigrid.modules.scaibunker.images.schemas import RegisterImageRequest
+from scaigrid.modules.scaibunker.snapshots.models import Snapshot
 from scaigrid.modules.scaibunker.state import ModuleState
 from scaigrid.modules.scaibunker.workers.models import Worker
 from scaigrid.platform.auth import Principal
@@ -627,6 +631,9 @@ async def evict_image(state: ModuleState, image_id: str) -> dict[str, str]:
     worker keeps its ``ready`` row with the refusal as ``error``, and running bunkers are
     unaffected (SPEC §7.4).
 
+    Then the image's baked artifact is deleted from the object store unless a snapshot or a
+    live bunker still references the image (:func:`drop_unused_artifact`).
+
     Returns:
         ``{worker_id: "evicted" | "in_use" | "failed"}`` for the workers asked.
     """
@@ -663,7 +670,47 @@ async def evict_image(state: ModuleState, image_id: str) -> dict[str, str]:
             )
             await session.commit()
         log.info("image_evicted", image_id=image_id, worker_id=worker_id)
+    await drop_unused_artifact(state, image_id)
     return outcome
+
+
+async def drop_unused_artifact(state: ModuleState, image_id: str) -> bool:
+    """Delete the baked artifact of a deactivated image unless something still needs it.
+
+    SPEC §7.4: the stored rootfs is kept while any snapshot or non-terminal bunker references
+    the image (a restore on another worker fetches it from there).
+
+    Returns:
+        True when the artifact objects were deleted (or there were none).
+    """
+    async with state.db.sessionmaker() as session:
+        image = await session.get(Image, image_id)
+        if image is None or image.status != "deactivated":
+            return False
+        snapshot = (
+            await session.scalars(select(Snapshot.id).where(Snapshot.image_id == image_id))
+        ).first()
+        bunker = (
+            await session.scalars(
+                select(Bunker.id).where(
+                    Bunker.image_id == image_id, Bunker.status.not_in(list(TERMINAL))
+                )
+            )
+        ).first()
+    if snapshot is not None or bunker is not None or state.storage is None:
+        log.info("image_artifact_kept", image_id=image_id, snapshot=snapshot, bunker=bunker)
+        return False
+    store = state.storage.store
+    try:
+        keys = await store.list_keys(f"scaibunker/images/{image_id}/rootfs.")
+        for key in keys:
+            with contextlib.suppress(errors.ObjectNotFound):
+                await store.delete(key)
+    except errors.ObjectStoreUnavailable as exc:
+        log.warning("image_artifact_delete_failed", image_id=image_id, reason=exc.message)
+        return False
+    log.info("image_artifact_deleted", image_id=image_id, keys=keys)
+    return True
 
 
 async def seed_builtin_images(state: ModuleState) -> None:
