@@ -118,6 +118,10 @@ class AuditLog:
         self._lock = asyncio.Lock()
         self._queue: asyncio.Queue[AuditEntry] = asyncio.Queue(queue_size)
         self._writer: asyncio.Task[None] | None = None
+        #: ``(seq, record_hash)`` of the chain head as this process last wrote it; the next
+        #: append builds on it without reading the head back (another controller appending
+        #: meanwhile makes the insert collide on ``seq``, and the head is read again).
+        self._head: tuple[int, str] | None = None
 
     def start(self) -> None:
         """Start the background writer (idempotent)."""
@@ -177,11 +181,19 @@ class AuditLog:
         async with self._lock:
             for attempt in range(APPEND_ATTEMPTS):
                 async with self.db.sessionmaker() as session:
-                    head = await session.scalar(
-                        select(AuditRecord).order_by(AuditRecord.seq.desc()).limit(1)
-                    )
-                    seq = 0 if head is None else head.seq
-                    prev = GENESIS_HASH if head is None else head.record_hash
+                    if self._head is None or attempt > 0:
+                        head = await session.scalar(
+                            select(AuditRecord).order_by(AuditRecord.seq.desc()).limit(1)
+                        )
+                        self._head = (
+                            (0, GENESIS_HASH)
+                            if head is None
+                            else (
+                                head.seq,
+                                head.record_hash,
+                            )
+                        )
+                    seq, prev = self._head
                     records = []
                     for entry in entries:
                         seq += 1
@@ -193,10 +205,15 @@ class AuditLog:
                         await session.commit()
                     except IntegrityError:
                         # Another controller process appended this seq first: retry on its head.
+                        self._head = None
                         await session.rollback()
                         log.info("audit.append_retry", seq=records[0].seq, attempt=attempt)
                         await asyncio.sleep(0.005 * (attempt + 1))
                         continue
+                    except BaseException:
+                        self._head = None
+                        raise
+                    self._head = (records[-1].seq, records[-1].record_hash)
                     return records
         raise IntegrityError("audit append", None, Exception("the chain head kept moving"))
 
