@@ -69,6 +69,7 @@ def suite_stack() -> Iterator[Stack]:
     try:
         running = start_stack(data_dir, {"SCAIBUNKER_DRIVERS": drivers})
     except StackError as exc:
+        remove_data_dir(data_dir)
         pytest.fail(str(exc))
     try:
         tar_path = build_busybox_tar(data_dir)
