@@ -34,6 +34,7 @@ def vm_stack(vm_host_ready: None) -> Iterator[Stack]:
     try:
         running = start_stack(data_dir, {"SCAIBUNKER_DRIVERS": "container,qemu"})
     except StackError as exc:
+        shutil.rmtree(data_dir, ignore_errors=True)
         pytest.fail(str(exc))
     try:
         tar_path = build_busybox_tar(data_dir)
