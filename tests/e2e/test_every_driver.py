@@ -11,7 +11,8 @@ compared; also of a paused bunker) → network profile → a write past ``disk_m
 terminate (nothing left on the worker).
 
 Adding a surface: write one more ``test_*`` taking ``bunker`` (a :class:`DriverBunker`) and
-``suite_stack``; it runs against every driver. The interactive shell (WebSocket PTY) goes
+``suite_stack``, above the terminate section (tests run in file order per driver and the
+last one ends the shared bunker); it runs against every driver. The interactive shell (WebSocket PTY) goes
 here as ``test_shell_*`` once it exists (the hook is :func:`bunker`: its ``id`` and
 ``driver``).
 
