@@ -6,15 +6,13 @@ fixture is parametrised by driver name: each driver gets one bunker (``registry`
 profile) that every test of this module drives through the public API, so the same
 assertions hold for a container and a microVM:
 
-create → exec → files → pause/resume → snapshot (restored into every driver, tree hashes
+create → exec → files → shell → pause/resume → snapshot (restored into every driver, tree hashes
 compared; also of a paused bunker) → network profile → a write past ``disk_mb`` →
 terminate (nothing left on the worker).
 
 Adding a surface: write one more ``test_*`` taking ``bunker`` (a :class:`DriverBunker`) and
 ``suite_stack``, above the terminate section (tests run in file order per driver and the
-last one ends the shared bunker); it runs against every driver. The interactive shell (WebSocket PTY) goes
-here as ``test_shell_*`` once it exists (the hook is :func:`bunker`: its ``id`` and
-``driver``).
+last one ends the shared bunker); it runs against every driver.
 
 Cost under TCG: one microVM for the shared bunker, one more at a time for the restore
 tests (at most two VMs at once on the 2-core CI machine).
@@ -34,6 +32,7 @@ from typing import Any
 import httpx
 import pytest
 
+from scaigrid.client import Client
 from tests.fixtures.stack import (
     BASE,
     Stack,
@@ -213,6 +212,28 @@ def test_files_round_trip_list_stat_and_delete(bunker: DriverBunker, suite_stack
         assert client.delete(files, params={"path": "suite/data.bin"}).status_code in (200, 204)
         gone = client.get(files, params={"path": "suite/data.bin"})
         assert gone.status_code == 404, gone.text
+
+
+# -- interactive shell --------------------------------------------------------------------
+
+
+def test_the_shell_is_a_terminal_with_size_resize_and_exit_code(
+    bunker: DriverBunker, suite_stack: Stack
+) -> None:
+    """The WebSocket PTY (SPEC §5) through the SDK, the same in every driver."""
+    with (
+        Client(suite_stack.url, suite_stack.admin_key) as sdk,
+        sdk.shell(bunker.id, cols=100, rows=30) as shell,
+    ):
+        shell.send(b"echo U=$(id -u) T=$TERM; stty size\n")
+        out = shell.read_until(b"30 100", timeout_s=60)
+        assert b"U=1000 T=xterm-256color" in out
+        shell.resize(132, 43)
+        time.sleep(0.5)
+        shell.send(b"stty size\n")
+        shell.read_until(b"43 132", timeout_s=60)
+        shell.send(b"exit 7\n")
+        assert shell.wait(60) == 7
 
 
 # -- pause and resume ---------------------------------------------------------------------
