@@ -289,11 +289,11 @@ class ImageStore:
         return the evicted ids."""
         if self.max_cache_bytes is None:
             return []
-        entries: list[tuple[float, str, int]] = []
+        entries: list[tuple[int, str, int]] = []
         for image_id in self._cache.cached():
             try:
                 size = await self.tree_bytes(image_id)
-                used = (self._cache.path_for(image_id).parent / "image.json").stat().st_mtime
+                used = (self._cache.path_for(image_id).parent / "image.json").stat().st_mtime_ns
             except (FileNotFoundError, ValueError):
                 continue
             entries.append((used, image_id, size))
@@ -431,8 +431,11 @@ def _archive_tree(tree: Path, archive: Path, id_base: int) -> Any:
 
 
 def _touch(path: Path) -> None:
+    # An explicit nanosecond time: the kernel's own "now" is coarse (a clock tick), so two
+    # uses within one tick would tie.
+    now = time.time_ns()
     with contextlib.suppress(FileNotFoundError):
-        os.utime(path)
+        os.utime(path, ns=(now, now))
 
 
 def _apparent_size(tree: Path) -> int:

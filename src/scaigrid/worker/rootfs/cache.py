@@ -227,7 +227,8 @@ class ImageCache:
                 log.info("rootfs.stale_build_removed", path=str(entry))
 
     def update_metadata(self, image_id: str, **fields: Any) -> None:
-        """Merge ``fields`` into ``image.json`` of a built image (replaced atomically).
+        """Merge ``fields`` into ``image.json`` of a built image (replaced atomically, its
+        mtime, the image's last use, kept).
 
         Raises:
             FileNotFoundError: the image is not built.
@@ -235,8 +236,10 @@ class ImageCache:
         path = self.cache_dir / _checked_id(image_id) / "image.json"
         meta = json.loads(path.read_text())
         meta.update(fields)
+        used = path.stat().st_mtime_ns  # the last use (LRU order) is the file's mtime
         tmp = path.with_name(f".image.json.{secrets.token_hex(4)}")
         tmp.write_text(json.dumps(meta, default=str))
+        os.utime(tmp, ns=(used, used))
         os.replace(tmp, path)
 
     async def _build(self, image_id: str, source: Mapping[str, Any], fetch: Fetch | None) -> None:
