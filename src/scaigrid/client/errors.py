@@ -465,6 +465,13 @@ class ObjectStoreUnavailable(UnavailableError):
     default_code = "OBJECT_STORE_UNAVAILABLE"
 
 
+class ObjectExists(ScaiGridAPIError):
+    """``OBJECT_EXISTS`` (412): a first-writer-wins upload (``If-None-Match: *``) found the
+    object already stored; the stored one stands."""
+
+    default_code = "OBJECT_EXISTS"
+
+
 class InternalError(InternalServerError):
     """``INTERNAL_ERROR`` (500): an unexpected server fault."""
 
