@@ -366,7 +366,6 @@ class AgentService:
         )
         await request.send_json(result)
 
-
     async def get_archive(self, request: ServerRequest) -> None:
         """``GET /v1/files/archive`` args ``{path, user}``: a tar of the directory's
         contents (``application/x-tar``), trailer ``x-result`` ``{path, entries, bytes,
