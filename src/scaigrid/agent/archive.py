@@ -34,6 +34,7 @@ import stat
 from collections.abc import Callable, Iterator
 from typing import IO, Any, NoReturn
 
+from scaigrid.agent.fdwait import wait_readable, wait_writable
 from scaigrid.agent.identity import Identity, acting_as, can_switch
 from scaigrid.agent.init import ChildReaper
 from scaigrid.agent.validation import display_path
@@ -83,7 +84,7 @@ class ArchiveRunner:
                 try:
                     data = os.read(data_r, min(max(window, 16384), _SEND_BYTES))
                 except BlockingIOError:
-                    await _wait_readable(data_r)
+                    await wait_readable(data_r)
                     continue
                 if not data:
                     break
@@ -120,7 +121,7 @@ class ArchiveRunner:
                         try:
                             view = view[os.write(data_w, view) :]
                         except BlockingIOError:
-                            await _wait_writable(data_w)
+                            await wait_writable(data_w)
             except BrokenPipeError:
                 pass  # the child stopped reading: its answer says why
             os.close(data_w)
@@ -195,7 +196,7 @@ class _Child:
             try:
                 data = os.read(fd, 65536)
             except BlockingIOError:
-                await _wait_readable(fd)
+                await wait_readable(fd)
                 continue
             if not data:
                 break
@@ -506,32 +507,3 @@ def _printable(name: str) -> str:
 def _grow_pipe(fd: int) -> None:
     with contextlib.suppress(OSError):
         fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
-
-
-async def _wait_fd(fd: int, writable: bool) -> None:
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[None] = loop.create_future()
-
-    def ready() -> None:
-        if not fut.done():
-            fut.set_result(None)
-
-    if writable:
-        loop.add_writer(fd, ready)
-    else:
-        loop.add_reader(fd, ready)
-    try:
-        await fut
-    finally:
-        if writable:
-            loop.remove_writer(fd)
-        else:
-            loop.remove_reader(fd)
-
-
-async def _wait_readable(fd: int) -> None:
-    await _wait_fd(fd, False)
-
-
-async def _wait_writable(fd: int) -> None:
-    await _wait_fd(fd, True)

@@ -30,6 +30,7 @@ from typing import Any
 
 from scaigrid.agent.cgroups import Workload
 from scaigrid.agent.clock import rfc3339
+from scaigrid.agent.fdwait import wait_writable
 from scaigrid.agent.identity import DEFAULT_PATH, Identity
 from scaigrid.agent.init import ChildReaper
 from scaigrid.agent.proctree import kill_cgroup, kill_exec_tree
@@ -457,7 +458,7 @@ class ExecManager:
                     try:
                         view = view[os.write(fd, view) :]
                     except BlockingIOError:
-                        await _wait_writable(fd)
+                        await wait_writable(fd)
         except (BrokenPipeError, AgentConnectionLost):
             return
         finally:
@@ -492,7 +493,7 @@ class ExecManager:
                         try:
                             count = os.write(fd, view)
                         except BlockingIOError:
-                            await _wait_writable(fd)
+                            await wait_writable(fd)
                             continue
                         view = view[count:]
                         written += count
@@ -723,18 +724,3 @@ def _open_devnull() -> int:
 def _grow_pipe(fd: int) -> None:
     with contextlib.suppress(OSError):
         fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
-
-
-async def _wait_writable(fd: int) -> None:
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[None] = loop.create_future()
-
-    def ready() -> None:
-        if not fut.done():
-            fut.set_result(None)
-
-    loop.add_writer(fd, ready)
-    try:
-        await fut
-    finally:
-        loop.remove_writer(fd)

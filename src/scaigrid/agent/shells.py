@@ -38,6 +38,7 @@ from typing import Any
 from scaigrid.agent.cgroups import Workload
 from scaigrid.agent.clock import rfc3339
 from scaigrid.agent.execs import Notifier
+from scaigrid.agent.fdwait import wait_writable
 from scaigrid.agent.identity import DEFAULT_PATH, Identity
 from scaigrid.agent.init import ChildReaper
 from scaigrid.agent.proctree import kill_cgroup
@@ -371,7 +372,7 @@ class ShellManager:
                         try:
                             view = view[os.write(fd, view) :]
                         except BlockingIOError:
-                            await _wait_writable(fd)
+                            await wait_writable(fd)
                         except OSError:
                             break
             except AgentConnectionLost:
@@ -464,18 +465,3 @@ class ShellManager:
             kill_cgroup(cgroup)
             with contextlib.suppress(OSError):
                 os.rmdir(cgroup)
-
-
-async def _wait_writable(fd: int) -> None:
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[None] = loop.create_future()
-
-    def ready() -> None:
-        if not fut.done():
-            fut.set_result(None)
-
-    loop.add_writer(fd, ready)
-    try:
-        await fut
-    finally:
-        loop.remove_writer(fd)
