@@ -192,20 +192,43 @@ async def read_file(
         size = int(entry.get("size", 0))
         start, end = _parse_range(bounds, size)
         params = {**params, "offset": start, "length": end - start + 1}
+    progress, body = await _open_download(
+        state, bunker, TaskKind.FILES_READ, params, "the worker ended the download without a size"
+    )
+    total = int(progress.get("size", 0))
+    headers = {"Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
+    if start is not None and end is not None:
+        headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+        headers["Content-Length"] = str(end - start + 1)
+        return Download(206, headers, body)
+    headers["Content-Length"] = str(total)
+    return Download(200, headers, body)
+
+
+async def _open_download(
+    state: ModuleState, bunker: Bunker, kind: str, params: dict[str, Any], no_start: str
+) -> tuple[dict[str, Any], AsyncIterator[bytes]]:
+    """Start a worker task that streams ``body`` to the controller; return its first progress
+    message (the agent accepted the request) and the body's chunks, which end with the task's
+    result (a failure mid-stream raises from the iterator, so the response is broken off).
+
+    Raises:
+        errors.ScaiGridError: the task failed before it started streaming.
+        errors.InternalError: the task ended without a progress message (``no_start``).
+    """
     connection = state.hub.require(bunker.worker_id)
     stream = connection.open_inbound()
     handle = await connection.start_task(
-        TaskKind.FILES_READ, params, bunker_id=bunker.id, streams={"body": stream.stream_id}
+        kind, params, bunker_id=bunker.id, streams={"body": stream.stream_id}
     )
     try:
         progress = await handle.next_progress(FIRST_BYTE_TIMEOUT_S)
         if progress is None:
             await handle.result(1.0)
-            raise errors.InternalError("the worker ended the download without a size")
+            raise errors.InternalError(no_start)
     except BaseException:
         stream.close()
         raise
-    total = int(progress.get("size", 0))
 
     async def body() -> AsyncIterator[bytes]:
         try:
@@ -216,13 +239,7 @@ async def read_file(
             stream.close()
             await handle.cancel()
 
-    headers = {"Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
-    if start is not None and end is not None:
-        headers["Content-Range"] = f"bytes {start}-{end}/{size}"
-        headers["Content-Length"] = str(end - start + 1)
-        return Download(206, headers, body())
-    headers["Content-Length"] = str(total)
-    return Download(200, headers, body())
+    return progress, body()
 
 
 async def read_archive(state: ModuleState, bunker: Bunker, params: dict[str, Any]) -> Download:
@@ -236,27 +253,11 @@ async def read_archive(state: ModuleState, bunker: Bunker, params: dict[str, Any
         errors.ScaiGridError: the agent's error (``FILE_NOT_FOUND``, ``FILE_CONFLICT`` for
             a path that is not a directory, ``FILE_ACCESS_DENIED``).
     """
-    connection = state.hub.require(bunker.worker_id)
-    stream = connection.open_inbound()
-    handle = await connection.start_task(
-        TaskKind.FILES_ARCHIVE_READ, params, bunker_id=bunker.id, streams={"body": stream.stream_id}
+    _, body = await _open_download(
+        state,
+        bunker,
+        TaskKind.FILES_ARCHIVE_READ,
+        params,
+        "the worker ended the archive before it started",
     )
-    try:
-        progress = await handle.next_progress(FIRST_BYTE_TIMEOUT_S)
-        if progress is None:
-            await handle.result(1.0)
-            raise errors.InternalError("the worker ended the archive before it started")
-    except BaseException:
-        stream.close()
-        raise
-
-    async def body() -> AsyncIterator[bytes]:
-        try:
-            async for chunk in stream:
-                yield chunk
-            await handle.result(CALL_TIMEOUT_S)
-        finally:
-            stream.close()
-            await handle.cancel()
-
-    return Download(200, {"Content-Type": "application/x-tar"}, body())
+    return Download(200, {"Content-Type": "application/x-tar"}, body)
