@@ -97,14 +97,12 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Mapping
-from functools import wraps
 from typing import Any, Final
 
 import structlog
 
-from scaigrid.errors import AgentUnavailable
-from scaigrid.protocol.agent import AgentConnectionLost, AgentError, AgentResponse
-from scaigrid.protocol.link import InboundStream, TaskKind
+from scaigrid.protocol.agent import AgentConnectionLost, AgentResponse
+from scaigrid.protocol.link import TaskKind
 from scaigrid.worker.bunkers import BunkerSupervisor, CreateRequest
 from scaigrid.worker.drivers.base import DriverError
 from scaigrid.worker.images import (
@@ -116,7 +114,14 @@ from scaigrid.worker.images import (
 from scaigrid.worker.link.bridge_handlers import bridge_specs
 from scaigrid.worker.link.client import utc_timestamp
 from scaigrid.worker.link.shell import shell_specs
-from scaigrid.worker.link.tasks import HandlerSpec, Task, TaskFailed, TaskHandler
+from scaigrid.worker.link.tasks import (
+    HandlerSpec,
+    Task,
+    TaskFailed,
+    TaskHandler,
+    agent_errors,
+    stream_chunks,
+)
 from scaigrid.worker.rootfs import ImageBuildError
 from scaigrid.worker.snapshot_task import take_snapshot
 from scaigrid.worker.vm.disks import DiskError
@@ -142,30 +147,6 @@ EXEC_GRACE_S: Final = 30.0
 _AGENT_CALL_TIMEOUT_S: Final = FILES_CALL_DEADLINE_S - 5.0
 #: Most bytes one ``process.output`` or ``process.stdin`` task carries (inside one message).
 PROCESS_CHUNK_BYTES: Final = 256 * 1024
-
-
-def _agent_errors(handler: TaskHandler) -> TaskHandler:
-    """Map agent failures to task errors: agent codes pass through, a lost or silent agent
-    is ``AGENT_UNAVAILABLE``."""
-
-    @wraps(handler)
-    async def wrapped(task: Task) -> dict[str, Any]:
-        try:
-            return await handler(task)
-        except AgentError as exc:
-            raise TaskFailed(exc.code, exc.message, exc.details) from exc
-        except AgentConnectionLost as exc:
-            raise AgentUnavailable(f"lost contact with the agent: {exc}") from exc
-        except TimeoutError as exc:
-            raise AgentUnavailable("the agent did not answer in time") from exc
-
-    return wrapped
-
-
-async def _chunks(stream: InboundStream) -> AsyncIterator[bytes]:
-    """Yield a link stream's chunks until EOF (credit is returned as they are taken)."""
-    while chunk := await stream.read():
-        yield chunk
 
 
 def _json_header(response: AgentResponse, name: str) -> dict[str, Any]:
@@ -223,32 +204,32 @@ class TaskHandlers:
             ),
             TaskKind.IMAGE_EVICT: HandlerSpec(self.image_evict, EVICT_DEADLINE_S),
             TaskKind.EXEC_START: HandlerSpec(
-                _agent_errors(self.exec_start),
+                agent_errors(self.exec_start),
                 _exec_deadline,
                 timeout_code="AGENT_UNAVAILABLE",
                 inbound_roles=frozenset({"stdin"}),
                 outbound_roles=frozenset({"stdout", "stderr"}),
             ),
             TaskKind.FILES_WRITE: HandlerSpec(
-                _agent_errors(self.files_write),
+                agent_errors(self.files_write),
                 FILES_STREAM_DEADLINE_S,
                 timeout_code="AGENT_UNAVAILABLE",
                 inbound_roles=frozenset({"body"}),
             ),
             TaskKind.FILES_READ: HandlerSpec(
-                _agent_errors(self.files_read),
+                agent_errors(self.files_read),
                 FILES_STREAM_DEADLINE_S,
                 timeout_code="AGENT_UNAVAILABLE",
                 outbound_roles=frozenset({"body"}),
             ),
             TaskKind.FILES_ARCHIVE_WRITE: HandlerSpec(
-                _agent_errors(self.files_archive_write),
+                agent_errors(self.files_archive_write),
                 FILES_STREAM_DEADLINE_S,
                 timeout_code="AGENT_UNAVAILABLE",
                 inbound_roles=frozenset({"body"}),
             ),
             TaskKind.FILES_ARCHIVE_READ: HandlerSpec(
-                _agent_errors(self.files_archive_read),
+                agent_errors(self.files_archive_read),
                 FILES_STREAM_DEADLINE_S,
                 timeout_code="AGENT_UNAVAILABLE",
                 outbound_roles=frozenset({"body"}),
@@ -263,18 +244,18 @@ class TaskHandlers:
             TaskKind.PROCESS_STDIN: self.process_stdin,
         }
         specs[TaskKind.PROCESS_FOLLOW] = HandlerSpec(
-            _agent_errors(self.process_follow),
+            agent_errors(self.process_follow),
             FILES_STREAM_DEADLINE_S,
             timeout_code="AGENT_UNAVAILABLE",
             outbound_roles=frozenset({"output"}),
         )
         for kind, call in process_calls.items():
             specs[kind] = HandlerSpec(
-                _agent_errors(call), FILES_CALL_DEADLINE_S, timeout_code="AGENT_UNAVAILABLE"
+                agent_errors(call), FILES_CALL_DEADLINE_S, timeout_code="AGENT_UNAVAILABLE"
             )
         for kind, (method, path, read_only) in files_call.items():
             specs[kind] = HandlerSpec(
-                _agent_errors(self._files_call(method, path, read_only=read_only)),
+                agent_errors(self._files_call(method, path, read_only=read_only)),
                 FILES_CALL_DEADLINE_S,
                 timeout_code="AGENT_UNAVAILABLE",
             )
@@ -393,7 +374,7 @@ class TaskHandlers:
         args = dict(task.params)
         if args.get("background"):
             raise TaskFailed("VALIDATION_ERROR", "exec.start runs foreground execs only")
-        body = _chunks(task.inbound("stdin")) if args.get("stdin") == "body" else None
+        body = stream_chunks(task.inbound("stdin")) if args.get("stdin") == "body" else None
         client = await self._bunkers.agent(bunker_id)
         response = await client.request("POST", "/v1/exec", args, body, timeout_s=None)
         start = _json_header(response, "x-start")
@@ -537,7 +518,7 @@ class TaskHandlers:
     async def files_write(self, task: Task) -> dict[str, Any]:
         """``files.write`` → ``{path, size, sha256, mode}``."""
         client = await self._bunkers.agent(task.require_bunker_id())
-        body = _chunks(task.inbound("body"))
+        body = stream_chunks(task.inbound("body"))
         response = await client.request("PUT", "/v1/files", dict(task.params), body, timeout_s=None)
         return _as_object(await response.json())
 
@@ -561,7 +542,7 @@ class TaskHandlers:
     async def files_archive_write(self, task: Task) -> dict[str, Any]:
         """``files.archive_write`` → ``{path, entries, bytes}``."""
         client = await self._bunkers.agent(task.require_bunker_id())
-        body = _chunks(task.inbound("body"))
+        body = stream_chunks(task.inbound("body"))
         response = await client.request(
             "PUT", "/v1/files/archive", dict(task.params), body, timeout_s=None
         )

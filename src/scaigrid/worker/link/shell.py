@@ -23,40 +23,22 @@ agent's ``POST /v1/shell`` stream (see :mod:`scaigrid.agent.shell_routes`).
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from functools import wraps
 from typing import Any, Final
 
-from scaigrid.errors import AgentUnavailable
-from scaigrid.protocol.agent import AgentConnectionLost, AgentError
-from scaigrid.protocol.link import InboundStream, TaskKind
+from scaigrid.protocol.link import TaskKind
 from scaigrid.worker.bunkers import BunkerSupervisor
-from scaigrid.worker.link.tasks import HandlerSpec, Task, TaskFailed, TaskHandler
+from scaigrid.worker.link.tasks import (
+    HandlerSpec,
+    Task,
+    TaskFailed,
+    agent_errors,
+    stream_chunks,
+)
 
 #: A shell attachment may last this long; the client then reattaches.
 SHELL_DEADLINE_S: Final = 86400.0
 SHELL_CALL_DEADLINE_S: Final = 30.0
 _AGENT_CALL_TIMEOUT_S: Final = 25.0
-
-
-def _agent_errors(handler: TaskHandler) -> TaskHandler:
-    @wraps(handler)
-    async def wrapped(task: Task) -> dict[str, Any]:
-        try:
-            return await handler(task)
-        except AgentError as exc:
-            raise TaskFailed(exc.code, exc.message, exc.details) from exc
-        except AgentConnectionLost as exc:
-            raise AgentUnavailable(f"lost contact with the agent: {exc}") from exc
-        except TimeoutError as exc:
-            raise AgentUnavailable("the agent did not answer in time") from exc
-
-    return wrapped
-
-
-async def _chunks(stream: InboundStream) -> AsyncIterator[bytes]:
-    while chunk := await stream.read():
-        yield chunk
 
 
 def _session_id(params: dict[str, Any]) -> str:
@@ -78,7 +60,7 @@ class ShellHandlers:
         """The handler table entries of the shell kinds."""
         specs = {
             TaskKind.SHELL_OPEN: HandlerSpec(
-                _agent_errors(self.shell_open),
+                agent_errors(self.shell_open),
                 SHELL_DEADLINE_S,
                 timeout_code="AGENT_UNAVAILABLE",
                 inbound_roles=frozenset({"input"}),
@@ -92,7 +74,7 @@ class ShellHandlers:
             (TaskKind.SHELL_LIST, self.shell_list),
         ):
             specs[kind] = HandlerSpec(
-                _agent_errors(call), SHELL_CALL_DEADLINE_S, timeout_code="AGENT_UNAVAILABLE"
+                agent_errors(call), SHELL_CALL_DEADLINE_S, timeout_code="AGENT_UNAVAILABLE"
             )
         return specs
 
@@ -100,7 +82,7 @@ class ShellHandlers:
         """``shell.open`` → the agent's ``x-result`` after relaying the session."""
         _session_id(task.params)
         out = task.outbound("output")
-        body = _chunks(task.inbound("input"))
+        body = stream_chunks(task.inbound("input"))
         client = await self._bunkers.agent(task.require_bunker_id())
         response = await client.request(
             "POST", "/v1/shell", dict(task.params), body, timeout_s=None

@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from functools import wraps
 from typing import Any
 
 import structlog
 
-from scaigrid.errors import ScaiGridError
+from scaigrid.errors import AgentUnavailable, ScaiGridError
+from scaigrid.protocol.agent import AgentConnectionLost, AgentError
 from scaigrid.protocol.link import (
     MAX_MESSAGE_BYTES,
     InboundStream,
@@ -361,3 +363,27 @@ class TaskSession:
             inbound.close()
         for outbound in task._outbound.values():
             outbound.abandon()
+
+
+def agent_errors(handler: TaskHandler) -> TaskHandler:
+    """Wrap a handler that calls the guest agent: agent error codes pass through as task
+    errors, a lost or silent agent is ``AGENT_UNAVAILABLE``."""
+
+    @wraps(handler)
+    async def wrapped(task: Task) -> dict[str, Any]:
+        try:
+            return await handler(task)
+        except AgentError as exc:
+            raise TaskFailed(exc.code, exc.message, exc.details) from exc
+        except AgentConnectionLost as exc:
+            raise AgentUnavailable(f"lost contact with the agent: {exc}") from exc
+        except TimeoutError as exc:
+            raise AgentUnavailable("the agent did not answer in time") from exc
+
+    return wrapped
+
+
+async def stream_chunks(stream: InboundStream) -> AsyncIterator[bytes]:
+    """Yield a link stream's chunks until EOF (credit is returned as they are taken)."""
+    while chunk := await stream.read():
+        yield chunk
