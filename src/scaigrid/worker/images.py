@@ -40,7 +40,6 @@ import asyncio
 import contextlib
 import os
 import secrets
-import stat
 import time
 from collections.abc import Iterable, Mapping
 from enum import StrEnum
@@ -57,7 +56,7 @@ from scaigrid.worker.rootfs import ImageBuildError, ImageCache
 from scaigrid.worker.rootfs.mounts import overlays_using, remove_tree
 from scaigrid.worker.scan import ScanResult, scan_tree
 from scaigrid.worker.snapshots import archive_layer, file_sha256, restore_layer
-from scaigrid.worker.vm.disks import bake_base_disk
+from scaigrid.worker.vm.disks import bake_base_disk, tree_bytes
 
 log = structlog.get_logger(__name__)
 
@@ -280,7 +279,7 @@ class ImageStore:
         known = meta.get("tree_bytes")
         if isinstance(known, int):
             return known
-        size = await asyncio.to_thread(_apparent_size, self._cache.path_for(image_id))
+        size = await asyncio.to_thread(tree_bytes, self._cache.path_for(image_id))
         await asyncio.to_thread(self._cache.update_metadata, image_id, tree_bytes=size)
         return size
 
@@ -436,19 +435,6 @@ def _touch(path: Path) -> None:
     now = time.time_ns()
     with contextlib.suppress(FileNotFoundError):
         os.utime(path, ns=(now, now))
-
-
-def _apparent_size(tree: Path) -> int:
-    """Bytes of regular-file content under ``tree`` plus 4 KiB per entry (metadata)."""
-    total = 0
-    for dirpath, dirnames, filenames in os.walk(tree):
-        for name in (*dirnames, *filenames):
-            try:
-                st = os.lstat(os.path.join(dirpath, name))
-            except OSError:
-                continue
-            total += 4096 + (st.st_size if stat.S_ISREG(st.st_mode) else 0)
-    return total
 
 
 def _empty_dir(path: Path) -> None:

@@ -28,6 +28,7 @@ import hashlib
 import os
 import shlex
 import shutil
+import stat
 import tempfile
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -59,9 +60,9 @@ class DiskError(Exception):
     """A disk could not be made; the message says why."""
 
 
-def tree_size_mib(tree: Path) -> int:
-    """Apparent size of ``tree`` in MiB (``du -s --apparent-size`` of regular files, plus
-    4 KiB per entry), rounded up."""
+def tree_bytes(tree: Path) -> int:
+    """Apparent size of ``tree`` in bytes: the content of its regular files plus 4 KiB per
+    entry (metadata); entries that vanish while it is walked are skipped."""
     total = 0
     for dirpath, dirnames, filenames in os.walk(tree):
         for name in (*dirnames, *filenames):
@@ -69,8 +70,13 @@ def tree_size_mib(tree: Path) -> int:
                 st = os.lstat(os.path.join(dirpath, name))
             except OSError:
                 continue
-            total += 4096 + (st.st_size if name in filenames else 0)
-    return -(-total // (1 << 20))
+            total += 4096 + (st.st_size if stat.S_ISREG(st.st_mode) else 0)
+    return total
+
+
+def tree_size_mib(tree: Path) -> int:
+    """:func:`tree_bytes` of ``tree`` in MiB, rounded up."""
+    return -(-tree_bytes(tree) // (1 << 20))
 
 
 def bake_size_mib(tree: Path) -> int:
