@@ -29,6 +29,8 @@ class ModuleState:
         placement_lock: serialises placement so concurrent creates cannot overfill a worker.
         provisioning: ids of bunkers whose boot this process is following (the reaper's
             provisioning-timeout sweep leaves them to it).
+        destroying: ``(worker_id, bunker_id)`` of bunkers a heartbeat listed that this process
+            is having the worker destroy (one destroy at a time each).
         storage: the object store and capability secrets (set by the module's startup).
         storage_url: base URL workers reach the storage proxy at (snapshot tasks).
     """
@@ -40,6 +42,7 @@ class ModuleState:
         self.config = ModuleConfig(usage_interval_s=settings.usage_interval_s)
         self.placement_lock = asyncio.Lock()
         self.provisioning: set[str] = set()
+        self.destroying: set[tuple[str, str]] = set()
         self.storage: StorageService | None = None
         self.storage_url = settings.public_url
         self._tasks: set[asyncio.Task[Any]] = set()

@@ -212,25 +212,21 @@ async def _reconcile(
     await bake_pending_images(state)
 
 
-#: ``(worker_id, bunker_id)`` of heartbeat-reported bunkers being destroyed right now.
-_destroying: set[tuple[str, str]] = set()
-
-
 def _destroy_stale(state: ModuleState, worker_id: str, bunker_id: str) -> None:
     """Have a worker destroy a bunker its heartbeat lists but must not hold (unknown, ended,
     or placed elsewhere: e.g. it was failed out while the worker was silent; SPEC §10.4),
     once at a time per bunker."""
     key = (worker_id, bunker_id)
-    if key in _destroying:
+    if key in state.destroying:
         return
-    _destroying.add(key)
+    state.destroying.add(key)
 
     async def destroy() -> None:
         try:
             log.info("heartbeat_destroy", worker_id=worker_id, bunker_id=bunker_id)
             await bunker_service.destroy_on_worker(state, worker_id, bunker_id)
         finally:
-            _destroying.discard(key)
+            state.destroying.discard(key)
 
     state.spawn(destroy(), name=f"destroy-stale-{bunker_id}")
 
