@@ -153,6 +153,43 @@ async def test_name_resolution_prefers_tenant_over_platform(
         assert found.scope == "platform"
 
 
+async def test_a_name_never_resolves_to_another_tenants_image_even_for_a_super_admin(
+    platform_app: FastAPI,
+    platform_client: httpx.AsyncClient,
+    make_identity: MakeIdentity,
+    admin_headers: dict[str, str],
+) -> None:
+    await platform_client.post(
+        f"{BASE}/images",
+        json={"name": "debian-x", "source": OCI, "scope": "platform"},
+        headers=admin_headers,
+    )
+    evil = await make_identity("tenant_admin")
+    planted = (await _register(platform_client, evil, "debian-x")).json()["data"]
+    db = _state(platform_app).db
+    admin_key = admin_headers["Authorization"].removeprefix("Bearer ")
+    admin = await authenticate(db, admin_key)
+    async with db.sessionmaker() as session:
+        found = await service.resolve_image(session, admin, "debian-x")
+        assert (found.scope, found.id != planted["id"]) == ("platform", True)
+        # By id a super admin may still name any image on purpose.
+        assert (await service.resolve_image(session, admin, planted["id"])).id == planted["id"]
+
+
+async def test_tar_sources_are_for_super_admins_only(
+    platform_client: httpx.AsyncClient, make_identity: MakeIdentity, admin_headers: dict[str, str]
+) -> None:
+    tenant_admin = await make_identity("tenant_admin")
+    body = {"name": "stolen", "source": {"kind": "tar", "path": "/var/lib/secret.tar"}}
+    refused = await platform_client.post(f"{BASE}/images", json=body, headers=tenant_admin.headers)
+    assert refused.status_code == 403, refused.text
+    assert refused.json()["error"]["code"] == "AUTHZ_PERMISSION_DENIED"
+    listed = await platform_client.get(f"{BASE}/images", headers=tenant_admin.headers)
+    assert all(i["name"] != "stolen" for i in listed.json()["data"])
+    allowed = await platform_client.post(f"{BASE}/images", json=body, headers=admin_headers)
+    assert allowed.status_code == 201, allowed.text
+
+
 async def test_availability_groups_queue_warm_on_register(
     platform_app: FastAPI,
     platform_client: httpx.AsyncClient,

@@ -159,6 +159,15 @@ def is_visible(principal: Principal, image: Image) -> bool:
     return image.tenant_id == principal.tenant_id or principal.is_super_admin
 
 
+def _in_own_scopes(principal: Principal, image: Image) -> bool:
+    """True when ``image`` is in the caller's tenant scope, partner scope, or platform scope."""
+    if image.scope == "platform":
+        return True
+    if image.scope == "partner":
+        return image.partner_id == principal.partner_id
+    return image.tenant_id == principal.tenant_id
+
+
 def may_manage(principal: Principal, image: Image) -> bool:
     """True when ``principal`` may deactivate or re-bake ``image`` (SPEC §7.3)."""
     if principal.is_super_admin:
@@ -187,9 +196,11 @@ async def resolve_image(session: AsyncSession, principal: Principal, ref: str) -
         await session.scalars(select(Image).where(Image.name == ref, Image.status != "deactivated"))
     ).all()
     order = {"tenant": 0, "partner": 1, "platform": 2}
+    # By name only the caller's own scopes count (SPEC §7.3), even for a super admin who may
+    # see every image: another tenant's image must never stand in for a name.
     candidates = sorted(
-        (image for image in rows if is_visible(principal, image)),
-        key=lambda image: (order[image.scope], image.tenant_id != principal.tenant_id),
+        (image for image in rows if _in_own_scopes(principal, image)),
+        key=lambda image: order[image.scope],
     )
     if not candidates:
         raise errors.ImageNotFound(f"image {ref!r} not found")
@@ -205,10 +216,18 @@ async def register_image(
     as ``queued`` in its ``warm`` summary until the bake and warm-up finish.
 
     Raises:
-        errors.AuthzPermissionDenied: ``platform`` or ``partner`` scope without the right role.
+        errors.AuthzPermissionDenied: ``platform`` or ``partner`` scope without the right role,
+            or a ``tar`` source (a worker path) from anyone but a super admin.
         errors.SlugConflict: the name is taken in that scope.
         errors.WorkerNotFound: ``bake_worker_id`` names no worker usable by the image.
     """
+    if request.source.kind == "tar" and not principal.is_super_admin:
+        # A tar source is a path on a worker's disk (SPEC §7.2: air-gapped sites): naming
+        # host paths is the platform operator's business, never a tenant's.
+        raise errors.AuthzPermissionDenied(
+            "tar image sources (a path on the worker) need super_admin",
+            details={"field": "source.kind"},
+        )
     if request.scope == "platform" and not principal.is_super_admin:
         raise errors.AuthzPermissionDenied("platform images need super_admin")
     if request.scope == "partner" and principal.role not in ("super_admin", "partner_admin"):
