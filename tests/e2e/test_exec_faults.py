@@ -192,3 +192,22 @@ def test_agent_answers_while_the_workload_uses_all_memory_and_pids(
             time.sleep(0.1)
         after = _exec(client, bunker_id, "echo alive")
         assert after["stdout"] == "alive\n"
+
+
+def test_foreground_output_under_the_cap_arrives_whole_from_a_fast_writer(
+    stack: Stack, bunker_id: str
+) -> None:
+    """Output larger than the agent's 1 MiB buffer but under ``max_output_bytes``, written in
+    big bursts, is never dropped in the middle: the writer waits for the controller instead."""
+    size = 6_000_000
+    with stack.client() as client:
+        result = _exec(
+            client,
+            bunker_id,
+            ["sh", "-c", f"head -c {size} /dev/zero | tr '\\000' a; echo END"],
+            max_output_bytes=8_000_000,
+            timeout_s=120,
+        )
+    assert result["exit_code"] == 0, result
+    assert not result["stdout_truncated"], {k: v for k, v in result.items() if k != "stdout"}
+    assert result["stdout"] == "a" * size + "END\n"

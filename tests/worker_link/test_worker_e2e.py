@@ -264,8 +264,10 @@ async def test_bake_and_create_share_one_build_then_exec_and_files(worker: Worke
     assert (out, err) == (b"hello\n1000\n", b"oops\n")
     assert progress[0]["event"] == "start" and progress[0]["pid"] == result["result"]["pid"]
 
+    # Paced, as the controller asks for a foreground result: 3 MiB through a 1 MiB buffer
+    # arrive whole however fast ``cat`` writes.
     payload = os.urandom(3 * 1024 * 1024 + 17)
-    result, _, out, _ = await _exec(conn, bunker_id, ["cat"], stdin=payload)
+    result, _, out, _ = await _exec(conn, bunker_id, ["cat"], stdin=payload, paced=True)
     assert result["result"]["exit_code"] == 0
     assert hashlib.sha256(out).hexdigest() == hashlib.sha256(payload).hexdigest()
 

@@ -25,7 +25,7 @@ import os
 import signal
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from scaigrid.agent.cgroups import Workload
@@ -173,6 +173,10 @@ class ExecSpec:
             (:meth:`ExecManager.write_stdin`).
         background: answer at once instead of streaming.
         ring_buffer_bytes: capacity of each output buffer.
+        paced: (foreground) the reader consumes everything and keeps up (the controller
+            building a result): when a buffer holds ``ring_buffer_bytes`` not yet sent the
+            agent stops draining the pipe, so the process waits on its write instead of
+            output being dropped. Unpaced, a slow reader never blocks the process (gaps).
     """
 
     def __init__(
@@ -190,6 +194,7 @@ class ExecSpec:
         background: bool,
         ring_buffer_bytes: int,
         stdin_open: bool = False,
+        paced: bool = False,
     ) -> None:
         self.exec_id = exec_id
         self.argv = argv
@@ -203,6 +208,7 @@ class ExecSpec:
         self.stdin_open = stdin_open
         self.background = background
         self.ring_buffer_bytes = ring_buffer_bytes
+        self.paced = paced
 
 
 class ExecProcess:
@@ -245,6 +251,12 @@ class ExecProcess:
         self.cgroup: str | None = None
         self.stdin_fd: int | None = None
         self.stdin_lock = asyncio.Lock()
+        #: (paced) bytes of each stream the reader has been sent, and the pipes whose
+        #: draining waits for it (fd → stream name).
+        self.paced = spec.paced
+        self.sent = {"stdout": 0, "stderr": 0}
+        self.paused: dict[int, str] = {}
+        self.on_sent: Callable[[], None] | None = None
 
     @property
     def exec_id(self) -> str:
@@ -253,6 +265,20 @@ class ExecProcess:
     def buffer(self, stream: str) -> RingBuffer:
         """The ring buffer of ``"stdout"`` or ``"stderr"``."""
         return self.stdout if stream == "stdout" else self.stderr
+
+    def note_sent(self, stream: str, offset: int) -> None:
+        """(paced) The reader has been sent ``stream`` up to ``offset``: drain again."""
+        if offset > self.sent[stream]:
+            self.sent[stream] = offset
+            if self.paused and self.on_sent is not None:
+                self.on_sent()
+
+    def stop_pacing(self) -> None:
+        """The reader is gone: drain freely from now on (a slow reader no longer matters)."""
+        if self.paced:
+            self.paced = False
+            if self.paused and self.on_sent is not None:
+                self.on_sent()
 
     def final_end(self, stream: str) -> int:
         """Bytes of ``stream`` that belong to the exec's result (valid once finished)."""
@@ -408,6 +434,7 @@ class ExecManager:
                 proc.stdin_fd, in_w = in_w, None
         if spec.timeout_s is not None:
             proc.timer = loop.call_later(spec.timeout_s, self._on_timeout, proc)
+        proc.on_sent = lambda: self._resume_draining(proc)
         self.processes[spec.exec_id] = proc
         self._by_pid[pid] = proc
         return proc, in_w
@@ -561,7 +588,12 @@ class ExecManager:
     # -- events ----------------------------------------------------------------------
 
     def _drain(self, proc: ExecProcess, fd: int, ring: RingBuffer) -> None:
+        name = "stdout" if ring is proc.stdout else "stderr"
         for _ in range(_READS_PER_WAKEUP):
+            if proc.paced and ring.end - proc.sent[name] + _READ_BYTES > ring.capacity:
+                asyncio.get_running_loop().remove_reader(fd)
+                proc.paused[fd] = name
+                break
             try:
                 data = os.read(fd, _READ_BYTES)
             except BlockingIOError:
@@ -573,6 +605,23 @@ class ExecManager:
                 break
             ring.write(data)
         proc.changed.notify()
+
+    def _resume_draining(self, proc: ExecProcess) -> None:
+        """Drain the paused pipes of a paced exec whose buffers have room again."""
+        loop = asyncio.get_running_loop()
+        for fd, name in list(proc.paused.items()):
+            ring = proc.buffer(name)
+            if not proc.paced or ring.end - proc.sent[name] + _READ_BYTES <= ring.capacity:
+                del proc.paused[fd]
+                loop.add_reader(fd, self._drain, proc, fd, ring)
+
+    def _finish_after_grace(self, proc: ExecProcess) -> None:
+        # A paced exec's pipes wait for its reader: their data is the exec's, so the grace
+        # for leftover writers starts once nothing waits.
+        if proc.paused:
+            asyncio.get_running_loop().call_later(EOF_GRACE_S, self._finish_after_grace, proc)
+        else:
+            self._finish(proc)
 
     def _close_pipe(self, proc: ExecProcess, fd: int) -> None:
         asyncio.get_running_loop().remove_reader(fd)
@@ -593,7 +642,7 @@ class ExecManager:
         self._classify(proc, status)
         proc.changed.notify()
         if proc.open_pipes:
-            asyncio.get_running_loop().call_later(EOF_GRACE_S, self._finish, proc)
+            asyncio.get_running_loop().call_later(EOF_GRACE_S, self._finish_after_grace, proc)
         else:
             self._finish(proc)
 
@@ -687,6 +736,7 @@ async def stream_output(
             if data:
                 await request.write(encode_record(channels[name], data))
             offsets[name] = start + len(data)
+            proc.note_sent(name, offsets[name])
             progressed = True
         if progressed:
             continue

@@ -118,7 +118,8 @@ class AgentService:
         ``root``), ``timeout_s`` (number or null), ``stdin`` (``none`` | ``body`` |
         ``open``: a pipe kept open for ``POST /v1/processes/{ref}/stdin``, background only),
         ``background`` (bool; answers ``{exec_id, pid}`` as JSON at once),
-        ``ring_buffer_bytes``.
+        ``paced`` (bool, foreground: the reader keeps up, so a full buffer makes the process
+        wait instead of dropping output; see :class:`ExecSpec`), ``ring_buffer_bytes``.
 
         Response: header ``x-start`` ``{exec_id, pid}``; body of exec records; trailer
         ``x-result`` ``{exec_id, pid, status, exit_code, signal, duration_ms,
@@ -140,6 +141,7 @@ class AgentService:
             await stream_output(request, proc, ("stdout", "stderr"), {"stdout": 0, "stderr": 0})
             request.finish({"x-result": dumps(proc.result())})
         finally:
+            proc.stop_pacing()
             if feeder is not None:
                 feeder.cancel()
 
@@ -183,6 +185,9 @@ class AgentService:
             raise invalid("a background exec cannot take stdin from the body", "stdin")
         if stdin == "open" and not background:
             raise invalid("stdin open needs a background exec", "stdin")
+        paced = get_bool(args, "paced", False)
+        if paced and background:
+            raise invalid("a background exec cannot be paced by its reader", "paced")
         return ExecSpec(
             exec_id=exec_id,
             argv=argv,
@@ -195,6 +200,7 @@ class AgentService:
             stdin_body=stdin == "body",
             stdin_open=stdin == "open",
             background=background,
+            paced=paced,
             ring_buffer_bytes=get_int(
                 args,
                 "ring_buffer_bytes",

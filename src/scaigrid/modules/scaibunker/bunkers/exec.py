@@ -188,6 +188,9 @@ async def run_foreground(
         "user": request.user,
         "timeout_s": timeout_s,
         "stdin": "body" if stdin is not None else "none",
+        # This process reads everything and keeps head and tail, so the agent may make a
+        # fast writer wait for it rather than drop output the result should hold.
+        "paced": True,
     }
     out, err = HeadTail(max_output), HeadTail(max_output)
     handle = await connection.start_task(
