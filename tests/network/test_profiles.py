@@ -7,8 +7,10 @@ Each bunker here is the real network namespace a bunker's container joins
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import socket
+import subprocess
 import time
 
 from dnslib import QTYPE, RCODE
@@ -242,3 +244,23 @@ async def test_large_answers_fit_in_one_udp_reply(manager: NetworkManager, inet:
     assert reply is not None and len(reply.pack()) <= 512
     got = _a_records(reply)
     assert got and set(got) <= set(many) and len(got) < len(many)
+
+
+async def test_host_addresses_added_later_are_denied_too(manager: NetworkManager) -> None:
+    """An address the worker host gains after the router was built (another interface,
+    another worker's uplink) joins the always-denied set on the next refresh."""
+    link = f"sbt{secrets.token_hex(4)}"
+    peer = ["peer", "name", f"{link}p"]
+    subprocess.run(["ip", "link", "add", link, "type", "veth", *peer], check=True)
+    try:
+        subprocess.run(["ip", "addr", "add", "192.0.2.77/32", "dev", link], check=True)
+        assert "192.0.2.77" in await manager.deny_new_worker_addresses()
+        assert await manager.deny_new_worker_addresses() == []
+        ruleset = await manager.ruleset()
+        deny4 = next(o["set"] for o in ruleset if "set" in o and o["set"]["name"] == "deny4")
+        denied = json.dumps(deny4["elem"])
+        assert "192.0.2.77" in denied
+        # Every worker's pools and uplink links on a host live in 100.64.0.0/10.
+        assert '{"prefix": {"addr": "100.64.0.0", "len": 10}}' in denied
+    finally:
+        subprocess.run(["ip", "link", "del", link], check=False)

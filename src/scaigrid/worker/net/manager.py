@@ -74,6 +74,9 @@ EGRESS_PROFILES: Final = frozenset({"registry", "allowlisted", "unrestricted", "
 ALWAYS_DENIED: Final = (
     "0.0.0.0/8",
     "127.0.0.0/8",
+    # Shared address space (RFC 6598): every worker's bunker pool and uplink link live here,
+    # so other workers' bunkers and routers on the same host are never reachable.
+    "100.64.0.0/10",
     "169.254.0.0/16",
     "224.0.0.0/4",
     "240.0.0.0/4",
@@ -280,6 +283,7 @@ class NetworkManager:
         self._attached: dict[str, Attachment] = {}
         self._final_egress: dict[str, int] = {}
         self._egress_task: asyncio.Task[None] | None = None
+        self._denied: list[ipaddress.IPv4Network] = []
         self._lock = asyncio.Lock()
         self.l2 = L2Manager(tag, in_netns=run_in_netns, ipr_in=ipr_in, create_netns=create_netns)
 
@@ -322,6 +326,7 @@ class NetworkManager:
             self._nft = await self._exec.run(nft.Nft)
             deny = [*ALWAYS_DENIED, str(self.pool), *self.deny, *await self._worker_addresses()]
             await self._exec.run(self._nft.run, nft.base_ruleset(deny))
+            self._denied = [ipaddress.IPv4Network(d, strict=False) for d in deny]
             await self.l2.start()
             if self.audit is not None:
                 self.audit.start(self.collect_audit)
@@ -811,11 +816,32 @@ class NetworkManager:
                 nft.egress_counter(attachment.slot), attachment.egress_bytes
             )
 
+    async def deny_new_worker_addresses(self) -> list[str]:
+        """Add the worker host's addresses that appeared since the router was built (another
+        interface, another worker's uplink) to ``deny4``; return those added.
+
+        Raises:
+            nft.NftError: the set could not be updated.
+        """
+        if self._exec is None or self._nft is None:
+            return []
+        fresh = [
+            address
+            for address in await self._worker_addresses()
+            if not any(ipaddress.IPv4Address(address) in net for net in self._denied)
+        ]
+        if fresh:
+            await self._exec.run(self._nft.run, nft.deny_addresses(fresh))
+            self._denied += [ipaddress.IPv4Network(a) for a in fresh]
+            log.info("net_worker_addresses_denied", addresses=fresh)
+        return fresh
+
     async def _egress_loop(self) -> None:
         while True:
             await asyncio.sleep(EGRESS_REFRESH_S)
             try:
                 await self.refresh_egress()
+                await self.deny_new_worker_addresses()
             except nft.NftError as exc:
                 log.warning("egress_counter_read_failed", error=str(exc))
             except RuntimeError:

@@ -111,6 +111,23 @@ def _prefixes(cidrs: Iterable[str]) -> list[Any]:
     return out
 
 
+def deny_addresses(addresses: Iterable[str]) -> list[dict[str, Any]]:
+    """Commands adding single IPv4 ``addresses`` to ``deny4`` (none may lie inside an interval
+    the set already holds: the caller filters them)."""
+    return [
+        {
+            "add": {
+                "element": {
+                    "family": FAMILY,
+                    "table": TABLE,
+                    "name": "deny4",
+                    "elem": sorted(set(addresses)),
+                }
+            }
+        }
+    ]
+
+
 def _match(left: dict[str, Any], right: Any, op: str = "==") -> dict[str, Any]:
     return {"match": {"op": op, "left": left, "right": right}}
 
