@@ -28,7 +28,7 @@ from tests.conftest import Identity, MakeIdentity
 
 BASE = "/v1/modules/scaibunker"
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
-OCI = {"kind": "oci", "ref": "127.0.0.1:5999/test/app:v1"}
+OCI = {"kind": "oci", "ref": "registry.example/test/app:v1"}  # never pulled: no worker bakes
 
 
 def _state(app: FastAPI) -> ModuleState:
@@ -188,6 +188,27 @@ async def test_tar_sources_are_for_super_admins_only(
     assert all(i["name"] != "stolen" for i in listed.json()["data"])
     allowed = await platform_client.post(f"{BASE}/images", json=body, headers=admin_headers)
     assert allowed.status_code == 201, allowed.text
+
+
+async def test_internal_registries_are_for_super_admins_only(
+    platform_client: httpx.AsyncClient, make_identity: MakeIdentity, admin_headers: dict[str, str]
+) -> None:
+    """A tenant cannot make workers connect into the platform's own network (a port scan
+    read back from the bake failure) by naming a local or private registry address."""
+    tenant_admin = await make_identity("tenant_admin")
+    for ref in ("127.0.0.1:5432/x/y:latest", "localhost:6379/a:b", "169.254.169.254/m:d"):
+        body = {"name": "probe", "source": {"kind": "oci", "ref": ref}}
+        refused = await platform_client.post(
+            f"{BASE}/images", json=body, headers=tenant_admin.headers
+        )
+        assert refused.status_code == 403, (ref, refused.text)
+    public = {"name": "pub", "source": {"kind": "oci", "ref": "docker.io/library/python:3.12"}}
+    ok = await platform_client.post(f"{BASE}/images", json=public, headers=tenant_admin.headers)
+    assert ok.status_code == 201, ok.text
+    local = {"name": "local", "source": {"kind": "oci", "ref": "127.0.0.1:5000/test/busybox:1"}}
+    assert (
+        await platform_client.post(f"{BASE}/images", json=local, headers=admin_headers)
+    ).status_code == 201
 
 
 async def test_availability_groups_queue_warm_on_register(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Annotated, Literal
 
@@ -47,6 +48,23 @@ class OciSource(_Strict):
         if not _OCI_REF.match(value) or "/../" in f"/{value}/":
             raise ValueError("ref must be an image reference like registry/repo:tag[@sha256:…]")
         return value
+
+    def registry_is_internal(self) -> bool:
+        """True when the reference names a registry on this host or a private network by
+        address (``localhost``, loopback, private, link-local or shared ranges): pulling from
+        it makes the worker connect inside the platform's own network."""
+        first = self.ref.split("/", 1)[0]
+        if "/" not in self.ref or not ("." in first or ":" in first or first == "localhost"):
+            return False  # a Docker Hub name such as library/python
+        host = first.rsplit(":", 1)[0] if first.count(":") == 1 else first
+        host = host.strip("[]").lower()
+        if host == "localhost" or host.endswith(".localhost"):
+            return True
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return not address.is_global
 
 
 class DebootstrapSource(_Strict):

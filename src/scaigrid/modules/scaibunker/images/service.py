@@ -39,7 +39,7 @@ from scaigrid.modules.scaibunker.images.models import (
     ImageFinding,
     ImageWorker,
 )
-from scaigrid.modules.scaibunker.images.schemas import RegisterImageRequest
+from scaigrid.modules.scaibunker.images.schemas import OciSource, RegisterImageRequest
 from scaigrid.modules.scaibunker.snapshots.models import Snapshot
 from scaigrid.modules.scaibunker.state import ModuleState
 from scaigrid.modules.scaibunker.workers.models import Worker
@@ -227,6 +227,17 @@ async def register_image(
         raise errors.AuthzPermissionDenied(
             "tar image sources (a path on the worker) need super_admin",
             details={"field": "source.kind"},
+        )
+    if (
+        isinstance(request.source, OciSource)
+        and request.source.registry_is_internal()
+        and not principal.is_super_admin
+    ):
+        # Else a tenant could make workers probe the platform's own network (and read the
+        # answers from the bake failure).
+        raise errors.AuthzPermissionDenied(
+            "registries on this host or a private network need super_admin",
+            details={"field": "source.ref"},
         )
     if request.scope == "platform" and not principal.is_super_admin:
         raise errors.AuthzPermissionDenied("platform images need super_admin")
