@@ -177,3 +177,28 @@ async def test_default_profile_cannot_be_deleted_and_others_are_hidden(
         headers=admin.headers,
     )
     assert missing.json()["error"]["code"] == "QUOTA_PROFILE_NOT_FOUND"
+
+
+async def test_a_new_assignment_counts_bunkers_that_already_run(
+    platform_app: FastAPI, platform_client: httpx.AsyncClient, make_identity: Any
+) -> None:
+    admin = await make_identity(Role.TENANT_ADMIN)
+    db: Database = platform_app.state.db
+    await _admit_and_insert(db, admin.tenant_id, admin.user_id)  # under the default profile
+    created = await platform_client.post(
+        f"{B}/quota-profiles",
+        headers=admin.headers,
+        json={"tenant_id": admin.tenant_id, "name": "one", **CAPS},
+    )
+    profile = created.json()["data"]
+    assigned = await platform_client.post(
+        f"{B}/quota-profiles/{profile['id']}/assignments",
+        headers=admin.headers,
+        json={"target_kind": "user", "target_id": admin.user_id, "mode": "individual"},
+    )
+    assert assigned.status_code == 201, assigned.text
+    usage = await platform_client.get(f"{B}/quota-profiles/usage", headers=admin.headers)
+    (row,) = usage.json()["data"]
+    assert (row["profile_id"], row["current"]["bunkers"]) == (profile["id"], 1)
+    with pytest.raises(errors.BunkerQuotaExceeded):
+        await _admit_and_insert(db, admin.tenant_id, admin.user_id)

@@ -379,6 +379,8 @@ async def create_assignment(
     )
     session.add(assignment)
     try:
+        await session.flush()
+        await service.backfill(session, principal.tenant_id)
         await session.commit()
     except IntegrityError as exc:
         raise errors.SlugConflict(f"{body.target_kind} {body.target_id} has an assignment") from exc

@@ -274,6 +274,37 @@ async def admit(
     return [pair for pair, _ in pairs]
 
 
+async def backfill(session: AsyncSession, tenant_id: str) -> int:
+    """Record the contributions live bunkers of ``tenant_id`` owe to assignments made after
+    they were admitted (a new assignment counts what already runs); return how many were
+    added. Call after the assignment is flushed, in its transaction."""
+    bunkers = (
+        await session.execute(
+            select(Bunker.id, Bunker.owner_user_id).where(
+                Bunker.tenant_id == tenant_id, Bunker.status.not_in(TERMINAL)
+            )
+        )
+    ).all()
+    added = 0
+    for bunker_id, owner in bunkers:
+        have = set(
+            (
+                await session.execute(
+                    select(QuotaContribution.profile_id, QuotaContribution.bucket).where(
+                        QuotaContribution.bunker_id == bunker_id
+                    )
+                )
+            ).all()
+        )
+        for profile, bucket, _ in await applicable(session, tenant_id, owner):
+            if (profile.id, bucket) not in have:
+                session.add(
+                    QuotaContribution(bunker_id=bunker_id, profile_id=profile.id, bucket=bucket)
+                )
+                added += 1
+    return added
+
+
 def record(session: AsyncSession, bunker_id: str, pairs: list[tuple[str, str]]) -> None:
     """Add the bunker's contributions (call after the bunker row is added)."""
     for profile_id, bucket in pairs:
