@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import json
 import os
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from scaigrid.agent.files import os_error
 from scaigrid.protocol.agent import AgentClient, AgentError
 from tests.agent.conftest import AgentProcess, read_all, run_exec
 
@@ -276,3 +278,10 @@ async def test_file_names_that_are_not_utf8_are_listed_with_replacement_characte
     assert sorted(e["name"] for e in listing) == ["bad\ufffd", "link"]
     link = await call(client, "GET", "/v1/files/stat", path="/home/user/odd/link")
     assert link["symlink_target"] == "to\ufffd"
+
+
+def test_special_files_that_cannot_be_read_are_conflicts_not_server_faults() -> None:
+    for number in (errno.ENXIO, errno.ENODEV, errno.ESPIPE):
+        error = os_error(OSError(number, os.strerror(number)), "/dev/tty")
+        assert error.code == "FILE_CONFLICT", number
+    assert os_error(OSError(errno.EIO, "I/O error"), "/x").code == "INTERNAL_ERROR"

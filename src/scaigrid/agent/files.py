@@ -33,6 +33,12 @@ _CODES = {
     errno.EBUSY: "FILE_CONFLICT",
     errno.ETXTBSY: "FILE_CONFLICT",
     errno.EXDEV: "FILE_CONFLICT",
+    # Special files that cannot be opened or read as data (a terminal, a device without
+    # its hardware, a socket): the request does not fit the file, it is not a server fault.
+    errno.ENXIO: "FILE_CONFLICT",
+    errno.ENODEV: "FILE_CONFLICT",
+    errno.EOPNOTSUPP: "FILE_CONFLICT",
+    errno.ESPIPE: "FILE_CONFLICT",
     errno.ENOSPC: "BUNKER_DISK_FULL",
     errno.EDQUOT: "BUNKER_DISK_FULL",
     errno.EFBIG: "BUNKER_DISK_FULL",
