@@ -33,7 +33,9 @@ def _window_size(fd: int) -> tuple[int, int] | None:
         size = os.get_terminal_size(fd)
     except OSError:
         return None
-    return max(1, min(size.columns, 1000)), max(1, min(size.lines, 1000))
+    if size.columns <= 0 or size.lines <= 0:
+        return None  # a terminal that reports no size (0x0): the server's 80x24 applies
+    return min(size.columns, 1000), min(size.lines, 1000)
 
 
 def run_terminal(shell: Shell, stdin_fd: int, stdout_fd: int) -> int:
