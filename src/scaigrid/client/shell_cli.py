@@ -49,6 +49,9 @@ def run_terminal(shell: Shell, stdin_fd: int, stdout_fd: int) -> int:
     wake_r, wake_w = os.pipe()
     failure: list[BaseException] = []
     resized = threading.Event()
+    # Set before the wake-up byte: the receiver thread is still "alive" for a moment after
+    # it wrote that byte, so is_alive() would let the loop block in select() forever.
+    received_all = threading.Event()
 
     def receive() -> None:
         try:
@@ -59,6 +62,7 @@ def run_terminal(shell: Shell, stdin_fd: int, stdout_fd: int) -> int:
         except BaseException as exc:
             failure.append(exc)
         finally:
+            received_all.set()
             with contextlib.suppress(OSError):
                 os.write(wake_w, b"x")
 
@@ -76,7 +80,7 @@ def run_terminal(shell: Shell, stdin_fd: int, stdout_fd: int) -> int:
             tty.setraw(stdin_fd, termios.TCSANOW)
         receiver.start()
         stdin_open = True
-        while receiver.is_alive():
+        while not received_all.is_set():
             watched = [wake_r, stdin_fd] if stdin_open else [wake_r]
             try:
                 ready, _, _ = select.select(watched, [], [])
