@@ -82,7 +82,14 @@ class ModuleState:
         await self.hub.close()
 
 
-def get_state(conn: HTTPConnection) -> ModuleState:
-    """FastAPI dependency: the module state of the app serving ``conn``."""
+def module_state(conn: HTTPConnection) -> ModuleState:
+    """The module state of the app serving ``conn``."""
     state: ModuleState = conn.app.state.scaibunker
     return state
+
+
+async def get_state(conn: HTTPConnection) -> ModuleState:
+    """FastAPI dependency: :func:`module_state`. A coroutine so that FastAPI calls it on the
+    event loop (a plain function dependency runs on its thread pool: one thread hand-off per
+    request)."""
+    return module_state(conn)

@@ -31,7 +31,7 @@ Session = Annotated[AsyncSession, Depends(get_session)]
 Outcome = Literal["SUCCESS", "FAILURE"]
 
 
-def _filter(
+async def _filter(
     actor_id: str | None = None,
     action: str | None = None,
     resource_type: str | None = None,

@@ -13,7 +13,7 @@ from scaigrid import errors
 from scaigrid.modules.scaibunker.bunkers import service
 from scaigrid.modules.scaibunker.bunkers import shell as shell_service
 from scaigrid.modules.scaibunker.bunkers.models import Bunker
-from scaigrid.modules.scaibunker.state import ModuleState, get_state
+from scaigrid.modules.scaibunker.state import ModuleState, get_state, module_state
 from scaigrid.platform.audit.service import AuditEntry, AuditLog
 from scaigrid.platform.auth import Principal, require
 from scaigrid.platform.auth.dependencies import current_principal
@@ -96,7 +96,7 @@ async def shell(websocket: WebSocket, bunker_id: str) -> None:
     ``scaibunker:shell`` (and ``scaibunker:root`` for ``user=root``), resume an idle-paused
     bunker, open or reattach the session, then relay. Refusals answer the upgrade with the
     error envelope."""
-    state: ModuleState = get_state(websocket)
+    state = module_state(websocket)
     try:
         if websocket.query_params.get("ticket"):
             principal = await _ticket_principal(websocket, state, bunker_id)

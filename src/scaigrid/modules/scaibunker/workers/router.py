@@ -20,7 +20,7 @@ from scaigrid.modules.scaibunker.bunkers.models import Bunker
 from scaigrid.modules.scaibunker.bunkers.schemas import iso
 from scaigrid.modules.scaibunker.images.service import bake_pending_images
 from scaigrid.modules.scaibunker.network import bridges
-from scaigrid.modules.scaibunker.state import ModuleState, get_state
+from scaigrid.modules.scaibunker.state import ModuleState, get_state, module_state
 from scaigrid.modules.scaibunker.storage import grants
 from scaigrid.modules.scaibunker.workers import scheduler
 from scaigrid.modules.scaibunker.workers import service as worker_service
@@ -264,7 +264,7 @@ async def _on_text(state: ModuleState, connection: WorkerConnection, text: str) 
 @router.websocket("/workers/connect")
 async def worker_connect(websocket: WebSocket) -> None:
     """The worker channel: authenticate, ``register``, then serve tasks until it drops."""
-    state: ModuleState = get_state(websocket)
+    state = module_state(websocket)
     header = websocket.headers.get("authorization", "")
     scheme, _, secret = header.partition(" ")
     if scheme.lower() != "bearer" or not secret:
