@@ -40,9 +40,9 @@ class ScaiBunkerModule:
 
     def __post_init__(self) -> None:
         for sub in (
-            workers_router,
             bunkers_router,
             processes_router,
+            workers_router,
             shell_router,
             images_router,
             network_router,
