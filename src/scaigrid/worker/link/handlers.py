@@ -372,6 +372,9 @@ class TaskHandlers:
         bunker_id = task.require_bunker_id()
         stdout, stderr = task.outbound("stdout"), task.outbound("stderr")
         args = dict(task.params)
+        # Only a caller that streams the exec (SSE) needs the start event; the worker's own
+        # flag, not the agent's.
+        announce = bool(args.pop("announce_start", True))
         if args.get("background"):
             raise TaskFailed("VALIDATION_ERROR", "exec.start runs foreground execs only")
         body = stream_chunks(task.inbound("stdin")) if args.get("stdin") == "body" else None
@@ -382,7 +385,8 @@ class TaskHandlers:
         started = time.monotonic()
         started_at = utc_timestamp()
         try:
-            await task.progress({"event": "start", "exec_id": exec_id, "pid": pid})
+            if announce:
+                await task.progress({"event": "start", "exec_id": exec_id, "pid": pid})
             async with asyncio.timeout(_exec_timeout(task.params) + EXEC_GRACE_S):
                 async for kind, data in response.exec_events():
                     if kind == "stdout":

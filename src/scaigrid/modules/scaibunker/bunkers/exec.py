@@ -191,6 +191,8 @@ async def run_foreground(
         # This process reads everything and keeps head and tail, so the agent may make a
         # fast writer wait for it rather than drop output the result should hold.
         "paced": True,
+        # The result carries the pid: no start event (one link message less per exec).
+        "announce_start": False,
     }
     out, err = HeadTail(max_output), HeadTail(max_output)
     handle = await connection.start_task(
