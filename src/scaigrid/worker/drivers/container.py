@@ -22,7 +22,9 @@ root), and new pid, mount, network, ipc, uts and cgroup namespaces;
 Docker's default capability set minus ``MKNOD`` and ``NET_RAW``; ``noNewPrivileges``; the
 seccomp profile of :mod:`.seccomp`; runc's/Docker's masked and read-only ``/proc`` and
 ``/sys`` paths; cgroup limits from :class:`Resources`. The network namespace is new and
-loopback-only, or the one at ``spec.netns_path``; a bunker cannot mount sysfs in a namespace
+loopback-only, or the one at ``spec.netns_path`` (the runtime process is started inside it
+and the bunker inherits it: runc 1.1 joins the user namespace first and from inside it could
+not enter a namespace of the initial one); a bunker cannot mount sysfs in a namespace
 its user namespace does not own, so for a joined namespace the worker mounts a sysfs from
 inside it and binds it read-only at ``/sys``. A ``transit`` bunker instead joins a user
 namespace the worker made with the same mapping and that owns its network namespace
@@ -617,6 +619,7 @@ def build_oci_config(
     extra_mounts: Sequence[Mapping[str, Any]] = (),
     userns_path: str | None = None,
     extra_capabilities: Sequence[str] = (),
+    inherit_netns: bool = False,
 ) -> dict[str, Any]:
     """Return an OCI runtime-spec 1.0.2 ``config.json`` document for one bunker.
 
@@ -644,6 +647,11 @@ def build_oci_config(
             (runc 1.1 wants them even when joining; crun ignores them).
         extra_capabilities: capabilities added to :data:`DEFAULT_CAPABILITIES` (bounding,
             effective, permitted), e.g. ``CAP_NET_ADMIN`` for a ``transit`` bunker.
+        inherit_netns: leave the network namespace out, so the bunker shares the runtime
+            process's (which the caller starts inside ``netns_path``); ``netns_path`` then only
+            decides the ``/sys`` mount. For a namespace the joined user namespace does not
+            own: runc 1.1 joins the user namespace first, and from inside it may not
+            ``setns`` into a namespace of the initial one.
 
     Spec: https://github.com/opencontainers/runtime-spec/blob/v1.0.2/config.md and
     config-linux.md.
@@ -661,6 +669,15 @@ def build_oci_config(
     user: dict[str, str] = {"type": "user"}
     if userns_path:
         user["path"] = userns_path
+    namespaces = [
+        {"type": "pid"},
+        *([] if inherit_netns else [network]),
+        {"type": "ipc"},
+        {"type": "uts"},
+        {"type": "mount"},
+        user,
+        {"type": "cgroup"},
+    ]
     environment = {"PATH": DEFAULT_PATH, **env}
     mapping = [{"containerID": 0, "hostID": id_base, "size": ID_RANGE_SIZE}]
     sysfs: dict[str, Any] = (
@@ -740,15 +757,7 @@ def build_oci_config(
         "linux": {
             "uidMappings": mapping,
             "gidMappings": mapping,
-            "namespaces": [
-                {"type": "pid"},
-                network,
-                {"type": "ipc"},
-                {"type": "uts"},
-                {"type": "mount"},
-                user,
-                {"type": "cgroup"},
-            ],
+            "namespaces": namespaces,
             "cgroupsPath": cgroups_path,
             "resources": {
                 "devices": [dict(rule) for rule in _DEVICE_RULES],
@@ -1378,12 +1387,20 @@ class ContainerDriver:
             extra_mounts=mounts,
             userns_path=spec.userns_path or str(state_dir / USERNS_NAME),
             extra_capabilities=spec.extra_capabilities,
+            inherit_netns=self._inherits_netns(spec),
         )
         fd = os.open(state_dir / "config.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as fh:
             json.dump(config, fh, indent=1)
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
         return os.open(state_dir / "console.log", flags, 0o600)
+
+    @staticmethod
+    def _inherits_netns(spec: BunkerSpec) -> bool:
+        """Whether the runtime is started inside ``spec.netns_path`` and the bunker inherits
+        it (a namespace of the initial user namespace, joined with a user namespace of the
+        driver's: see ``inherit_netns`` of :func:`build_oci_config`)."""
+        return spec.netns_path is not None and spec.userns_path is None
 
     async def _start(
         self, spec: BunkerSpec, state_dir: Path, phases: dict[str, float]
@@ -1409,8 +1426,10 @@ class ContainerDriver:
         console = await asyncio.to_thread(self._write_bundle, spec, state_dir, root_path, sysfs)
         lap("filesystem")
         argv = self._runtime_argv(self.runtime)
+        enter = ["nsenter", f"--net={spec.netns_path}", "--"] if self._inherits_netns(spec) else []
         try:
             process = await asyncio.create_subprocess_exec(
+                *enter,
                 *self._launch_argv(self.runtime),
                 "--log",
                 str(state_dir / "runtime.log"),
