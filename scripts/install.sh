@@ -13,7 +13,7 @@ DEBIAN_PACKAGES=(
   zstd                 # .tar.zst image tarballs
   skopeo umoci         # OCI image sources: registry pull (skopeo) and layer unpack (umoci)
   docker-registry      # local registry the image tests push to and pull from
-  iproute2 util-linux  # ip, mount, losetup, unshare
+  iproute2 util-linux  # ip, mount, losetup, unshare, setpriv, nsenter, prlimit
   nftables python3-nftables conntrack  # bunker network policy (libnftables JSON API), flow log
   qemu-system-x86 qemu-utils linux-image-cloud-amd64 cpio lz4  # qemu microVM driver (TCG/KVM)
   python3-venv

@@ -20,6 +20,7 @@ import pytest
 from scaigrid.ids import new_id
 from scaigrid.worker.drivers.base import BunkerSpec, DriverError, Resources
 from scaigrid.worker.drivers.container import ContainerDriver, ContainerHandle, cpu_quota_us
+from scaigrid.worker.net.userns import owner_leases
 from scaigrid.worker.rootfs.mounts import mount_points
 from tests.worker.conftest import StartBunker
 from tests.worker.helpers import (
@@ -260,6 +261,7 @@ def assert_released(driver: ContainerDriver, bunker_id: str, state_dir: Path) ->
     for mount_point in {*driver.cgroups.hierarchies.values()}:
         assert not (mount_point / driver.cgroups.parent / bunker_id).exists()
     assert not (driver.data_dir / "runtime" / driver.runtime / bunker_id).exists()
+    assert not [h for h in owner_leases().values() if h.startswith(f"{state_dir}/")]
 
 
 async def test_stop_releases_everything_and_is_idempotent(

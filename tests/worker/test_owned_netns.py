@@ -14,7 +14,11 @@ from pyroute2 import netns
 
 from scaigrid.worker.drivers.container import ContainerDriver
 from scaigrid.worker.net.userns import (
+    OWNER_UID_BASE,
+    OWNER_UID_COUNT,
     create_owned_netns,
+    owner_leases,
+    owner_uid,
     remove_userns,
     userns_leftovers,
     userns_path,
@@ -62,9 +66,14 @@ def test_owned_netns_maps_the_id_range() -> None:
             check=True,
         ).stdout.split()
         assert out == ["0", str(0x1F0000), "65536"]
+        # Owned by a uid of its own, not root: the bunker's per-user counters are its own.
+        owner = owner_uid(userns_path(name))
+        assert OWNER_UID_BASE <= owner < OWNER_UID_BASE + OWNER_UID_COUNT
+        assert owner_leases()[owner] == str(userns_path(name))
     finally:
         netns.remove(name)
         assert remove_userns(name)
+    assert owner not in owner_leases()
     assert not remove_userns(name)
 
 

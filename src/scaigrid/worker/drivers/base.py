@@ -50,7 +50,8 @@ class BunkerSpec:
             read-only at ``/.scaibunker`` inside the bunker.
         init_argv: argv of the bunker's PID 1 (the agent), as seen inside the bunker.
         userns_path: a user namespace to join (container driver), the one owning
-            ``netns_path`` for a ``transit`` bunker; ``None`` for a new one.
+            ``netns_path`` for a ``transit`` bunker; ``None``: the container driver makes
+            the bunker its own (:mod:`scaigrid.worker.net.userns`).
         extra_capabilities: capabilities added to the bunker's root (container driver),
             e.g. ``CAP_NET_ADMIN`` and ``CAP_NET_RAW`` for a ``transit`` bunker.
         populate_upper: blocking callable run with the empty writable-layer (overlay upper)

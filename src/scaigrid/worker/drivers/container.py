@@ -13,18 +13,25 @@ Each bunker is a standard OCI bundle (runtime-spec 1.0.2) under
     run/           mode 0700, owned by the bunker's root; bind-mounted at ``/.scaibunker-run``;
                    holds ``agent.sock`` (made by the agent) and ``cgroups.json`` (made here)
 
-Isolation: new user (bunker ids 0..65535 = host ``id_base``..``id_base+65535``, see
-:mod:`scaigrid.worker.rootfs.idshift`), pid, mount, network, ipc, uts and cgroup namespaces;
+Isolation: a user namespace (bunker ids 0..65535 = host ``id_base``..``id_base+65535``, see
+:mod:`scaigrid.worker.rootfs.idshift`) that the worker creates before the runtime runs, owned
+by a host uid leased for this bunker alone and bind-mounted at ``state_dir/userns``
+(:func:`scaigrid.worker.net.userns.create_userns`: the kernel's per-user counters such as
+inotify instances are then charged to that uid, not shared with other bunkers and host
+root), and new pid, mount, network, ipc, uts and cgroup namespaces;
 Docker's default capability set minus ``MKNOD`` and ``NET_RAW``; ``noNewPrivileges``; the
 seccomp profile of :mod:`.seccomp`; runc's/Docker's masked and read-only ``/proc`` and
 ``/sys`` paths; cgroup limits from :class:`Resources`. The network namespace is new and
-loopback-only, or the one at ``spec.netns_path``; a bunker cannot mount sysfs in a namespace
+loopback-only, or the one at ``spec.netns_path`` (the runtime process is started inside it
+and the bunker inherits it: runc 1.1 joins the user namespace first and from inside it could
+not enter a namespace of the initial one); a bunker cannot mount sysfs in a namespace
 its user namespace does not own, so for a joined namespace the worker mounts a sysfs from
 inside it and binds it read-only at ``/sys``. A ``transit`` bunker instead joins a user
 namespace the worker made with the same mapping and that owns its network namespace
 (``spec.userns_path``, :mod:`scaigrid.worker.net.userns`) and gets ``NET_ADMIN`` and
 ``NET_RAW`` as well (``spec.extra_capabilities``): it configures its own interfaces. crun
-1.8 and runc 1.1 both join it by path (the mappings stay in the spec; runc wants them).
+1.8 and runc 1.1 both join a user namespace by path (the mappings stay in the spec; runc
+wants them).
 
 **Runtime choice.** The constructor probes crun, then runc, by running a throwaway
 container through the very same config builder (user namespace, cgroups, seccomp): the first
@@ -106,6 +113,12 @@ from scaigrid.worker.drivers.base import (
     Resources,
 )
 from scaigrid.worker.drivers.seccomp import default_profile
+from scaigrid.worker.net.userns import (
+    check_owner_range,
+    create_userns,
+    leases_under,
+    remove_userns_at,
+)
 from scaigrid.worker.rootfs.commands import CommandError, run_command
 from scaigrid.worker.rootfs.idshift import DEFAULT_ID_BASE, ID_RANGE_SIZE, check_range_free
 from scaigrid.worker.rootfs.mounts import remove_tree
@@ -125,6 +138,8 @@ AGENT_RUNTIME_MOUNT = "/.scaibunker"
 RUN_DIR_MOUNT = "/.scaibunker-run"
 #: Name of the agent's unix socket in the run dir.
 AGENT_SOCKET_NAME = "agent.sock"
+#: Name of the bind mount of the bunker's user namespace in its state dir.
+USERNS_NAME = "userns"
 #: Name of the cgroup manifest in the run dir (:func:`cgroups_manifest`).
 CGROUPS_MANIFEST_NAME = "cgroups.json"
 #: CFS period used for the CPU quota, in microseconds.
@@ -172,7 +187,11 @@ READONLY_PATHS: tuple[str, ...] = (
 )
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: Soft and hard RLIMIT_NOFILE of PID 1 (inherited by everything in the bunker), capped by the
-#: worker's own hard limit.
+#: worker's own hard limit. Set on the runtime process (``prlimit``, see
+#: :meth:`ContainerDriver._launch_argv`), not in the OCI config: runc 1.1 applies config
+#: rlimits with prlimit(2) from outside the bunker's user namespace, which needs
+#: CAP_SYS_RESOURCE over it, and root no longer owns that namespace
+#: (:mod:`scaigrid.worker.net.userns`), so a worker without CAP_SYS_RESOURCE would fail.
 NOFILE_LIMIT = 65536
 
 #: ``oom_score_adj`` of the bunker's PID 1 (the agent) where the host allows it.
@@ -577,6 +596,13 @@ def _bind(source: Path | str, destination: str, *options: str) -> dict[str, Any]
     }
 
 
+def nofile_limit() -> int:
+    """RLIMIT_NOFILE (soft = hard) of a bunker's PID 1: :data:`NOFILE_LIMIT`, or the
+    worker's own hard limit if lower (raising a hard limit needs CAP_SYS_RESOURCE)."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return NOFILE_LIMIT if hard == resource.RLIM_INFINITY else min(NOFILE_LIMIT, hard)
+
+
 def build_oci_config(
     *,
     root_path: Path,
@@ -593,6 +619,7 @@ def build_oci_config(
     extra_mounts: Sequence[Mapping[str, Any]] = (),
     userns_path: str | None = None,
     extra_capabilities: Sequence[str] = (),
+    inherit_netns: bool = False,
 ) -> dict[str, Any]:
     """Return an OCI runtime-spec 1.0.2 ``config.json`` document for one bunker.
 
@@ -613,12 +640,18 @@ def build_oci_config(
             read-only at ``/sys``; ``None`` mounts a fresh sysfs (possible only in a network
             namespace the bunker's user namespace owns).
         extra_mounts: mounts appended after the standard ones (OCI mount objects).
-        userns_path: a user namespace to join instead of creating one (a ``transit``
-            bunker's, which owns its network namespace: :mod:`scaigrid.worker.net.userns`);
-            it must already map 0..65535 to ``id_base``. The mappings stay in the document
+        userns_path: a user namespace to join instead of creating one (the worker makes
+            one per bunker, owned by its own uid; a ``transit`` bunker's also owns its
+            network namespace: :mod:`scaigrid.worker.net.userns`); it must already map
+            0..65535 to ``id_base``. The mappings stay in the document
             (runc 1.1 wants them even when joining; crun ignores them).
         extra_capabilities: capabilities added to :data:`DEFAULT_CAPABILITIES` (bounding,
             effective, permitted), e.g. ``CAP_NET_ADMIN`` for a ``transit`` bunker.
+        inherit_netns: leave the network namespace out, so the bunker shares the runtime
+            process's (which the caller starts inside ``netns_path``); ``netns_path`` then only
+            decides the ``/sys`` mount. For a namespace the joined user namespace does not
+            own: runc 1.1 joins the user namespace first, and from inside it may not
+            ``setns`` into a namespace of the initial one.
 
     Spec: https://github.com/opencontainers/runtime-spec/blob/v1.0.2/config.md and
     config-linux.md.
@@ -636,13 +669,17 @@ def build_oci_config(
     user: dict[str, str] = {"type": "user"}
     if userns_path:
         user["path"] = userns_path
+    namespaces = [
+        {"type": "pid"},
+        *([] if inherit_netns else [network]),
+        {"type": "ipc"},
+        {"type": "uts"},
+        {"type": "mount"},
+        user,
+        {"type": "cgroup"},
+    ]
     environment = {"PATH": DEFAULT_PATH, **env}
     mapping = [{"containerID": 0, "hostID": id_base, "size": ID_RANGE_SIZE}]
-    # Raising a hard limit needs CAP_SYS_RESOURCE in the initial namespace: stay within ours.
-    hard_nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    nofile = (
-        NOFILE_LIMIT if hard_nofile == resource.RLIM_INFINITY else min(NOFILE_LIMIT, hard_nofile)
-    )
     sysfs: dict[str, Any] = (
         _bind(sysfs_source, "/sys", "ro", "nosuid", "noexec", "nodev")
         if sysfs_source is not None
@@ -666,7 +703,6 @@ def build_oci_config(
             "inheritable": [],
             "ambient": [],
         },
-        "rlimits": [{"type": "RLIMIT_NOFILE", "hard": nofile, "soft": nofile}],
         "noNewPrivileges": True,
     }
     if oom_score_adj is not None:
@@ -721,15 +757,7 @@ def build_oci_config(
         "linux": {
             "uidMappings": mapping,
             "gidMappings": mapping,
-            "namespaces": [
-                {"type": "pid"},
-                network,
-                {"type": "ipc"},
-                {"type": "uts"},
-                {"type": "mount"},
-                user,
-                {"type": "cgroup"},
-            ],
+            "namespaces": namespaces,
             "cgroupsPath": cgroups_path,
             "resources": {
                 "devices": [dict(rule) for rule in _DEVICE_RULES],
@@ -986,8 +1014,11 @@ class ContainerDriver:
         start_timeout_s: how long :meth:`start` waits for the agent to accept.
 
     Raises:
-        DriverError: not root, the id range is in use by ``/etc/subuid``/``subgid``, an
-            ancestor of ``data_dir`` is not traversable, or no runtime passed the probe.
+        DriverError: not root, the id range is in use by ``/etc/subuid``/``subgid``, the
+            owner uids of :mod:`scaigrid.worker.net.userns` are not free
+            (:func:`~scaigrid.worker.net.userns.check_owner_range`), an ancestor of
+            ``data_dir`` is not traversable, or no runtime passed the probe (it runs in a
+            user namespace made as for a bunker).
     """
 
     def __init__(
@@ -1003,6 +1034,7 @@ class ContainerDriver:
             raise DriverError("the container driver must run as root")
         try:
             check_range_free(id_base)
+            check_owner_range(id_base)
         except ValueError as exc:
             raise DriverError(str(exc)) from exc
         self.info = DriverInfo(name="container", isolation="container", accel=None)
@@ -1060,11 +1092,19 @@ class ContainerDriver:
         return [runtime, "--root", str(self.data_dir / "runtime" / runtime)]
 
     def _launch_argv(self, runtime: str) -> list[str]:
-        """argv prefix that starts a container (PID 1 inherits its ``oom_score_adj``)."""
+        """argv prefix that starts a container (PID 1 inherits its ``oom_score_adj`` and its
+        RLIMIT_NOFILE, :func:`nofile_limit`)."""
         prefix = (
             [] if self.oom_score_adj is None else ["choom", "-n", str(self.oom_score_adj), "--"]
         )
-        return [*prefix, *self._runtime_argv(runtime)]
+        nofile = nofile_limit()
+        return [
+            *prefix,
+            "prlimit",
+            f"--nofile={nofile}:{nofile}",
+            "--",
+            *self._runtime_argv(runtime),
+        ]
 
     def _choose_runtime(self, runtimes: Sequence[str]) -> str:
         installed = [r for r in RUNTIMES if shutil.which(r)]
@@ -1106,6 +1146,7 @@ class ContainerDriver:
                     mounts.append(_bind(host, f"/{name}", "ro", "nosuid", "nodev"))
             resources = Resources(cpu_millicores=100, memory_mb=64, disk_mb=8, pids_max=16)
             self.cgroups.create(probe_id, resources, self.id_base)
+            create_userns(probe_dir / USERNS_NAME, self.id_base, ID_RANGE_SIZE)
             config = build_oci_config(
                 root_path=root,
                 argv=[true_bin],
@@ -1118,6 +1159,7 @@ class ContainerDriver:
                 netns_path=None,
                 oom_score_adj=self.oom_score_adj,
                 extra_mounts=mounts,
+                userns_path=str(probe_dir / USERNS_NAME),
             )
             (probe_dir / "config.json").write_text(json.dumps(config))
             started = time.monotonic()
@@ -1156,6 +1198,8 @@ class ContainerDriver:
         with contextlib.suppress(OSError):
             while self.cgroups.sweep(probe_id) and time.monotonic() < deadline:
                 time.sleep(0.01)
+        with contextlib.suppress(OSError):
+            remove_userns_at(probe_dir / USERNS_NAME)
         with contextlib.suppress(OSError):
             remove_tree(probe_dir)
 
@@ -1256,7 +1300,8 @@ class ContainerDriver:
                 )
 
     def _prepare_state(self, spec: BunkerSpec, state_dir: Path) -> None:
-        """Blocking: state dir, run dir, cgroups and cgroups.json."""
+        """Blocking: state dir, run dir, cgroups, cgroups.json, and the bunker's own user
+        namespace unless ``spec.userns_path`` names one."""
         self._check_spec_paths(spec)
         os.chown(state_dir, 0, self.id_base)
         (state_dir / "runtime").write_text(self.runtime)
@@ -1288,6 +1333,8 @@ class ContainerDriver:
         )
         manifest_path.write_text(json.dumps(manifest))
         os.chmod(manifest_path, 0o444)
+        if spec.userns_path is None:
+            create_userns(state_dir / USERNS_NAME, self.id_base, ID_RANGE_SIZE)
 
     async def _mount_netns_sysfs(self, netns_path: str, state_dir: Path) -> Path:
         """Mount a sysfs showing ``netns_path``'s devices, for a bunker that joins it.
@@ -1338,14 +1385,22 @@ class ContainerDriver:
             oom_score_adj=self.oom_score_adj,
             sysfs_source=sysfs,
             extra_mounts=mounts,
-            userns_path=spec.userns_path,
+            userns_path=spec.userns_path or str(state_dir / USERNS_NAME),
             extra_capabilities=spec.extra_capabilities,
+            inherit_netns=self._inherits_netns(spec),
         )
         fd = os.open(state_dir / "config.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as fh:
             json.dump(config, fh, indent=1)
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
         return os.open(state_dir / "console.log", flags, 0o600)
+
+    @staticmethod
+    def _inherits_netns(spec: BunkerSpec) -> bool:
+        """Whether the runtime is started inside ``spec.netns_path`` and the bunker inherits
+        it (a namespace of the initial user namespace, joined with a user namespace of the
+        driver's: see ``inherit_netns`` of :func:`build_oci_config`)."""
+        return spec.netns_path is not None and spec.userns_path is None
 
     async def _start(
         self, spec: BunkerSpec, state_dir: Path, phases: dict[str, float]
@@ -1371,8 +1426,10 @@ class ContainerDriver:
         console = await asyncio.to_thread(self._write_bundle, spec, state_dir, root_path, sysfs)
         lap("filesystem")
         argv = self._runtime_argv(self.runtime)
+        enter = ["nsenter", f"--net={spec.netns_path}", "--"] if self._inherits_netns(spec) else []
         try:
             process = await asyncio.create_subprocess_exec(
+                *enter,
                 *self._launch_argv(self.runtime),
                 "--log",
                 str(state_dir / "runtime.log"),
@@ -1482,8 +1539,8 @@ class ContainerDriver:
 
         Works from the id alone (after a worker restart too): kills PID 1 and every process
         in the bunker's cgroups, deletes the container from every runtime's state, unmounts
-        the overlay and the scratch disk (freeing its loop device), removes the cgroups and
-        the state directory.
+        the overlay, the scratch disk (freeing its loop device) and the user namespace
+        (releasing its owner uid), removes the cgroups and the state directory.
 
         Raises:
             DriverError: something could not be released (the message says what); calling
@@ -1519,6 +1576,7 @@ class ContainerDriver:
         await self.cgroups.remove(bunker_id)
         try:
             await unmount_overlay_root(state_dir)
+            await asyncio.to_thread(remove_userns_at, state_dir / USERNS_NAME)
             await asyncio.to_thread(remove_tree, state_dir)
         except (OSError, CommandError) as exc:
             raise DriverError(f"cannot release bunker {bunker_id}: {exc}") from exc
@@ -1543,15 +1601,16 @@ class ContainerDriver:
     async def list_leftovers(self) -> list[str]:
         """Ids of bunkers with host resources but no live handle in this driver.
 
-        Looks at bunker state dirs, every runtime's state root and the cgroups under
-        ``cgroup_parent``: what a previous worker process left behind. Pass each id to
-        :meth:`stop`.
+        Looks at bunker state dirs, every runtime's state root, the cgroups under
+        ``cgroup_parent`` and the owner-uid leases of user namespaces in state dirs: what a
+        previous worker process left behind. Pass each id to :meth:`stop`.
         """
         found: set[str] = set()
         for directory in [self._bunkers_dir, *(self.data_dir / "runtime" / r for r in RUNTIMES)]:
             if directory.is_dir():
                 found.update(entry.name for entry in directory.iterdir())
         found |= self.cgroups.ids()
+        found |= {Path(h).parent.name for h in leases_under(f"{self._bunkers_dir}/")}
         return sorted(i for i in found if is_id(i, "bnk") and i not in self._active)
 
 

@@ -11,7 +11,8 @@ workers sharing a host never collide):
 * **Bunker namespace** ``sb<tag>-<bunker_id>`` with ``lo`` and ``eth0`` (the bunker's end
   of veth ``v<slot>``), IPv6 disabled. Bunkers join it through ``BunkerSpec.netns_path``.
 * **Owned bunker namespace** (``transit`` bunkers, ``attach(..., owner_id_base=...)``): the
-  same, but created inside a user namespace with the bunker's id mapping, bind-mounted at
+  same, but created inside a user namespace with the bunker's id mapping (owned by a uid
+  leased for that bunker alone), bind-mounted at
   ``/run/scaibunker/userns/<netns name>`` (:mod:`scaigrid.worker.net.userns`), so the
   bunker's root (which joins both) can configure its own interfaces. The router drops every
   packet from its ``eth0`` whose source is not its address (:func:`nft.bunker_add`).
