@@ -35,7 +35,7 @@ APPEND_BATCH = 200
 #: Seconds the background writer waits after a lone entry for more to share its transaction
 #: (one commit per request costs as much as the request itself under a steady stream of
 #: calls); a :meth:`AuditLog.flush` cuts the wait short.
-APPEND_LINGER_S = 0.02
+APPEND_LINGER_S = 0.1
 #: Appends retried at most this often when another process took the same ``seq``.
 APPEND_ATTEMPTS = 20
 #: Records read per batch by :func:`verify_chain` and the exports.
