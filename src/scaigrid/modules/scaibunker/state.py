@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Coroutine
 from typing import Any
 
@@ -16,6 +17,9 @@ from scaigrid.platform.db import Database
 from scaigrid.settings import Settings
 
 log = structlog.get_logger(__name__)
+
+#: Entries in the running-bunker cache before expired ones are swept.
+_RUNNING_CACHE_MAX = 4096
 
 
 class ModuleState:
@@ -47,6 +51,10 @@ class ModuleState:
         self.storage_url = settings.public_url
         self._tasks: set[asyncio.Task[Any]] = set()
         self._bunker_waiters: dict[str, asyncio.Event] = {}
+        #: Bunkers last read ``running``: ``bunker_id -> (monotonic expiry, bunker row)``.
+        self._running: dict[str, tuple[float, Any]] = {}
+        #: Counts :meth:`bunker_changed` calls; a read that raced one is not cached.
+        self.change_epoch = 0
 
     def spawn(self, coro: Coroutine[Any, Any, Any], *, name: str) -> asyncio.Task[Any]:
         """Run ``coro`` in the background, logging (not losing) any exception it raises."""
@@ -60,8 +68,37 @@ class ModuleState:
         if not task.cancelled() and task.exception() is not None:
             log.error("background_task_failed", task=task.get_name(), exc_info=task.exception())
 
+    def cached_running(self, bunker_id: str) -> Any | None:
+        """The bunker row :meth:`cache_running` kept for ``bunker_id`` if it has not
+        expired and no state change happened since, else None."""
+        entry = self._running.get(bunker_id)
+        if entry is None:
+            return None
+        if entry[0] <= time.monotonic():
+            del self._running[bunker_id]
+            return None
+        return entry[1]
+
+    def cache_running(self, bunker: Any, epoch: int, ttl_s: float) -> None:
+        """Keep ``bunker`` (a detached ``running`` row) for ``ttl_s`` seconds, unless a state
+        change happened after ``epoch`` (:attr:`change_epoch` read before the row was).
+
+        Every status change goes through :meth:`bunker_changed`, which drops the entry, so
+        the cache only spares exec, files and shell calls the row read; a change made by
+        another controller process is seen after ``ttl_s`` at the latest.
+        """
+        if epoch != self.change_epoch:
+            return
+        now = time.monotonic()
+        if len(self._running) >= _RUNNING_CACHE_MAX:
+            self._running = {k: v for k, v in self._running.items() if v[0] > now}
+        self._running[bunker.id] = (now + ttl_s, bunker)
+
     def bunker_changed(self, bunker_id: str) -> None:
-        """Wake every request waiting (``wait_s``) on a state change of ``bunker_id``."""
+        """Wake every request waiting (``wait_s``) on a state change of ``bunker_id`` and
+        forget its cached row."""
+        self.change_epoch += 1
+        self._running.pop(bunker_id, None)
         event = self._bunker_waiters.pop(bunker_id, None)
         if event is not None:
             event.set()

@@ -142,6 +142,12 @@ async def ensure_running(state: ModuleState, principal: Principal, bunker_id: st
         errors.BunkerNotRunning: not ``running`` (and not idle-paused).
         errors.AgentUnavailable: the idle-paused bunker's worker did not resume it.
     """
+    cached: Bunker | None = state.cached_running(bunker_id)
+    if cached is not None:
+        if cached.owner_user_id != principal.user_id or cached.tenant_id != principal.tenant_id:
+            raise errors.BunkerNotFound(f"bunker {bunker_id} not found")
+        return cached
+    epoch = state.change_epoch
     async with state.db.sessionmaker() as session:
         bunker = await session.get(Bunker, bunker_id)
         if (
@@ -159,8 +165,10 @@ async def ensure_running(state: ModuleState, principal: Principal, bunker_id: st
         now = utcnow()
         last = bunker.last_activity_at
         if last is None or (now - last).total_seconds() >= ACTIVITY_RESOLUTION_S:
-            bunker.last_activity_at = now
+            bunker.last_activity_at = last = now
             await session.commit()
+        # Until the next activity write is due, later calls take the row from memory.
+        state.cache_running(bunker, epoch, ACTIVITY_RESOLUTION_S - (now - last).total_seconds())
         return bunker
 
 
