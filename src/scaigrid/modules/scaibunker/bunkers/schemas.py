@@ -22,6 +22,22 @@ LifecycleMode = Literal["ephemeral", "session", "persistent"]
 NetworkProfile = Literal["isolated", "registry", "allowlisted", "unrestricted", "transit"]
 SessionType = Literal["standalone", "scaicore", "scaiwave", "api"]
 ExecUser = Literal["user", "root"]
+#: Bunker states (SPEC §2.4).
+BunkerStatus = Literal[
+    "pending", "provisioning", "running", "paused", "stopping", "terminated", "failed", "expired"
+]
+#: Exec/process record states (SPEC §3.3, §3.6).
+ProcessStatus = Literal["running", "exited", "signaled", "timed_out", "oom_killed", "agent_lost"]
+
+
+def split_commas(value: list[str] | None) -> list[str] | None:
+    """Flatten a repeatable, comma-separated query parameter (``?status=a,b&status=c`` →
+    ``["a", "b", "c"]``) so that each item is validated on its own (errors name
+    ``query.status[i]``)."""
+    if value is None:
+        return None
+    return [part for item in value for part in item.split(",")]
+
 
 #: One ``network_allowlist`` entry (SPEC §8.4), normalised; errors name ``network_allowlist[i]``.
 AllowlistEntry = Annotated[str, AfterValidator(normalize_entry)]

@@ -7,7 +7,7 @@ import contextlib
 from typing import Annotated, Any
 
 import structlog
-from fastapi import APIRouter, Depends, Query, WebSocket
+from fastapi import APIRouter, Depends, WebSocket
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import select
@@ -29,6 +29,7 @@ from scaigrid.modules.scaibunker.workers.models import Worker
 from scaigrid.platform.auth import Principal, current_principal
 from scaigrid.platform.db import get_session
 from scaigrid.platform.envelope import ok, ok_list
+from scaigrid.platform.pagination import Limit, id_cursor
 from scaigrid.protocol.link import (
     MAX_MESSAGE_BYTES,
     LinkClosed,
@@ -104,8 +105,8 @@ def _worker_reader(principal: Principal) -> bool:
 async def list_workers(
     principal: PrincipalDep,
     session: SessionDep,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    cursor: str | None = None,
+    limit: Limit = 100,
+    cursor: Annotated[str | None, id_cursor("wrk")] = None,
 ) -> JSONResponse:
     """List the workers the caller may see, newest first."""
     if not _worker_reader(principal):
