@@ -8,6 +8,7 @@ checked only for input validation, which happens before the bunker is looked up.
 
 from __future__ import annotations
 
+import secrets
 from datetime import timedelta
 from typing import Any
 
@@ -18,6 +19,7 @@ from tests.conftest import Identity, MakeIdentity
 
 from scaigrid.ids import new_id
 from scaigrid.modules.scaibunker.bunkers.models import Bunker
+from scaigrid.modules.scaibunker.workers.models import Worker
 from scaigrid.platform.db import Database, utcnow
 
 B = "/v1/modules/scaibunker"
@@ -108,7 +110,11 @@ async def test_accounting_usage_rejects_a_cursor_never_issued(
         ("/bunkers", {"status": ""}, "query.status[0]"),
         ("/bunkers", {"lifecycle": "appliance"}, "query.lifecycle"),
         ("/bunkers", {"session_type": "chat"}, "query.session_type"),
-        ("/bunkers", {"label": "no-equals-sign"}, "query.label"),
+        ("/bunkers", {"label": "no-equals-sign"}, "query.label[0]"),
+        ("/bunkers", [("label", "a=b"), ("label", "=value")], "query.label[1]"),
+        ("/workers", {"connection": "bogus"}, "query.connection"),
+        ("/workers", {"admin_state": "paused"}, "query.admin_state"),
+        ("/workers", {"label": "nolabel"}, "query.label[0]"),
         ("/snapshots", {"status": "bogus"}, "query.status"),
         ("/images", {"status": "bogus"}, "query.status"),
         ("/images", {"scope": "galaxy"}, "query.scope"),
@@ -221,3 +227,47 @@ async def test_image_and_quota_profile_cursors_page_through(
     listed_ids = [p["id"] for p in listed]
     assert len(listed_ids) == len(set(listed_ids))
     assert profiles <= set(listed_ids)
+
+
+async def test_worker_filters_and_real_cursors_page_through(
+    platform_app: FastAPI, platform_client: httpx.AsyncClient, admin: Identity
+) -> None:
+    db: Database = platform_app.state.db
+    shapes = [
+        ("online", "active", {"zone": "a"}),
+        ("offline", "active", {"zone": "a", "gpu": "yes"}),
+        ("online", "draining", {"zone": "b"}),
+        ("online", "active", {"zone": "a", "gpu": "yes"}),
+        ("offline", "draining", {}),
+    ]
+    ids: list[str] = []
+    async with db.sessionmaker() as session:
+        for connection, admin_state, labels in shapes:
+            ids.append(new_id("wrk"))
+            session.add(
+                Worker(
+                    id=ids[-1],
+                    hostname=f"host-{len(ids)}",
+                    tenant_id=admin.tenant_id,
+                    labels=labels,
+                    connection=connection,
+                    admin_state=admin_state,
+                    credential_hash=secrets.token_hex(32),
+                )
+            )
+        await session.commit()
+    url = f"{B}/workers"
+
+    async def listed(**params: Any) -> list[str]:
+        items = await _walk(platform_client, url, admin, 2, tenant_id=admin.tenant_id, **params)
+        return [w["id"] for w in items]
+
+    assert await listed() == list(reversed(ids))
+    assert await listed(connection="online") == [ids[3], ids[2], ids[0]]
+    assert await listed(admin_state="draining") == [ids[4], ids[2]]
+    assert await listed(label=["zone=a", "gpu=yes"]) == [ids[3], ids[1]]
+    assert await listed(connection="online", admin_state="active", label="zone=a") == [
+        ids[3],
+        ids[0],
+    ]
+    assert await listed(connection="stale") == []

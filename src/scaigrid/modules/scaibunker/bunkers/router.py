@@ -20,10 +20,12 @@ from scaigrid.modules.scaibunker.bunkers.schemas import (
     BunkerStatus,
     CreateBunkerRequest,
     ExecRequest,
+    LabelPair,
     LifecycleMode,
     MkdirRequest,
     MoveRequest,
     SessionType,
+    label_filters,
     split_commas,
 )
 from scaigrid.modules.scaibunker.network import bridges
@@ -91,26 +93,17 @@ async def list_bunkers(
     limit: Limit = 100,
     cursor: Annotated[str | None, id_cursor("bnk")] = None,
     status: StatusFilter = None,
-    label: Annotated[list[str] | None, Query()] = None,
+    label: Annotated[list[LabelPair] | None, Query()] = None,
     lifecycle: LifecycleMode | None = None,
     session_type: SessionType | None = None,
     session_ref: Annotated[str | None, Query(min_length=1, max_length=255)] = None,
 ) -> JSONResponse:
     """List the caller's bunkers (or the tenant's, for tenant admins), newest first."""
-    labels: dict[str, str] = {}
-    for item in label or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise errors.ValidationFailed(
-                "label filters look like key=value",
-                details=[{"field": "query.label", "message": item}],
-            )
-        labels[key] = value
     page, next_cursor = await service.list_bunkers(
         session,
         principal,
         status=status,
-        labels=labels,
+        labels=label_filters(label),
         limit=limit,
         cursor=cursor,
         lifecycle=lifecycle,
