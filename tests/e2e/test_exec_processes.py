@@ -186,3 +186,25 @@ def test_output_follows_as_sse_from_an_offset_until_exit(stack: Stack, bunker_id
             headers={"Accept": "text/event-stream"},
         )
         assert missing.status_code == 404 and _error_code(missing) == "PROCESS_NOT_FOUND"
+
+
+def test_process_listing_pages_with_real_cursors(stack: Stack, bunker_id: str) -> None:
+    with stack.client() as client:
+        base = f"{BASE}/bunkers/{bunker_id}/processes"
+        ran = {_exec(client, bunker_id, f"echo {n}")["exec_id"] for n in range(3)}
+        seen: list[str] = []
+        cursor: str | None = None
+        while True:
+            params = {"limit": 1, "status": "exited", **({"cursor": cursor} if cursor else {})}
+            response = client.get(base, params=params)
+            assert response.status_code == 200, response.text
+            body = response.json()
+            seen += [p["exec_id"] for p in body["data"]]
+            cursor = body["next_cursor"]
+            if cursor is None:
+                break
+        assert len(seen) == len(set(seen)) and ran <= set(seen)
+        for bad in ("garbage", "exe_doesnotexist"):
+            refused = client.get(base, params={"cursor": bad})
+            assert refused.status_code == 422 and _error_code(refused) == "VALIDATION_ERROR"
+            assert [d["field"] for d in refused.json()["error"]["details"]] == ["query.cursor"]

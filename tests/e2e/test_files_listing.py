@@ -51,6 +51,7 @@ def test_a_huge_listing_answers_for_itself_and_keeps_the_worker(
             params={"path": "/", "depth": 10, "cursor": "9990", "limit": 100},
         )
         assert past.status_code == 422
+        assert [d["field"] for d in past.json()["error"]["details"]] == ["query.cursor"]
         after = client.post(f"{BASE}/bunkers/{bunker['id']}/exec", json={"command": "echo up"})
         assert after.json()["data"]["stdout"] == "up\n"
         workers_after = client.get(f"{BASE}/workers").json()["data"]

@@ -95,6 +95,7 @@ async def test_a_burst_of_1000_admits_exactly_the_key_limit(
     body = refused.json()
     assert body["error"]["code"] == "RATE_LIMITED"
     assert 1 <= body["error"]["retry_after"] <= 60
+    assert "details" not in body["error"]  # SPEC §1.5: only validation and quota errors
     assert refused.headers["retry-after"] == str(body["error"]["retry_after"])
     assert refused.headers["x-scaigrid-ratelimit-limit"] == "60"
     assert refused.headers["x-scaigrid-ratelimit-remaining"] == "0"

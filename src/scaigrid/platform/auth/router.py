@@ -24,7 +24,7 @@ from scaigrid.platform.auth.service import PrincipalCache, create_api_key, revok
 from scaigrid.platform.db import get_session
 from scaigrid.platform.envelope import ok, ok_list
 from scaigrid.platform.iam import service as iam
-from scaigrid.platform.pagination import Cursor, Limit, page
+from scaigrid.platform.pagination import Limit, id_cursor, page
 from scaigrid.platform.tenancy.models import User
 from scaigrid.platform.tenancy.router import administered_user, visible_user
 
@@ -83,7 +83,7 @@ async def list_keys(
     session: Session,
     user_id: str | None = None,
     limit: Limit = 100,
-    cursor: Cursor = None,
+    cursor: Annotated[str | None, id_cursor("key")] = None,
 ) -> JSONResponse:
     """Keys of the caller (or of ``user_id``), newest first, without secrets."""
     owner = await _owner(session, principal, user_id)

@@ -20,7 +20,7 @@ from scaigrid.platform.db import get_session
 from scaigrid.platform.envelope import ok, ok_list
 from scaigrid.platform.events.models import Webhook, WebhookDelivery
 from scaigrid.platform.events.service import check_target
-from scaigrid.platform.pagination import Cursor, Limit, page
+from scaigrid.platform.pagination import Limit, id_cursor, page
 from scaigrid.platform.tenancy.router import (
     administered_page,
     administered_row,
@@ -101,7 +101,7 @@ async def list_webhooks(
     session: Session,
     tenant_id: str | None = None,
     limit: Limit = 100,
-    cursor: Cursor = None,
+    cursor: Annotated[str | None, id_cursor("whk")] = None,
 ) -> JSONResponse:
     """Webhooks of ``tenant_id`` (default: the caller's), without secrets."""
     rows, nxt = await administered_page(session, principal, Webhook, tenant_id, limit, cursor)
@@ -133,7 +133,7 @@ async def list_deliveries(
     principal: CurrentPrincipal,
     session: Session,
     limit: Limit = 100,
-    cursor: Cursor = None,
+    cursor: Annotated[str | None, id_cursor("dlv")] = None,
 ) -> JSONResponse:
     """The webhook's delivery log, newest first."""
     hook = await _hook(session, principal, webhook_id)

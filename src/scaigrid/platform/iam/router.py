@@ -24,7 +24,7 @@ from scaigrid.platform.envelope import ok, ok_list
 from scaigrid.platform.iam import service as iam
 from scaigrid.platform.iam.models import CustomRole, Group, GroupMember, RoleMapping, UserRole
 from scaigrid.platform.modules.service import is_enabled
-from scaigrid.platform.pagination import Cursor, Limit
+from scaigrid.platform.pagination import Limit, id_cursor
 from scaigrid.platform.permissions import CORE_PERMISSIONS, permissions_for_role
 from scaigrid.platform.tenancy.models import User
 from scaigrid.platform.tenancy.router import (
@@ -177,7 +177,7 @@ async def list_custom_roles(
     session: Session,
     tenant_id: str | None = None,
     limit: Limit = 100,
-    cursor: Cursor = None,
+    cursor: Annotated[str | None, id_cursor("rol")] = None,
 ) -> JSONResponse:
     """Custom roles of ``tenant_id`` (default: the caller's)."""
     rows, nxt = await administered_page(session, principal, CustomRole, tenant_id, limit, cursor)
@@ -269,7 +269,7 @@ async def list_groups(
     session: Session,
     tenant_id: str | None = None,
     limit: Limit = 100,
-    cursor: Cursor = None,
+    cursor: Annotated[str | None, id_cursor("grp")] = None,
 ) -> JSONResponse:
     """Groups of ``tenant_id`` (default: the caller's) with their direct members."""
     rows, nxt = await administered_page(session, principal, Group, tenant_id, limit, cursor)
@@ -377,7 +377,7 @@ async def list_role_mappings(
     session: Session,
     tenant_id: str | None = None,
     limit: Limit = 100,
-    cursor: Cursor = None,
+    cursor: Annotated[str | None, id_cursor("rmp")] = None,
 ) -> JSONResponse:
     """Role mappings of ``tenant_id`` (default: the caller's)."""
     rows, nxt = await administered_page(session, principal, RoleMapping, tenant_id, limit, cursor)

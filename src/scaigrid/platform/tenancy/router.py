@@ -23,7 +23,7 @@ from scaigrid.platform.db import get_session
 from scaigrid.platform.envelope import ok, ok_list
 from scaigrid.platform.iam import service as iam
 from scaigrid.platform.iam.models import GroupMember, UserPermission, UserRole
-from scaigrid.platform.pagination import Cursor, Limit, page
+from scaigrid.platform.pagination import Limit, id_cursor, page
 from scaigrid.platform.permissions import Role
 from scaigrid.platform.tenancy import service as tenancy
 from scaigrid.platform.tenancy.models import NAME_LENGTH, Partner, Tenant, User
@@ -114,7 +114,10 @@ async def create_partner(
 
 @router.get("/partners")
 async def list_partners(
-    principal: CurrentPrincipal, session: Session, limit: Limit = 100, cursor: Cursor = None
+    principal: CurrentPrincipal,
+    session: Session,
+    limit: Limit = 100,
+    cursor: Annotated[str | None, id_cursor("ptn")] = None,
 ) -> JSONResponse:
     """Partners within reach: all for ``super_admin``, otherwise the caller's own."""
     query = select(Partner)
@@ -258,7 +261,10 @@ async def create_tenant(
 
 @router.get("/tenants")
 async def list_tenants(
-    principal: CurrentPrincipal, session: Session, limit: Limit = 100, cursor: Cursor = None
+    principal: CurrentPrincipal,
+    session: Session,
+    limit: Limit = 100,
+    cursor: Annotated[str | None, id_cursor("ten")] = None,
 ) -> JSONResponse:
     """Tenants within reach: all (``super_admin``), the partner's (partner roles), or the
     caller's own."""
@@ -354,7 +360,7 @@ async def list_users(
     session: Session,
     tenant_id: str | None = None,
     limit: Limit = 100,
-    cursor: Cursor = None,
+    cursor: Annotated[str | None, id_cursor("usr")] = None,
 ) -> JSONResponse:
     """Users of ``tenant_id`` (default: the caller's tenant); non-administrators see only
     themselves."""

@@ -11,16 +11,20 @@ from scaigrid import errors
 from scaigrid.modules.scaibunker.bunkers import exec as exec_service
 from scaigrid.modules.scaibunker.bunkers import processes, service
 from scaigrid.modules.scaibunker.bunkers.models import Bunker
-from scaigrid.modules.scaibunker.bunkers.schemas import SignalRequest, StdinRequest
+from scaigrid.modules.scaibunker.bunkers.schemas import (
+    ProcessStatus,
+    SignalRequest,
+    StdinRequest,
+)
 from scaigrid.modules.scaibunker.state import ModuleState, get_state
 from scaigrid.platform.auth import Principal, require
 from scaigrid.platform.envelope import ok, ok_list
+from scaigrid.platform.pagination import Limit, id_cursor
 
 router = APIRouter(tags=["processes"])
 
 StateDep = Annotated[ModuleState, Depends(get_state)]
 ExecutorDep = Annotated[Principal, Depends(require("scaibunker:execute"))]
-_STATUSES = ("running", "exited", "signaled", "timed_out", "oom_killed", "agent_lost")
 
 
 async def _owned_running(state: ModuleState, principal: Principal, bunker_id: str) -> Bunker:
@@ -32,16 +36,15 @@ async def list_processes(
     bunker_id: str,
     principal: ExecutorDep,
     state: StateDep,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    cursor: Annotated[str | None, Query(max_length=128)] = None,
-    status: str | None = None,
+    limit: Limit = 100,
+    cursor: Annotated[str | None, id_cursor("exe")] = None,
+    status: ProcessStatus | None = None,
 ) -> JSONResponse:
-    """The bunker's execs, newest first; ``cursor`` is the last exec id of the previous page."""
-    if status is not None and status not in _STATUSES:
-        raise errors.ValidationFailed(
-            f"status must be one of {', '.join(_STATUSES)}",
-            details=[{"field": "status", "message": status}],
-        )
+    """The bunker's execs, newest first; ``cursor`` is the last exec id of the previous page.
+
+    Raises:
+        errors.ValidationFailed: ``cursor`` names no exec still listed (422, ``query.cursor``).
+    """
     bunker = await _owned_running(state, principal, bunker_id)
     records = await processes.list_processes(state, bunker, status)
     start = 0
@@ -50,7 +53,7 @@ async def list_processes(
         if cursor not in ids:
             raise errors.ValidationFailed(
                 "cursor does not name a listed process",
-                details=[{"field": "cursor", "message": "unknown cursor"}],
+                details=[{"field": "query.cursor", "message": "unknown cursor"}],
             )
         start = ids.index(cursor) + 1
     page = records[start : start + limit]

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BeforeValidator
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from scaigrid import errors
@@ -16,10 +17,16 @@ from scaigrid.modules.scaibunker.bunkers import files as files_service
 from scaigrid.modules.scaibunker.bunkers import processes, service
 from scaigrid.modules.scaibunker.bunkers.models import Bunker
 from scaigrid.modules.scaibunker.bunkers.schemas import (
+    BunkerStatus,
     CreateBunkerRequest,
     ExecRequest,
+    LabelPair,
+    LifecycleMode,
     MkdirRequest,
     MoveRequest,
+    SessionType,
+    label_filters,
+    split_commas,
 )
 from scaigrid.modules.scaibunker.network import bridges
 from scaigrid.modules.scaibunker.snapshots import service as snapshots_service
@@ -28,6 +35,7 @@ from scaigrid.platform.auth import Principal, require
 from scaigrid.platform.db import get_session
 from scaigrid.platform.envelope import ok, ok_list
 from scaigrid.platform.middleware import streaming_body
+from scaigrid.platform.pagination import Limit, id_cursor
 from scaigrid.protocol.link import TaskKind
 
 router = APIRouter(tags=["bunkers"])
@@ -40,6 +48,9 @@ FilesDep = Annotated[Principal, Depends(require("scaibunker:files"))]
 GuestUser = Annotated[Literal["user", "root"], Query()]
 PathQuery = Annotated[str, Query(min_length=1, max_length=4096)]
 _LIVE_WAIT_STATES = ("pending", "provisioning")
+#: ``status`` of ``GET /bunkers``: one state or a comma-separated list (SPEC §2.3.2); an
+#: unknown state is a 422 naming ``query.status[i]``.
+StatusFilter = Annotated[list[BunkerStatus] | None, BeforeValidator(split_commas), Query()]
 
 
 def _require_root(principal: Principal, user: str) -> None:
@@ -79,29 +90,20 @@ async def create_bunker(
 async def list_bunkers(
     principal: CreatorDep,
     session: SessionDep,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    cursor: str | None = None,
-    status: str | None = None,
-    label: Annotated[list[str] | None, Query()] = None,
-    lifecycle: Literal["ephemeral", "session", "persistent"] | None = None,
-    session_type: Literal["standalone", "scaicore", "scaiwave", "api"] | None = None,
+    limit: Limit = 100,
+    cursor: Annotated[str | None, id_cursor("bnk")] = None,
+    status: StatusFilter = None,
+    label: Annotated[list[LabelPair] | None, Query()] = None,
+    lifecycle: LifecycleMode | None = None,
+    session_type: SessionType | None = None,
     session_ref: Annotated[str | None, Query(min_length=1, max_length=255)] = None,
 ) -> JSONResponse:
     """List the caller's bunkers (or the tenant's, for tenant admins), newest first."""
-    labels: dict[str, str] = {}
-    for item in label or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise errors.ValidationFailed(
-                "label filters look like key=value", details=[{"field": "label", "message": item}]
-            )
-        labels[key] = value
-    statuses = [s for s in (status or "").split(",") if s] or None
     page, next_cursor = await service.list_bunkers(
         session,
         principal,
-        status=statuses,
-        labels=labels,
+        status=status,
+        labels=label_filters(label),
         limit=limit,
         cursor=cursor,
         lifecycle=lifecycle,
@@ -275,7 +277,7 @@ async def list_files(
     if start + limit >= files_service.MAX_LIST_WALK:
         raise errors.ValidationFailed(
             f"listings stop after {files_service.MAX_LIST_WALK} entries; list a subdirectory",
-            details=[{"field": "cursor", "message": "past the end of the listable entries"}],
+            details=[{"field": "query.cursor", "message": "past the end of the listable entries"}],
         )
     params = {
         "path": files_service.check_path(path),

@@ -22,6 +22,41 @@ LifecycleMode = Literal["ephemeral", "session", "persistent"]
 NetworkProfile = Literal["isolated", "registry", "allowlisted", "unrestricted", "transit"]
 SessionType = Literal["standalone", "scaicore", "scaiwave", "api"]
 ExecUser = Literal["user", "root"]
+#: Bunker states (SPEC §2.4).
+BunkerStatus = Literal[
+    "pending", "provisioning", "running", "paused", "stopping", "terminated", "failed", "expired"
+]
+#: Exec/process record states (SPEC §3.3, §3.6).
+ProcessStatus = Literal["running", "exited", "signaled", "timed_out", "oom_killed", "agent_lost"]
+
+
+def _label_pair(value: str) -> str:
+    key, sep, _ = value.partition("=")
+    if not sep or not key:
+        raise ValueError("label filters look like key=value")
+    return value
+
+
+#: One repeatable ``label=key=value`` list filter (SPEC §2.3.2, §10.2); errors name
+#: ``query.label[i]``.
+LabelPair = Annotated[str, AfterValidator(_label_pair)]
+
+
+def label_filters(items: list[str] | None) -> dict[str, str]:
+    """``["team=data", "tier=gold"]`` (each a :data:`LabelPair`) → ``{"team": "data", ...}``;
+    a repeated key keeps its last value."""
+    pairs = (item.partition("=") for item in items or [])
+    return {key: value for key, _, value in pairs}
+
+
+def split_commas(value: list[str] | None) -> list[str] | None:
+    """Flatten a repeatable, comma-separated query parameter (``?status=a,b&status=c`` →
+    ``["a", "b", "c"]``) so that each item is validated on its own (errors name
+    ``query.status[i]``)."""
+    if value is None:
+        return None
+    return [part for item in value for part in item.split(",")]
+
 
 #: One ``network_allowlist`` entry (SPEC §8.4), normalised; errors name ``network_allowlist[i]``.
 AllowlistEntry = Annotated[str, AfterValidator(normalize_entry)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -266,7 +267,7 @@ async def list_bunkers(
     session: AsyncSession,
     principal: Principal,
     *,
-    status: list[str] | None,
+    status: Sequence[str] | None,
     labels: dict[str, str],
     limit: int,
     cursor: str | None,

@@ -21,6 +21,7 @@ from scaigrid.modules.scaibunker.images.models import (
 from scaigrid.modules.scaibunker.images.schemas import (
     GroupPatch,
     GroupRequest,
+    ImageStatus,
     RegisterImageRequest,
     WarmRequest,
 )
@@ -28,6 +29,7 @@ from scaigrid.modules.scaibunker.state import ModuleState, get_state
 from scaigrid.platform.auth import Principal, require
 from scaigrid.platform.db import get_session
 from scaigrid.platform.envelope import ok, ok_list
+from scaigrid.platform.pagination import Limit, id_cursor
 
 router = APIRouter(tags=["images"])
 
@@ -68,10 +70,10 @@ async def register_image(
 async def list_images(
     principal: ReaderDep,
     session: SessionDep,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    cursor: str | None = None,
+    limit: Limit = 100,
+    cursor: Annotated[str | None, id_cursor("img")] = None,
     name: str | None = None,
-    status: str | None = None,
+    status: ImageStatus | None = None,
     scope: Literal["tenant", "partner", "platform"] | None = None,
 ) -> JSONResponse:
     """List the images visible to the caller, newest first."""
@@ -224,8 +226,8 @@ async def list_findings(
 async def list_groups(
     principal: ReaderDep,
     session: SessionDep,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    cursor: str | None = None,
+    limit: Limit = 100,
+    cursor: Annotated[str | None, id_cursor("avg")] = None,
     scope: Literal["tenant", "platform"] | None = None,
 ) -> JSONResponse:
     """The caller's tenant groups and the platform groups, newest first."""

@@ -8,6 +8,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+#: Image states (SPEC §7.1).
+ImageStatus = Literal["pending", "baking", "ready", "failed", "deactivated"]
+
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 _SUITE = re.compile(r"^[a-z][a-z0-9-]*$")
 _PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.-]*$")

@@ -18,7 +18,7 @@ import hashlib
 from typing import Annotated, Any
 
 import structlog
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
@@ -43,6 +43,7 @@ from scaigrid.platform.audit.service import AuditEntry, AuditLog
 from scaigrid.platform.auth import Principal, current_principal
 from scaigrid.platform.db import get_session, utcnow
 from scaigrid.platform.envelope import ok, ok_list, request_id_from_scope
+from scaigrid.platform.pagination import Limit, id_cursor
 from scaigrid.platform.tenancy.models import Tenant
 from scaigrid.protocol.link import TaskKind
 
@@ -234,8 +235,8 @@ async def create_bridge(
 async def list_bridges(
     principal: PrincipalDep,
     session: SessionDep,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    cursor: str | None = None,
+    limit: Limit = 100,
+    cursor: Annotated[str | None, id_cursor("brg")] = None,
     worker_id: str | None = None,
 ) -> JSONResponse:
     """The bridges the caller may read, newest first (cursor: the last id of a page)."""

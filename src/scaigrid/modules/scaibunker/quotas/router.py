@@ -26,6 +26,7 @@ from scaigrid.platform.auth import Principal, current_principal, require
 from scaigrid.platform.db import get_session, utcnow
 from scaigrid.platform.envelope import ok, ok_list
 from scaigrid.platform.iam.models import Group
+from scaigrid.platform.pagination import Limit, UuidCursor
 from scaigrid.platform.tenancy.models import User
 
 router = APIRouter(tags=["quotas"])
@@ -223,8 +224,8 @@ async def quota_usage(
 async def list_profiles(
     principal: PrincipalDep,
     session: SessionDep,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    cursor: str | None = None,
+    limit: Limit = 100,
+    cursor: UuidCursor = None,
     tenant_id: Annotated[str | None, Query(max_length=32)] = None,
 ) -> JSONResponse:
     """Profiles the caller administers: its tenant's and the platform's, or all."""
@@ -321,8 +322,8 @@ async def list_assignments(
     profile_id: str,
     principal: PrincipalDep,
     session: SessionDep,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    cursor: str | None = None,
+    limit: Limit = 100,
+    cursor: UuidCursor = None,
 ) -> JSONResponse:
     """Assignments of a profile the caller can see (only its own tenant's for tenant admins)."""
     profile = await _visible_profile(session, principal, profile_id)

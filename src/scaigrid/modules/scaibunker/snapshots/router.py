@@ -15,6 +15,7 @@ from scaigrid.modules.scaibunker.state import ModuleState, get_state
 from scaigrid.platform.auth import Principal, require
 from scaigrid.platform.db import get_session
 from scaigrid.platform.envelope import ok, ok_list
+from scaigrid.platform.pagination import Limit, id_cursor
 
 router = APIRouter(tags=["snapshots"])
 
@@ -50,8 +51,8 @@ async def take_snapshot(
 async def list_snapshots(
     principal: CreatorDep,
     session: SessionDep,
-    limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    cursor: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Limit = 100,
+    cursor: Annotated[str | None, id_cursor("snp")] = None,
     bunker_id: Annotated[str | None, Query(max_length=64)] = None,
     status: Literal["pending", "uploading", "ready", "failed"] | None = None,
 ) -> JSONResponse:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import structlog
 from fastapi import APIRouter, Depends, Query, WebSocket
@@ -17,7 +17,7 @@ from starlette.websockets import WebSocketDisconnect
 from scaigrid import errors
 from scaigrid.modules.scaibunker.bunkers import service as bunker_service
 from scaigrid.modules.scaibunker.bunkers.models import Bunker
-from scaigrid.modules.scaibunker.bunkers.schemas import iso
+from scaigrid.modules.scaibunker.bunkers.schemas import LabelPair, iso, label_filters
 from scaigrid.modules.scaibunker.images.service import bake_pending_images
 from scaigrid.modules.scaibunker.network import bridges
 from scaigrid.modules.scaibunker.state import ModuleState, get_state, module_state
@@ -29,6 +29,7 @@ from scaigrid.modules.scaibunker.workers.models import Worker
 from scaigrid.platform.auth import Principal, current_principal
 from scaigrid.platform.db import get_session
 from scaigrid.platform.envelope import ok, ok_list
+from scaigrid.platform.pagination import Limit, id_cursor
 from scaigrid.protocol.link import (
     MAX_MESSAGE_BYTES,
     LinkClosed,
@@ -104,10 +105,15 @@ def _worker_reader(principal: Principal) -> bool:
 async def list_workers(
     principal: PrincipalDep,
     session: SessionDep,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    cursor: str | None = None,
+    limit: Limit = 100,
+    cursor: Annotated[str | None, id_cursor("wrk")] = None,
+    connection: Literal["online", "stale", "offline"] | None = None,
+    admin_state: Literal["active", "draining"] | None = None,
+    tenant_id: Annotated[str | None, Query(max_length=32)] = None,
+    label: Annotated[list[LabelPair] | None, Query()] = None,
 ) -> JSONResponse:
-    """List the workers the caller may see, newest first."""
+    """List the workers the caller may see, newest first, filtered by ``connection``,
+    ``admin_state``, ``tenant_id`` and ``label=key=value`` (all must match) (SPEC §10.2)."""
     if not _worker_reader(principal):
         raise errors.AuthzPermissionDenied(
             "needs an admin key", details={"permission": "scaibunker:admin:tenant"}
@@ -117,9 +123,21 @@ async def list_workers(
         query = query.where(
             (Worker.tenant_id.is_(None)) | (Worker.tenant_id == principal.tenant_id)
         )
+    if connection is not None:
+        query = query.where(Worker.connection == connection)
+    if admin_state is not None:
+        query = query.where(Worker.admin_state == admin_state)
+    if tenant_id is not None:
+        query = query.where(Worker.tenant_id == tenant_id)
     if cursor:
         query = query.where(Worker.id < cursor)
-    rows = list((await session.scalars(query.limit(limit + 1))).all())
+    labels = label_filters(label)
+    rows: list[Worker] = []
+    async for worker in await session.stream_scalars(query):
+        if all(worker.labels.get(k) == v for k, v in labels.items()):
+            rows.append(worker)
+            if len(rows) > limit:
+                break
     allocated = await scheduler.allocated_by_worker(session)
     page = rows[:limit]
     next_cursor = page[-1].id if len(rows) > limit else None
