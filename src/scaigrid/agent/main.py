@@ -35,6 +35,7 @@ import struct
 import sys
 from collections.abc import Callable
 
+from scaigrid.agent import spawn
 from scaigrid.agent.cgroups import MANIFEST_NAME, load_workload
 from scaigrid.agent.execs import ExecManager, OomCounter
 from scaigrid.agent.init import ChildReaper, ensure_home, missing_capabilities, protect_from_oom
@@ -179,6 +180,7 @@ async def run(options: Options) -> int:
         base_env=dict(os.environ),
         workload=workload,
     )
+    _log.info("agent.spawn helper=%s", spawn.HELPER or "none (every exec forks)")
     shells = ShellManager(reaper, workload, dict(os.environ))
     router = AgentService(execs, ring_buffer_bytes=options.ring_buffer_bytes).router()
     ShellRoutes(shells).add_to(router)

@@ -11,6 +11,8 @@ Tree layout (built from the worker's own interpreter)::
 
     bin/python3                 the interpreter binary
     bin/python3._pth            sys.path: the stdlib, lib-dynload and site (implies -I)
+    bin/scaibunker-spawn        the static spawn helper (scaigrid/agent/spawn_helper.c),
+                                when a C compiler is found; without it every exec forks
     lib/ld-linux-x86-64.so.2    its dynamic loader, and every shared library ``ldd``
     lib/lib*.so*                lists for the interpreter and the kept extensions
     lib/pythonX.Y/              trimmed standard library, byte-compiled
@@ -21,7 +23,8 @@ Tree layout (built from the worker's own interpreter)::
 
 Trees are cached under ``cache_dir`` as ``agent-runtime-<key>``, where the key is a
 SHA-256 over the interpreter's and its libraries' bytes and every copied source file,
-so a changed agent or interpreter gets a fresh tree. Builds are serialised with a lock
+so a changed agent or interpreter gets a fresh tree (the key also covers the helper's
+source and whether a compiler was found). Builds are serialised with a lock
 file and land with an atomic rename; a half-built tree is never visible.
 """
 
@@ -33,6 +36,7 @@ import functools
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import platform
 import shutil
@@ -45,8 +49,14 @@ from pathlib import Path
 
 import scaigrid
 
+_log = logging.getLogger(__name__)
+
 #: Bump when the tree layout or the selection of files changes.
-RUNTIME_FORMAT = 1
+RUNTIME_FORMAT = 2
+#: The spawn helper's source, next to the agent module that runs it.
+HELPER_SOURCE = Path(scaigrid.__file__).resolve().parent / "agent" / "spawn_helper.c"
+#: The helper's path in the tree (``scaigrid.agent.spawn`` looks for it there).
+HELPER_PATH = "bin/scaibunker-spawn"
 DEFAULT_MOUNT_POINT = "/.scaibunker"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 THIRD_PARTY = ("h2", "hpack", "hyperframe")
@@ -200,12 +210,14 @@ class _Sources:
         stdlib: Path,
         extensions: dict[str, Path],
         site: dict[str, Path],
+        compiler: str | None,
     ) -> None:
         self.interpreter = interpreter
         self.libraries = libraries
         self.stdlib = stdlib
         self.extensions = extensions
         self.site = site
+        self.compiler = compiler
 
     @classmethod
     def discover(cls) -> _Sources:
@@ -222,11 +234,16 @@ class _Sources:
             libraries.setdefault("libgcc_s.so.1", libgcc)
         if loader_name() not in libraries:
             raise AgentRuntimeError(f"ldd did not report the loader of {interpreter}")
-        return cls(interpreter, libraries, stdlib, extensions, _site_files())
+        compiler = shutil.which("cc") or shutil.which("gcc")
+        if compiler is None:
+            _log.warning("agent_runtime.no_c_compiler helper=%s: every exec forks", HELPER_PATH)
+        return cls(interpreter, libraries, stdlib, extensions, _site_files(), compiler)
 
     def key(self) -> str:
-        digest = hashlib.sha256(f"format={RUNTIME_FORMAT};{sys.version}".encode())
+        helper = self.compiler is not None
+        digest = hashlib.sha256(f"format={RUNTIME_FORMAT};{sys.version};helper={helper}".encode())
         inputs = [
+            ("helper", HELPER_SOURCE),
             ("bin/python3", self.interpreter),
             *((f"lib/{n}", p) for n, p in sorted(self.libraries.items())),
             *((f"dynload/{n}", p) for n, p in sorted(self.extensions.items())),
@@ -354,15 +371,42 @@ def _build(root: Path, sources: _Sources) -> None:
     for tree in (stdlib, site):
         if not compileall.compile_dir(tree, quiet=2, workers=1):
             raise AgentRuntimeError(f"byte-compiling {tree} failed")
+    helper = sources.compiler is not None and _build_helper(sources.compiler, root / HELPER_PATH)
     manifest = {
         "format": RUNTIME_FORMAT,
         "python": sys.version,
         "loader": loader_name(),
+        "helper": HELPER_PATH if helper else None,
         "libraries": sorted(sources.libraries),
         "extensions": sorted(sources.extensions),
         "site": sorted(sources.site),
     }
     (root / "RUNTIME.json").write_text(json.dumps(manifest, indent=2))
+
+
+def _build_helper(compiler: str, target: Path) -> bool:
+    """Compile the spawn helper statically (it runs in any image) to ``target``.
+
+    Returns:
+        True when it was built; False (logged) when the compiler failed, e.g. without a
+        static C library: the agent then forks every exec.
+    """
+    try:
+        result = subprocess.run(
+            [compiler, "-O2", "-static", "-Wall", "-o", str(target), str(HELPER_SOURCE)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        _log.warning("agent_runtime.helper_build_failed error=%s", exc)
+        return False
+    if result.returncode != 0:
+        _log.warning("agent_runtime.helper_build_failed error=%s", result.stderr.strip())
+        target.unlink(missing_ok=True)
+        return False
+    return True
 
 
 def _stdlib_ignore(top: Path) -> Callable[[str, list[str]], set[str]]:
