@@ -211,3 +211,16 @@ def test_foreground_output_under_the_cap_arrives_whole_from_a_fast_writer(
     assert result["exit_code"] == 0, result
     assert not result["stdout_truncated"], {k: v for k, v in result.items() if k != "stdout"}
     assert result["stdout"] == "a" * size + "END\n"
+
+
+def test_an_argument_past_the_execve_limit_is_a_validation_error(
+    stack: Stack, bunker_id: str
+) -> None:
+    """execve(2) refuses one argument over 128 KiB (E2BIG): the caller's input, so 422."""
+    with stack.client() as client:
+        response = client.post(
+            f"{BASE}/bunkers/{bunker_id}/exec", json={"command": ["true", "a" * 200_000]}
+        )
+        assert response.status_code == 422, response.text
+        assert response.json()["error"]["code"] == "VALIDATION_ERROR"
+        assert _exec(client, bunker_id, ["true", "a" * 100_000])["exit_code"] == 0

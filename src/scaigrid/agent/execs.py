@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -409,6 +410,14 @@ class ExecManager:
                 os.close(fd)
             if cgroup is not None:
                 self._remove_cgroup(cgroup)
+            if exc.errno == errno.E2BIG:
+                # The caller's command and environment, not the bunker: execve(2) limits one
+                # argument or variable to 128 KiB and all of them to a quarter of the stack.
+                raise AgentError(
+                    "VALIDATION_ERROR",
+                    "the command's arguments and environment are too long for execve",
+                    status=422,
+                ) from exc
             raise AgentError(
                 "INTERNAL_ERROR", f"cannot start a process: {exc.strerror}", status=503
             ) from exc
