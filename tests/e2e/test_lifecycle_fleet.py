@@ -159,6 +159,36 @@ def test_lost_worker_fails_its_bunkers_and_replaces_persistent_ones(
         client.delete(f"{BASE}/bunkers/{persistent['id']}")
 
 
+def test_a_restarted_worker_s_bunkers_end_as_lost_and_persistent_ones_come_back(
+    stack: Stack, busybox_image: str, extra_worker: ExtraWorker, dev_worker_id: str
+) -> None:
+    """A worker killed and started again at once reconnects without its bunkers: the
+    reconciliation treats them as a lost worker's (SPEC §10.6), not as exited microVMs."""
+    with stack.client() as client:
+        client.post(f"{BASE}/workers/{dev_worker_id}/drain")
+        ephemeral = _created(client, busybox_image)
+        persistent = _created(client, busybox_image, lifecycle_mode="persistent")
+        assert ephemeral["worker_id"] == persistent["worker_id"] == extra_worker.worker_id
+        client.post(f"{BASE}/workers/{dev_worker_id}/resume")
+        extra_worker.kill()
+        extra_worker.start()
+        wait_online(client, HOSTNAME, WORKER_START_TIMEOUT_S)
+        deadline = time.monotonic() + 90
+        ended: dict[str, Any] = {}
+        back: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            ended = client.get(f"{BASE}/bunkers/{ephemeral['id']}").json()["data"]
+            back = client.get(f"{BASE}/bunkers/{persistent['id']}").json()["data"]
+            if ended["status"] == "failed" and back["status"] == "running":
+                break
+            time.sleep(0.5)
+        assert (ended["status"], ended["status_reason"]) == ("failed", "worker_lost"), ended
+        assert back["status"] == "running", back
+        reasons = [(e["to"], e["reason"]) for e in back["status_history"]]
+        assert ("pending", "worker_lost") in reasons
+        client.delete(f"{BASE}/bunkers/{persistent['id']}")
+
+
 def test_silent_worker_goes_stale_then_lost_and_does_not_resurrect(
     stack: Stack, busybox_image: str, extra_worker: ExtraWorker, dev_worker_id: str
 ) -> None:

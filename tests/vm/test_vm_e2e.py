@@ -194,7 +194,7 @@ def test_a_restarted_worker_leaves_no_vmm_or_tap_behind(
 ) -> None:
     """The second worker is SIGKILLed while its microVM runs: the VM outlives it; started
     again, the worker stops the VM and removes its namespace (and so its tap), and the
-    controller marks the bunker failed."""
+    controller marks the bunker failed (``worker_lost``)."""
     with vm_stack.client(timeout_s=240) as client:
         bunker = _create_on(client, vm_worker, network_profile="registry")
         bid = bunker["id"]
@@ -205,7 +205,7 @@ def test_a_restarted_worker_leaves_no_vmm_or_tap_behind(
         vm_worker.start(drivers=VM_DRIVERS)
         wait_online(client, HOSTNAME, WORKER_START_TIMEOUT_S)
         _wait_gone(bid, vm_worker.data_dir / "qemu")
-        assert _wait_status(client, bid, "failed")["status_reason"] == "vm_exited"
+        assert _wait_status(client, bid, "failed")["status_reason"] == "worker_lost"
 
 
 def test_a_missed_boot_deadline_fails_the_bunker_with_the_console_tail(

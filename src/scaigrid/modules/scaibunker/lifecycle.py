@@ -299,7 +299,7 @@ async def monitor_workers_once(state: ModuleState) -> list[str]:
             else []
         )
     for bunker_id in bunker_ids:
-        await _fail_out(state, bunker_id, lost_ids)
+        await apply_worker_loss(state, bunker_id, lost_ids)
     for worker_id in lost_ids:
         log.warning("worker_lost", worker_id=worker_id, bunkers=len(bunker_ids))
     return lost_ids
@@ -322,8 +322,11 @@ async def replace_once(state: ModuleState) -> None:
         await _replace_persistent(state, bunker_id)
 
 
-async def _fail_out(state: ModuleState, bunker_id: str, lost_ids: list[str]) -> None:
-    """Apply worker loss to one bunker (SPEC §10.6), re-checked under its lock."""
+async def apply_worker_loss(state: ModuleState, bunker_id: str, lost_ids: list[str]) -> None:
+    """Apply worker loss to one bunker (SPEC §10.6), re-checked under its lock: nothing if it
+    is terminal or no longer placed on one of ``lost_ids``; a ``stopping`` bunker ends
+    (``expired``/``terminated``), a persistent one waits ``pending`` for re-placement, any
+    other ``failed`` with reason ``worker_lost``."""
     async with bunker_lock(bunker_id), state.db.sessionmaker() as session:
         bunker = await session.get(Bunker, bunker_id, with_for_update=True)
         if bunker is None or bunker.status in TERMINAL or bunker.worker_id not in lost_ids:

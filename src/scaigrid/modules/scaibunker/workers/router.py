@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.websockets import WebSocketDisconnect
 
 from scaigrid import errors
+from scaigrid.modules.scaibunker import lifecycle
 from scaigrid.modules.scaibunker.bunkers import service as bunker_service
 from scaigrid.modules.scaibunker.bunkers.models import Bunker
 from scaigrid.modules.scaibunker.bunkers.schemas import LabelPair, iso, label_filters
@@ -223,9 +224,8 @@ async def _reconcile(
         log.info("reconcile_destroy", worker_id=connection.worker_id, bunker_id=bunker_id)
         await bunker_service.destroy_on_worker(state, connection.worker_id, bunker_id)
     for bunker_id in missing:
-        await bunker_service.fail_bunker(
-            state, bunker_id, "vm_exited", "the worker no longer holds this bunker"
-        )
+        # The worker restarted without it (its bunkers die with it): a lost worker's bunker.
+        await lifecycle.apply_worker_loss(state, bunker_id, [connection.worker_id])
     await bridges.recreate_bridges(state, connection)
     await bake_pending_images(state)
 
