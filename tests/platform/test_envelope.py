@@ -135,7 +135,7 @@ async def test_oversized_json_is_413(
     assert response.status_code == 413
     error = _error(response)
     assert error["code"] == "VALIDATION_ERROR"
-    assert error["details"] == {"max_body_bytes": limit}
+    assert error["details"] == [{"field": "body", "message": f"larger than {limit} bytes"}]
 
 
 async def test_oversized_body_without_content_length_is_413(

@@ -78,7 +78,8 @@ async def validation_error_handler(request: Request, exc: Exception) -> Response
 def _from_http_exception(exc: StarletteHTTPException, request: Request) -> errors.ScaiGridError:
     if isinstance(exc, RequestBodyTooLarge):
         return errors.PayloadTooLarge(
-            f"The request body exceeds {exc.limit} bytes", details={"max_body_bytes": exc.limit}
+            f"The request body exceeds {exc.limit} bytes",
+            details=[{"field": "body", "message": f"larger than {exc.limit} bytes"}],
         )
     status = exc.status_code
     if status == 404:
