@@ -48,6 +48,7 @@ import httpx
 from tests.fixtures.stack import BASE, Stack, build_busybox_tar, start_stack
 
 from benchmarks.run import BareContainer, bunker_rootfs, percentile, timed
+from benchmarks.shell import PART as SHELL_PART
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 SECTION = "## Exec, processes and files (issue #5)"
@@ -373,11 +374,15 @@ def report(results: dict[str, Any], command: str, sizes: str) -> str:
 
 
 def write_section(section: str) -> None:
-    """Replace (or append) this benchmark's section of RESULTS.md."""
+    """Replace (or append) this benchmark's section of RESULTS.md, keeping the PTY echo part
+    ``benchmarks.shell`` writes into it."""
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
     if SECTION in text:
         head, _, rest = text.partition(SECTION)
-        tail = rest[rest.find("\n## ") + 1 :] if "\n## " in rest else ""
+        end = rest.find("\n## ") + 1 if "\n## " in rest else len(rest)
+        old, tail = rest[:end], rest[end:]
+        if SHELL_PART in old:
+            section = section.rstrip("\n") + "\n\n" + SHELL_PART + old.partition(SHELL_PART)[2]
         text = head + section + ("\n" + tail if tail else "")
     else:
         text = text.rstrip("\n") + "\n\n" + section
