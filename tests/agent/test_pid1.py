@@ -87,6 +87,19 @@ async def test_sigterm_stops_execs_and_exits_cleanly(agent_runtime: Path, tmp_pa
     assert "agent.stopping" in agent.log()
 
 
+async def test_root_inside_the_bunker_cannot_stop_the_agent(
+    agent: AgentProcess, client: AgentClient
+) -> None:
+    """SIGTERM and SIGINT stop the agent only from outside its PID namespace: the bunker's
+    own root sending them to PID 1 is logged and ignored."""
+    result, _, err = await run_exec(client, "kill -TERM 1 && kill -INT 1 && sleep 1", user="root")
+    assert result["exit_code"] == 0, err
+    assert (await client.ping())["pid"] == 1
+    result, out, _ = await run_exec(client, "echo still-here")
+    assert out == b"still-here\n"
+    assert agent.log().count("agent.signal_ignored") >= 2
+
+
 async def test_start_up_reaches_first_ping_quickly(agent_runtime: Path, tmp_path: Path) -> None:
     agent = await AgentProcess.start(agent_runtime, tmp_path)
     try:

@@ -18,8 +18,9 @@ virtio-serial port whose ``/sys/class/virtio-ports/*/name`` is ``NAME``, each op
 resynchronising handshake (:mod:`scaigrid.agent.serial`). Only the host can reach the
 port, so there is no peer check.
 
-Signals: SIGTERM and SIGINT shut down (execs get SIGTERM, then SIGKILL after
-``--shutdown-grace-s``); SIGHUP, SIGUSR1 and SIGUSR2 are logged and ignored.
+Signals: SIGTERM and SIGINT from outside the bunker shut down (execs get SIGTERM, then
+SIGKILL after ``--shutdown-grace-s``); sent from inside (even by its root) they are logged
+and ignored, see :func:`stop_on_signals`. SIGHUP, SIGUSR1 and SIGUSR2 are logged and ignored.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import socket
 import stat
 import struct
 import sys
+import threading
 from collections.abc import Callable
 
 from scaigrid.agent import spawn
@@ -158,14 +160,57 @@ def peer_pid(writer: asyncio.StreamWriter) -> int | None:
     return int(pid)
 
 
+#: Signals that stop the agent when they come from outside the bunker.
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
+
+
+def stop_on_signals(loop: asyncio.AbstractEventLoop, stopping: asyncio.Event) -> None:
+    """Set ``stopping`` when SIGTERM or SIGINT arrives from outside the bunker.
+
+    As PID 1 of a PID namespace the agent is sent any signal it handles, by the host (the
+    worker, ``crun kill``) and by root inside the bunker alike; only the host may stop it.
+    So both signals are blocked in every thread (call this before any thread starts; the
+    children the agent starts reset their mask, :mod:`scaigrid.agent.spawn`) and a daemon
+    thread takes them with ``sigwaitinfo``, whose ``si_pid`` is 0 exactly when the sender
+    is not in the agent's PID namespace (pid_namespaces(7)). When the agent is not PID 1
+    (tests, tools) every sender counts.
+
+    Args:
+        loop: the running loop ``stopping`` belongs to.
+        stopping: set (on ``loop``) by an accepted signal.
+    """
+    for signum in STOP_SIGNALS:
+        # A handler, not SIG_DFL: the kernel drops a signal PID 1 does not handle.
+        signal.signal(signum, _never_called)
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    pid1 = os.getpid() == 1
+
+    def wait() -> None:
+        while True:
+            info = signal.sigwaitinfo(STOP_SIGNALS)
+            if info.si_pid == 0 or not pid1:
+                loop.call_soon_threadsafe(stopping.set)
+            else:
+                _log.warning(
+                    "agent.signal_ignored signal=%s sender_pid=%s (inside the bunker)",
+                    info.si_signo,
+                    info.si_pid,
+                )
+
+    threading.Thread(target=wait, name="stop-signals", daemon=True).start()
+
+
+def _never_called(signum: int, frame: object) -> None:
+    """Handler of the blocked stop signals (``sigwaitinfo`` takes them first)."""
+
+
 async def run(options: Options) -> int:
     """Serve until SIGTERM/SIGINT; return the exit status."""
     loop = asyncio.get_running_loop()
     reaper = ChildReaper()
     reaper.install(loop)
     stopping = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stopping.set)
+    stop_on_signals(loop, stopping)
     for signum in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
         loop.add_signal_handler(signum, _log.info, "agent.signal_ignored signal=%s", signum)
     workload = (
