@@ -158,6 +158,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics_registry = registry
     app.state.principal_cache = PrincipalCache(settings.auth_cache_ttl_s)
     app.state.module_enabled_cache = EnabledCache(settings.auth_cache_ttl_s)
+    app.state.read_audit_cache = EnabledCache(settings.auth_cache_ttl_s)
     app.state.rate_limiter = _rate_limiter(settings)
     app.state.jwt_verifier = JwtVerifier.from_settings(settings)
     app.state.modules = {module.name: module for module in modules}

@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from scaigrid.platform.audit.service import AuditEntry, AuditLog
 from scaigrid.platform.auth.principal import Principal
 from scaigrid.platform.envelope import request_id_from_scope
-from scaigrid.platform.modules.service import effective_value
+from scaigrid.platform.modules.service import EnabledCache, effective_value
 
 log = structlog.get_logger(__name__)
 
@@ -111,6 +111,11 @@ class AuditMiddleware:
         app_state = scope["app"].state
         if principal is None or module_name is None or app_state.db is None:
             return False
+        cache: EnabledCache | None = getattr(app_state, "read_audit_cache", None)
+        key = (module_name, principal.tenant_id, principal.partner_id)
+        cached = cache.get(key) if cache is not None else None
+        if cached is not None:
+            return cached
         module = app_state.modules.get(module_name)
         model = getattr(module, "config_model", None)
         try:
@@ -126,6 +131,8 @@ class AuditMiddleware:
         except SQLAlchemyError:
             log.exception("audit.read_audit_lookup_failed", module=module_name)
             return True
+        if cache is not None:
+            cache.put(key, value is True)
         return value is True
 
     async def _record(self, scope: Scope, status: int, body: bytes) -> None:

@@ -187,6 +187,9 @@ async def put_config(
         session, _config_model(module), name, scope_type, scope_id, changes
     )
     await session.commit()
+    read_audit: service.EnabledCache | None = getattr(request.app.state, "read_audit_cache", None)
+    if read_audit is not None:
+        read_audit.clear()
     return ok(
         {"global_config": service.global_config(_config_model(module)), "scope_config": merged}
     )

@@ -36,9 +36,11 @@ async def _row(session: AsyncSession, module: str, scope_type: str, scope_id: st
 
 
 class EnabledCache:
-    """Recent answers of :func:`is_enabled`, so module routes cost no extra database round
-    trip per request. An entry lives ``ttl_s`` seconds (``SCAIGRID_AUTH_CACHE_TTL_S``); an
-    enable or disable through this process clears the cache at once.
+    """Recent yes/no answers per ``(module, tenant_id, partner_id)`` — of :func:`is_enabled`
+    (``app.state.module_enabled_cache``) and of the ``read_audit`` config
+    (``app.state.read_audit_cache``) — so module routes cost no extra database round trip
+    per request. An entry lives ``ttl_s`` seconds (``SCAIGRID_AUTH_CACHE_TTL_S``); an enable,
+    disable or config change through this process clears the cache at once.
     """
 
     def __init__(self, ttl_s: float) -> None:
