@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from scaigrid.protocol.link import (
+    RECEIVE_WINDOW_BYTES,
     STREAM_WINDOW_BYTES,
     LinkClosed,
     ProtocolViolation,
@@ -85,6 +86,41 @@ async def test_sender_stops_at_one_window_without_credit() -> None:
     pair.a.close()
     with pytest.raises(LinkClosed):
         await writer
+
+
+async def test_a_consumer_that_keeps_up_widens_the_window_which_still_bounds_the_sender() -> None:
+    pair = Pair()
+    stream_id = pair.a.allocate()
+    inbound = pair.b.inbound(stream_id)
+    outbound = pair.a.outbound(stream_id)
+    writer = asyncio.ensure_future(outbound.write(b"w" * (2 * RECEIVE_WINDOW_BYTES)))
+    await asyncio.sleep(0.1)
+    assert pair.in_flight_to_b == STREAM_WINDOW_BYTES, "one window before any read"
+    taken = 0
+    while taken <= STREAM_WINDOW_BYTES:  # a whole window, then it waits for more
+        taken += len(await inbound.read())
+    await asyncio.sleep(0.1)
+    ahead = pair.in_flight_to_b - taken
+    assert 4 * STREAM_WINDOW_BYTES < ahead <= RECEIVE_WINDOW_BYTES
+    assert not writer.done()
+    with pytest.raises(ProtocolViolation):
+        pair.b.feed_binary(encode_frame(stream_id, b"y" * (RECEIVE_WINDOW_BYTES - ahead + 1)))
+    writer.cancel()
+
+
+async def test_a_slow_consumer_keeps_the_one_window() -> None:
+    pair = Pair()
+    stream_id = pair.a.allocate()
+    inbound = pair.b.inbound(stream_id)
+    outbound = pair.a.outbound(stream_id)
+    writer = asyncio.ensure_future(outbound.write(b"s" * (4 * STREAM_WINDOW_BYTES)))
+    taken = 0
+    for _ in range(12):
+        taken += len(await inbound.read())
+        await asyncio.sleep(0.01)  # slower than the sender, which refills at once
+        assert pair.in_flight_to_b - taken <= STREAM_WINDOW_BYTES
+    assert taken > STREAM_WINDOW_BYTES
+    writer.cancel()
 
 
 async def test_credit_overrun_is_a_protocol_violation() -> None:

@@ -9,7 +9,11 @@ Wire format
   :data:`STREAM_WINDOW_BYTES` of credit and may send only that many bytes before the
   receiver returns credit with ``{"type": "stream_credit", "stream_id", "bytes"}``. A receiver
   returns credit as its consumer actually reads, so one slow consumer cannot starve the
-  channel and no hop buffers more than one window per stream.
+  channel and no hop buffers more than one window per stream. A receiver whose consumer
+  has taken a whole window and then waits for more (the window, not the consumer, holds the
+  sender back) widens the window to :data:`RECEIVE_WINDOW_BYTES` by granting the difference
+  at once: 1 MiB is ~3 ms of a fast transfer, shorter than a scheduling delay on a busy
+  host. A slow consumer never widens its window; a peer that does not widen keeps 1 MiB.
 * Stream ids are allocated by the side that names them in a message: the controller uses odd
   ids, the worker even ids, so the two never collide.
 
@@ -33,12 +37,16 @@ from typing import Any, Final
 
 PROTOCOL_VERSION: Final = 1
 STREAM_WINDOW_BYTES: Final = 1 << 20
+#: The window a receiver widens a stream to once its consumer keeps up (see above).
+RECEIVE_WINDOW_BYTES: Final = 8 << 20
 MAX_FRAME_PAYLOAD_BYTES: Final = 256 * 1024
 HEARTBEAT_INTERVAL_S: Final = 5
 #: Largest JSON message either side accepts; a worker answers a task whose result would be
 #: larger with an error instead (a bigger message would drop the whole channel).
 MAX_MESSAGE_BYTES: Final = 4 * 1024 * 1024
-_CREDIT_GRANT_BYTES: Final = STREAM_WINDOW_BYTES // 4
+#: Credit is returned in grants of a quarter of the window, at most this size (fewer,
+#: larger messages on a fast stream).
+_CREDIT_GRANT_BYTES: Final = RECEIVE_WINDOW_BYTES // 8
 _HEADER = struct.Struct(">Q")
 
 
@@ -105,9 +113,9 @@ class ProtocolViolation(LinkClosed):
     """The peer broke the channel protocol (bad frame, credit overrun); the link is dropped."""
 
 
-def encode_frame(stream_id: int, payload: bytes) -> bytes:
+def encode_frame(stream_id: int, payload: bytes | memoryview) -> bytes:
     """Return a binary frame: 8-byte big-endian ``stream_id`` + ``payload``."""
-    return _HEADER.pack(stream_id) + payload
+    return b"".join((_HEADER.pack(stream_id), payload))
 
 
 def decode_frame(frame: bytes) -> tuple[int, bytes]:
@@ -155,6 +163,8 @@ class InboundStream:
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
         self._unacked = 0
+        self._taken = 0
+        self._window = STREAM_WINDOW_BYTES
         self._eof = False
         self._error: BaseException | None = None
         self._ready = asyncio.Event()
@@ -166,7 +176,7 @@ class InboundStream:
             self._eof = True
         else:
             self._buffered += len(payload)
-            if self._buffered > STREAM_WINDOW_BYTES:
+            if self._buffered > self._window:
                 raise ProtocolViolation(f"stream {self.stream_id} overran its credit")
             self._chunks.append(payload)
         self._ready.set()
@@ -186,12 +196,21 @@ class InboundStream:
                 return b""
             if self._error is not None:
                 raise LinkClosed(str(self._error)) from self._error
+            if self._window < RECEIVE_WINDOW_BYTES and self._taken >= STREAM_WINDOW_BYTES:
+                # The consumer has caught up with the sender, which the window holds back:
+                # widen it. A consumer slower than the sender never gets here.
+                self._unacked += RECEIVE_WINDOW_BYTES - self._window
+                self._window = RECEIVE_WINDOW_BYTES
+                granted, self._unacked = self._unacked, 0
+                await self._mux.send_credit(self.stream_id, granted)
+                continue
             self._ready.clear()
             await self._ready.wait()
         chunk = self._chunks.popleft()
         self._buffered -= len(chunk)
+        self._taken += len(chunk)
         self._unacked += len(chunk)
-        if self._unacked >= _CREDIT_GRANT_BYTES:
+        if self._unacked >= min(self._window // 4, _CREDIT_GRANT_BYTES):
             granted, self._unacked = self._unacked, 0
             await self._mux.send_credit(self.stream_id, granted)
         return chunk
@@ -242,7 +261,9 @@ class OutboundStream:
                 raise LinkClosed(str(self._error)) from self._error
             size = min(len(view), self._credit, MAX_FRAME_PAYLOAD_BYTES)
             self._credit -= size
-            await self._mux.send_frame(self.stream_id, bytes(view[:size]))
+            # A chunk that fits one frame is sent as it is (no copy of the payload).
+            payload = data if size == len(data) and isinstance(data, bytes) else view[:size]
+            await self._mux.send_frame(self.stream_id, payload)
             view = view[size:]
 
     async def end(self) -> None:
@@ -314,7 +335,7 @@ class StreamMux:
         """
         await self._send(self._send_text, dumps(message))
 
-    async def send_frame(self, stream_id: int, payload: bytes) -> None:
+    async def send_frame(self, stream_id: int, payload: bytes | memoryview) -> None:
         """Send one binary frame (callers normally use :class:`OutboundStream`)."""
         await self._send(self._send_bytes, encode_frame(stream_id, payload))
 
