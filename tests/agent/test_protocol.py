@@ -214,7 +214,9 @@ async def test_the_deadline_covers_the_whole_exchange(pair: Any) -> None:
     client, _, _ = pair
     with pytest.raises(TimeoutError):
         await client.request("GET", "/t/slow", {}, timeout_s=0.2)
-    response = await client.request("GET", "/t/big", {"chunks": 64}, timeout_s=0.3)
+    # Twice the window: the body stalls until the client reads, so the deadline passes.
+    chunks = 2 * STREAM_WINDOW_BYTES // 65536
+    response = await client.request("GET", "/t/big", {"chunks": chunks}, timeout_s=0.3)
     await asyncio.sleep(0.4)
     with pytest.raises(TimeoutError):
         await response.trailers()
