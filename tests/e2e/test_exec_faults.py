@@ -224,3 +224,73 @@ def test_an_argument_past_the_execve_limit_is_a_validation_error(
         assert response.status_code == 422, response.text
         assert response.json()["error"]["code"] == "VALIDATION_ERROR"
         assert _exec(client, bunker_id, ["true", "a" * 100_000])["exit_code"] == 0
+
+
+def _workload_pids(client: httpx.Client, bunker_id: str) -> int:
+    """Tasks in the bunker's workload cgroup, the reading exec (``sh`` + ``cat``) included."""
+    read = _exec(client, bunker_id, "cat /sys/fs/cgroup/pids/workload/pids.current", timeout_s=30)
+    assert read["status"] == "exited", read
+    return int(read["stdout"])
+
+
+def _wait_workload_quiet(client: httpx.Client, bunker_id: str, timeout_s: float) -> int:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        count = _workload_pids(client, bunker_id)
+        if count <= 2 or time.monotonic() > deadline:
+            return count
+        time.sleep(0.2)
+
+
+def test_an_oom_killed_exec_leaves_no_process_of_its_cgroup(
+    stack: Stack, busybox_image: str
+) -> None:
+    bunker = create_bunker(stack, busybox_image, memory_mb=128, cpu_millicores=500)
+    try:
+        with stack.client() as client:
+            # The leader shell itself grows (command substitution) until the OOM killer
+            # picks it; its background sleepers would otherwise live on.
+            result = _exec(
+                client,
+                bunker["id"],
+                "sleep 3600 & sleep 3600 & x=$(head -c 400000000 /dev/zero | tr '\\0' x)",
+                timeout_s=60,
+            )
+            assert result["status"] == "oom_killed", result
+            assert _wait_workload_quiet(client, bunker["id"], 5) <= 2
+    finally:
+        with stack.client() as client:
+            client.delete(f"{BASE}/bunkers/{bunker['id']}")
+
+
+def test_the_signal_api_stops_a_fork_bomb_its_exited_leader_left_behind(
+    stack: Stack, busybox_image: str
+) -> None:
+    bunker = create_bunker(stack, busybox_image, cpu_millicores=500)
+    try:
+        with stack.client() as client:
+            leader = _exec(
+                client,
+                bunker["id"],
+                "bomb() { bomb | bomb & }; bomb >/dev/null 2>&1; echo leader-exits",
+                timeout_s=30,
+            )
+            assert (leader["status"], leader["exit_code"]) == ("exited", 0), leader
+            time.sleep(1.0)
+            # A normal exit keeps what the command left running.
+            assert _workload_pids(client, bunker["id"]) > 50
+            signalled = client.post(
+                f"{BASE}/bunkers/{bunker['id']}/processes/{leader['exec_id']}/signal",
+                json={"signal": "SIGKILL", "group": True},
+            )
+            assert signalled.status_code == 200, signalled.text
+            assert _wait_workload_quiet(client, bunker["id"], 10) <= 2
+            # Nothing is left to signal now.
+            again = client.post(
+                f"{BASE}/bunkers/{bunker['id']}/processes/{leader['exec_id']}/signal",
+                json={"signal": "SIGKILL", "group": True},
+            )
+            assert again.status_code == 409, again.text
+    finally:
+        with stack.client() as client:
+            client.delete(f"{BASE}/bunkers/{bunker['id']}")

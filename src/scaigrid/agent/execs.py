@@ -34,7 +34,7 @@ from scaigrid.agent.clock import rfc3339
 from scaigrid.agent.fdwait import wait_writable
 from scaigrid.agent.identity import DEFAULT_PATH, Identity
 from scaigrid.agent.init import ChildReaper
-from scaigrid.agent.proctree import kill_cgroup, kill_exec_tree
+from scaigrid.agent.proctree import cgroup_members, kill_cgroup, kill_exec_tree, signal_cgroup
 from scaigrid.agent.ringbuffer import RingBuffer
 from scaigrid.agent.spawn import spawn
 from scaigrid.protocol.agent import (
@@ -245,6 +245,8 @@ class ExecProcess:
         self.duration_ms: int | None = None
         self.wait_status: int | None = None
         self.timed_out = False
+        #: A signal was sent to the running leader through :meth:`ExecManager.send_signal`.
+        self.api_signalled = False
         self.finished = False
         self.open_pipes: set[int] = set()
         self.final_ends = (0, 0)
@@ -467,12 +469,26 @@ class ExecManager:
         return [p for p in procs if status is None or p.status == status]
 
     def send_signal(self, proc: ExecProcess, signum: int, *, group: bool) -> None:
-        """Signal a running exec's leader, or its whole process group.
+        """Signal a running exec's leader or its whole process group; after the leader
+        has exited, ``group`` signals whatever is left in the exec's own cgroup.
+
+        A leader that dies of a signal sent here takes the rest of its cgroup with it
+        (see :meth:`_on_exit`). Leftovers of an ended exec (background processes of a
+        leader that exited) are reached only through ``group``: each of them gets
+        ``signum`` (SIGKILL freezes and kills the cgroup until it is empty).
 
         Raises:
-            AgentError: ``PROCESS_NOT_RUNNING`` once the leader has exited.
+            AgentError: ``PROCESS_NOT_RUNNING`` once the leader has exited and, for
+                ``group``, no process is left in the exec's cgroup.
         """
         if proc.wait_status is not None:
+            if group and proc.cgroup is not None and cgroup_members(proc.cgroup):
+                signal_cgroup(proc.cgroup, signum)
+                _log.info(
+                    "agent.exec_leftovers_signalled exec_id=%s signal=%d", proc.exec_id, signum
+                )
+                self._remove_cgroup(proc.cgroup)
+                return
             raise AgentError("PROCESS_NOT_RUNNING", f"process {proc.exec_id} has ended")
         try:
             if group:
@@ -481,6 +497,7 @@ class ExecManager:
                 os.kill(proc.pid, signum)
         except ProcessLookupError as exc:
             raise AgentError("PROCESS_NOT_RUNNING", f"process {proc.exec_id} has ended") from exc
+        proc.api_signalled = True
 
     async def feed_stdin(self, proc: ExecProcess, fd: int, chunks: AsyncIterator[bytes]) -> None:
         """Copy the request body into the exec's stdin, then close it.
@@ -649,6 +666,20 @@ class ExecManager:
         if proc.timer is not None:
             proc.timer.cancel()
         self._classify(proc, status)
+        if proc.cgroup is not None and (
+            proc.status in ("timed_out", "oom_killed")
+            or (proc.status == "signaled" and proc.api_signalled)
+        ):
+            # Nothing of a killed exec may keep running: its leftovers (a fork bomb whose
+            # leader the OOM killer picked) would hold the bunker's memory, pids and CPU.
+            # A normal exit keeps them (daemons started with ``nohup cmd &``).
+            killed = kill_cgroup(proc.cgroup)
+            _log.info(
+                "agent.exec_cgroup_killed exec_id=%s status=%s processes=%d",
+                proc.exec_id,
+                proc.status,
+                killed,
+            )
         proc.changed.notify()
         if proc.open_pipes:
             asyncio.get_running_loop().call_later(EOF_GRACE_S, self._finish_after_grace, proc)

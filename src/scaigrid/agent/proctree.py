@@ -12,9 +12,12 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import time
 from typing import NamedTuple
 
 _MAX_ROUNDS = 20
+#: How long :func:`kill_cgroup` keeps killing a cgroup that does not empty, seconds.
+KILL_DEADLINE_S = 2.0
 
 
 class ProcInfo(NamedTuple):
@@ -111,12 +114,15 @@ def cgroup_members(directory: str) -> set[int]:
         return set()
 
 
-def kill_cgroup(directory: str) -> int:
-    """SIGKILL every process in the cgroup ``directory``; return how many were signalled.
+def kill_cgroup(directory: str, deadline_s: float = KILL_DEADLINE_S) -> int:
+    """SIGKILL every process in the cgroup ``directory`` until it is empty or
+    ``deadline_s`` seconds have passed; return how many were signalled.
 
-    Uses ``cgroup.kill`` where the kernel has it (cgroup v2, Linux ≥ 5.14). Otherwise the
-    members are frozen with SIGSTOP, rereading the list until a round finds nothing new
-    (a stopped process cannot fork), then all get SIGKILL.
+    Uses ``cgroup.kill`` where the kernel has it (cgroup v2, Linux ≥ 5.14). Otherwise each
+    round freezes the members with SIGSTOP, rereading the list until a pass finds nothing
+    new (a stopped process cannot fork, so a fork bomb cannot outrun the scan), then sends
+    all of them SIGKILL; rounds repeat while the list is not empty (a process forked
+    between the last read and its parent's SIGSTOP).
     """
     spared = {1, os.getpid()}
     try:
@@ -125,12 +131,28 @@ def kill_cgroup(directory: str) -> int:
         return len(cgroup_members(directory))
     except OSError:
         pass
-    frozen: set[int] = set()
-    for _ in range(_MAX_ROUNDS):
-        fresh = cgroup_members(directory) - frozen - spared
-        if not fresh:
-            break
-        _signal_all(fresh, signal.SIGSTOP)
-        frozen |= fresh
-    _signal_all(frozen, signal.SIGKILL)
-    return len(frozen)
+    deadline = time.monotonic() + deadline_s
+    signalled: set[int] = set()
+    while True:
+        frozen: set[int] = set()
+        for _ in range(_MAX_ROUNDS):
+            fresh = cgroup_members(directory) - frozen - spared
+            if not fresh:
+                break
+            _signal_all(fresh, signal.SIGSTOP)
+            frozen |= fresh
+        _signal_all(frozen, signal.SIGKILL)
+        signalled |= frozen
+        if not frozen or time.monotonic() > deadline:
+            return len(signalled)
+        time.sleep(0.001)
+
+
+def signal_cgroup(directory: str, signum: int) -> int:
+    """Send ``signum`` to every process in the cgroup ``directory`` (SIGKILL: through
+    :func:`kill_cgroup`); return how many processes were signalled."""
+    if signum == signal.SIGKILL:
+        return kill_cgroup(directory)
+    members = cgroup_members(directory) - {1, os.getpid()}
+    _signal_all(members, signum)
+    return len(members)
