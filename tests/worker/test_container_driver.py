@@ -13,6 +13,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -422,3 +423,20 @@ async def test_agent_socket_path_longer_than_sun_path_still_connects(
     finally:
         (deep / "agent.sock").unlink(missing_ok=True)
         deep.rmdir()
+
+
+async def test_stop_during_a_fork_bomb_releases_everything_within_the_deadline(
+    driver: ContainerDriver, start_bunker: StartBunker
+) -> None:
+    handle = await start_bunker(pids_max=256, cpu_millicores=500)
+    procs = await setup_workload_cgroup(handle)
+    bomb = in_workload(procs, "(bomb() { bomb | bomb & }; bomb) >/dev/null 2>&1 &")
+    code, _ = await agent_exec(handle, bomb)
+    assert code == 0
+    pids = host_cgroup_dir(driver, "pids", handle.bunker_id)
+    await asyncio.sleep(3.0)
+    assert int((pids / "workload" / "pids.current").read_text()) > 100
+    started = time.monotonic()
+    await driver.stop(handle.bunker_id)
+    assert time.monotonic() - started < 15
+    assert_released(driver, handle.bunker_id, handle.state_dir)
