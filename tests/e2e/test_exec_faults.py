@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
+from scaigrid.worker.net.userns import owner_leases
 from tests.e2e.conftest import create_bunker
 from tests.fixtures.stack import BASE, Stack
 
@@ -227,7 +228,8 @@ def test_an_argument_past_the_execve_limit_is_a_validation_error(
 
 
 def _workload_pids(client: httpx.Client, bunker_id: str) -> int:
-    """Tasks in the bunker's workload cgroup, the reading exec (``sh`` + ``cat``) included."""
+    """Tasks in the bunker's workload cgroup, the reading ``cat`` included (the shell
+    execs a single command)."""
     read = _exec(client, bunker_id, "cat /sys/fs/cgroup/pids/workload/pids.current", timeout_s=30)
     assert read["status"] == "exited", read
     return int(read["stdout"])
@@ -237,7 +239,7 @@ def _wait_workload_quiet(client: httpx.Client, bunker_id: str, timeout_s: float)
     deadline = time.monotonic() + timeout_s
     while True:
         count = _workload_pids(client, bunker_id)
-        if count <= 2 or time.monotonic() > deadline:
+        if count <= 1 or time.monotonic() > deadline:
             return count
         time.sleep(0.2)
 
@@ -257,7 +259,7 @@ def test_an_oom_killed_exec_leaves_no_process_of_its_cgroup(
                 timeout_s=60,
             )
             assert result["status"] == "oom_killed", result
-            assert _wait_workload_quiet(client, bunker["id"], 5) <= 2
+            assert _wait_workload_quiet(client, bunker["id"], 5) == 1
     finally:
         with stack.client() as client:
             client.delete(f"{BASE}/bunkers/{bunker['id']}")
@@ -284,7 +286,7 @@ def test_the_signal_api_stops_a_fork_bomb_its_exited_leader_left_behind(
                 json={"signal": "SIGKILL", "group": True},
             )
             assert signalled.status_code == 200, signalled.text
-            assert _wait_workload_quiet(client, bunker["id"], 10) <= 2
+            assert _wait_workload_quiet(client, bunker["id"], 10) == 1
             # Nothing is left to signal now.
             again = client.post(
                 f"{BASE}/bunkers/{bunker['id']}/processes/{leader['exec_id']}/signal",
@@ -294,3 +296,62 @@ def test_the_signal_api_stops_a_fork_bomb_its_exited_leader_left_behind(
     finally:
         with stack.client() as client:
             client.delete(f"{BASE}/bunkers/{bunker['id']}")
+
+
+def _host_leftovers(stack: Stack, bunker_id: str) -> list[str]:
+    """What of ``bunker_id`` the host still holds: cgroup dirs, mounts, owner-uid leases."""
+    found = [str(p) for p in Path("/sys/fs/cgroup").glob(f"*/*/{bunker_id}")]
+    found += [str(p) for p in Path("/sys/fs/cgroup").glob(f"*/{bunker_id}")]
+    with open("/proc/self/mountinfo") as fh:
+        found += [line.split()[4] for line in fh if bunker_id in line]
+    found += [
+        str(path)
+        for path in owner_leases().values()
+        if bunker_id in path and path.startswith(str(stack.data_dir))
+    ]
+    return found
+
+
+def test_destroying_a_bunker_during_a_fork_bomb_releases_everything(
+    stack: Stack, busybox_image: str
+) -> None:
+    bunker = create_bunker(stack, busybox_image, cpu_millicores=500)
+    with stack.client() as client:
+        leader = _exec(
+            client,
+            bunker["id"],
+            "bomb() { bomb | bomb & }; bomb >/dev/null 2>&1; echo leader-exits",
+            timeout_s=30,
+        )
+        assert leader["status"] == "exited", leader
+        time.sleep(10.0)
+        assert _host_leftovers(stack, bunker["id"])
+        started = time.monotonic()
+        response = client.delete(f"{BASE}/bunkers/{bunker['id']}")
+        assert response.status_code in (200, 202), response.text
+    left = _host_leftovers(stack, bunker["id"])
+    while left and time.monotonic() - started < 30:
+        time.sleep(0.2)
+        left = _host_leftovers(stack, bunker["id"])
+    assert not left, stack.log_tail(4000)
+    assert "bunker_destroy_failed" not in stack.log_tail(200_000)
+
+
+def test_killing_a_running_leader_through_the_api_kills_its_whole_cgroup(
+    stack: Stack, bunker_id: str
+) -> None:
+    with stack.client() as client:
+        started = _exec(
+            client,
+            bunker_id,
+            "setsid sleep 3600 </dev/null >/dev/null 2>&1 & exec sleep 3600",
+            background=True,
+        )
+        time.sleep(0.5)
+        assert _workload_pids(client, bunker_id) >= 3  # two sleeps and cat
+        signalled = client.post(
+            f"{BASE}/bunkers/{bunker_id}/processes/{started['exec_id']}/signal",
+            json={"signal": "SIGKILL"},
+        )
+        assert signalled.status_code == 200, signalled.text
+        assert _wait_workload_quiet(client, bunker_id, 5) == 1
