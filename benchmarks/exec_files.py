@@ -48,7 +48,7 @@ from typing import Any
 import httpx
 from tests.fixtures.stack import BASE, Stack, build_busybox_tar, start_stack
 
-from benchmarks.run import BareContainer, bunker_rootfs, percentile, timed
+from benchmarks.run import BareContainer, bunker_rootfs, percentile, settle_default_image, timed
 from benchmarks.shell import PART as SHELL_PART
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -416,6 +416,7 @@ def main() -> None:
     # The SPEC's default rate limits (60 requests a minute per key) would throttle the run.
     unlimited = {f"SCAIGRID_RATE_LIMIT_{level}_PER_MIN": "1000000" for level in _LIMITS}
     stack = start_stack(data_dir, {"SCAIGRID_LOG_LEVEL": "WARNING", **unlimited})
+    settle_default_image(stack)
     try:
         image = stack.register_image(
             "busybox", {"kind": "tar", "path": str(build_busybox_tar(data_dir))}

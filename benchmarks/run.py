@@ -30,10 +30,27 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from tests.fixtures.stack import BASE, Stack, build_busybox_tar, remove_data_dir, start_stack
+from tests.fixtures.stack import (
+    BASE,
+    Stack,
+    StackError,
+    build_busybox_tar,
+    remove_data_dir,
+    start_stack,
+)
+
+from scaigrid.modules.scaibunker.dev import DEFAULT_IMAGE
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 SECTION = "## Walking skeleton (issue #2)"
+
+
+def settle_default_image(stack: Stack) -> None:
+    """Wait until the dev worker's bake of the default image (debootstrap, started on every
+    fresh data dir) has ended, ready or failed, so that it does not share the cores with
+    the measurements."""
+    with contextlib.suppress(StackError):
+        stack.wait_image(DEFAULT_IMAGE)
 
 
 def percentile(samples: list[float], pct: float) -> float:

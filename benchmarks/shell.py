@@ -30,7 +30,7 @@ from pathlib import Path
 
 from tests.fixtures.stack import BASE, build_busybox_tar, start_stack
 
-from benchmarks.run import percentile
+from benchmarks.run import percentile, settle_default_image
 from scaigrid.client import Client
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -137,6 +137,7 @@ def main() -> None:
     data_dir = Path(tempfile.mkdtemp(prefix="scaibunker-bench-", dir="/var/tmp"))
     unlimited = {f"SCAIGRID_RATE_LIMIT_{level}_PER_MIN": "1000000" for level in _LIMITS}
     stack = start_stack(data_dir, {"SCAIGRID_LOG_LEVEL": "WARNING", **unlimited})
+    settle_default_image(stack)
     try:
         stack.register_image("busybox", {"kind": "tar", "path": str(build_busybox_tar(data_dir))})
         stack.wait_image("busybox")
