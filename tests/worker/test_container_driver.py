@@ -19,13 +19,9 @@ from pathlib import Path
 import pytest
 
 from scaigrid.ids import new_id
-from scaigrid.worker import bunkers
-from scaigrid.worker.bunkers import AgentLaunch, BunkerSupervisor
 from scaigrid.worker.drivers.base import BunkerSpec, DriverError, Resources
 from scaigrid.worker.drivers.container import ContainerDriver, ContainerHandle, cpu_quota_us
-from scaigrid.worker.images import ImageStore
 from scaigrid.worker.net.userns import owner_leases
-from scaigrid.worker.rootfs import ImageCache
 from scaigrid.worker.rootfs.mounts import mount_points
 from tests.worker.conftest import StartBunker
 from tests.worker.helpers import (
@@ -438,42 +434,9 @@ async def test_stop_during_a_fork_bomb_releases_everything_within_the_deadline(
     code, _ = await agent_exec(handle, bomb)
     assert code == 0
     pids = host_cgroup_dir(driver, "pids", handle.bunker_id)
-    await asyncio.sleep(2.0)
+    await asyncio.sleep(3.0)
     assert int((pids / "workload" / "pids.current").read_text()) > 100
     started = time.monotonic()
     await driver.stop(handle.bunker_id)
     assert time.monotonic() - started < 15
     assert_released(driver, handle.bunker_id, handle.state_dir)
-
-
-async def test_what_a_failed_stop_left_is_released_by_the_periodic_sweep(
-    driver: ContainerDriver,
-    start_bunker: StartBunker,
-    image_cache: ImageCache,
-    fake_agent_dir: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(bunkers, "LEFTOVER_SWEEP_S", 0.2)
-    supervisor = BunkerSupervisor(
-        drivers=[driver],
-        images=ImageStore(image_cache),
-        agent_launch=AgentLaunch(fake_agent_dir, FAKE_AGENT_ARGV, {}),
-    )
-    await supervisor.start()
-    try:
-        handle = await start_bunker()
-        pinned = handle.state_dir / "pinned"
-        pinned.touch()
-        subprocess.run(["chattr", "+i", str(pinned)], check=True)
-        try:
-            with pytest.raises(DriverError):
-                await driver.stop(handle.bunker_id)
-            assert handle.bunker_id in await driver.list_leftovers()
-        finally:
-            subprocess.run(["chattr", "-i", str(pinned)], check=True)
-        async with asyncio.timeout(10):
-            while handle.state_dir.exists():
-                await asyncio.sleep(0.1)
-        assert_released(driver, handle.bunker_id, handle.state_dir)
-    finally:
-        await supervisor.close()

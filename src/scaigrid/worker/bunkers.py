@@ -67,9 +67,6 @@ GUEST_SYNC_TIMEOUT_S = 60.0
 #: Seconds between ``{"stage": "image"}`` progress repeats during a long image build, so the
 #: controller's per-progress wait never runs out while the build is still going.
 IMAGE_PROGRESS_EVERY_S = 30.0
-#: Seconds between two retries of what drivers still hold for bunkers the supervisor does
-#: not (a destroy that could not release everything), see :meth:`BunkerSupervisor.start`.
-LEFTOVER_SWEEP_S = 30.0
 _BOOT_RETRY_S = 0.05
 
 EventSink = Callable[[str, str], Awaitable[object]]
@@ -390,24 +387,11 @@ class BunkerSupervisor:
         """Stop the leftovers of a previous worker process; return the ids stopped.
 
         They are destroyed rather than reattached (see the module docstring); one that
-        cannot be stopped is logged and skipped. From then on :meth:`stop_leftovers` runs
-        every :data:`LEFTOVER_SWEEP_S` seconds, so whatever a failed destroy could not
-        release (a cgroup that stayed busy) is retried until it is gone.
+        cannot be stopped is logged and skipped.
         """
-        stopped = await self.stop_leftovers()
-        if self.network is not None:
-            await self.network.start()
-        self._spawn(self._sweep_leftovers(), "leftover-sweep")
-        return stopped
-
-    async def stop_leftovers(self) -> list[str]:
-        """Stop every bunker a driver still holds host resources for while this
-        supervisor holds no record of it; return the ids stopped (failures are logged)."""
         stopped: list[str] = []
         for driver in self.drivers:
             for bunker_id in await driver.list_leftovers():
-                if bunker_id in self._bunkers:
-                    continue
                 try:
                     await driver.stop(bunker_id)
                 except DriverError as exc:
@@ -415,15 +399,9 @@ class BunkerSupervisor:
                     continue
                 log.info("bunker_leftover_stopped", bunker_id=bunker_id, driver=driver.info.name)
                 stopped.append(bunker_id)
+        if self.network is not None:
+            await self.network.start()
         return stopped
-
-    async def _sweep_leftovers(self) -> None:
-        while True:
-            await asyncio.sleep(LEFTOVER_SWEEP_S)
-            try:
-                await self.stop_leftovers()
-            except Exception as exc:  # the sweep must outlive one bad pass
-                log.error("bunker_leftover_sweep_failed", error=repr(exc))
 
     async def close(self) -> None:
         """Destroy every bunker (worker shutdown); failures are logged."""

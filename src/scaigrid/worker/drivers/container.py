@@ -206,8 +206,6 @@ V1_DELEGATED: tuple[str, ...] = ("memory", "pids", "cpu", "cpuacct")
 V2_CONTROLLERS: tuple[str, ...] = ("memory", "pids", "cpu")
 
 _HYBRID_ERROR = "hybrid mode not supported"
-#: How often (every 10 ms) :meth:`BunkerCgroups.kill_all` checks whether a freeze is done.
-_FREEZE_POLLS = 100
 _SUN_PATH_MAX = 107
 _DEVICE_RULES: tuple[dict[str, Any], ...] = (
     {"allow": False, "access": "rwm"},
@@ -431,92 +429,6 @@ class BunkerCgroups:
             with contextlib.suppress(OSError):
                 _write(path, value)
 
-    def _tops(self, bunker_id: str) -> list[Path]:
-        """The bunker's top cgroup directory in every hierarchy (present or not)."""
-        return [mount_point / self.parent / bunker_id for mount_point in self._mount_points()]
-
-    def _members(self, bunker_id: str) -> set[int]:
-        """Pids in any of the bunker's cgroups, child cgroups included."""
-        pids: set[int] = set()
-        for top in self._tops(bunker_id):
-            for current, _dirs, _files in os.walk(top):
-                with contextlib.suppress(OSError):
-                    pids.update(int(p) for p in Path(current, "cgroup.procs").read_text().split())
-        return pids
-
-    def _set_frozen(self, bunker_id: str, frozen: bool) -> bool:
-        """Freeze or thaw the whole bunker; True once the kernel reports it done (v1:
-        ``freezer.state``, v2: ``cgroup.freeze`` and ``cgroup.events``)."""
-        try:
-            if self.version == 2:
-                top = self.root / self.parent / bunker_id
-                _write(top / "cgroup.freeze", "1" if frozen else "0")
-                events = (top / "cgroup.events").read_text()
-                return f"frozen {int(frozen)}" in events
-            state = self.hierarchies["freezer"] / self.parent / bunker_id / "freezer.state"
-            _write(state, "FROZEN" if frozen else "THAWED")
-            return state.read_text().strip() == ("FROZEN" if frozen else "THAWED")
-        except FileNotFoundError:
-            return True  # no such cgroup (any more): nothing to freeze
-        except OSError:
-            return False
-
-    def _lift_cpu_quota(self, bunker_id: str) -> None:
-        """Remove every CPU quota of the bunker (its own and those its root set on child
-        cgroups): killed processes must be scheduled to exit, and a throttled fork bomb of
-        a thousand tasks takes long to be."""
-        if self.version == 2:
-            targets = [
-                Path(current, "cpu.max")
-                for current, _dirs, _files in os.walk(self.root / self.parent / bunker_id)
-            ]
-            value = "max"
-        else:
-            targets = [
-                Path(current, "cpu.cfs_quota_us")
-                for current, _dirs, _files in os.walk(
-                    self.hierarchies["cpu"] / self.parent / bunker_id
-                )
-            ]
-            value = "-1"
-        for target in targets:
-            with contextlib.suppress(OSError):
-                _write(target, value)
-
-    async def kill_all(self, bunker_id: str, timeout_s: float = 10.0) -> bool:
-        """Kill every process in the bunker's cgroups; True once none is left.
-
-        A fork bomb cannot outrun it: the bunker is frozen first (v1 freezer ``FROZEN``,
-        v2 ``cgroup.freeze``; waited for up to ~1 s, a task stuck in the kernel may delay
-        it), then every member of every hierarchy gets SIGKILL and the bunker is thawed so
-        the kills land. On v2 ``cgroup.kill`` does the same where the kernel has it. Rounds
-        repeat until the cgroups are empty or ``timeout_s`` seconds have passed; the CPU
-        quota is lifted first so the dying tasks get scheduled.
-        """
-        deadline = time.monotonic() + timeout_s
-        self._lift_cpu_quota(bunker_id)
-        while True:
-            members = self._members(bunker_id)
-            if not members:
-                return True
-            if time.monotonic() > deadline:
-                return False
-            killed = False
-            if self.version == 2:
-                with contextlib.suppress(OSError):
-                    _write(self.root / self.parent / bunker_id / "cgroup.kill", "1")
-                    killed = True
-            if not killed:
-                for _ in range(_FREEZE_POLLS):
-                    if self._set_frozen(bunker_id, True):
-                        break
-                    await asyncio.sleep(0.01)
-                for pid in self._members(bunker_id) | members:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                self._set_frozen(bunker_id, False)
-            await asyncio.sleep(0.02)
-
     def _kill_and_rmdir(self, top: Path) -> bool:
         """Kill every task below ``top`` and remove its directories; True when all are gone."""
         if not top.is_dir():
@@ -550,17 +462,16 @@ class BunkerCgroups:
             OSError: a directory could not be removed for another reason than ``EBUSY``.
         """
         self.thaw(bunker_id)
-        return [top for top in self._tops(bunker_id) if not self._kill_and_rmdir(top)]
+        tops = [mount_point / self.parent / bunker_id for mount_point in self._mount_points()]
+        return [top for top in tops if not self._kill_and_rmdir(top)]
 
     async def remove(self, bunker_id: str, timeout_s: float = 10.0) -> None:
-        """Kill whatever is left in the bunker's cgroups (:meth:`kill_all`) and remove
-        them (idempotent).
+        """Kill whatever is left in the bunker's cgroups and remove them (idempotent).
 
         Raises:
             DriverError: a cgroup stayed busy past ``timeout_s`` or could not be removed.
         """
         deadline = time.monotonic() + timeout_s
-        await self.kill_all(bunker_id, timeout_s)
         while True:
             try:
                 remaining = self.sweep(bunker_id)
@@ -1644,9 +1555,7 @@ class ContainerDriver:
         handle = self._handles.get(bunker_id)
         # From here on, whatever is not released is a leftover for list_leftovers.
         self._active.discard(bunker_id)
-        # Kill every process first, the runtime's PID 1 included (which takes its pid
-        # namespace down): this does not depend on the runtime answering under load.
-        await self.cgroups.kill_all(bunker_id)
+        self.cgroups.thaw(bunker_id)
         for runtime in self._runtimes_holding(bunker_id):
             await run_command(
                 *self._runtime_argv(runtime), "kill", bunker_id, "KILL", check=False, timeout_s=30
