@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -244,58 +246,59 @@ def _wait_workload_quiet(client: httpx.Client, bunker_id: str, timeout_s: float)
         time.sleep(0.2)
 
 
-def test_an_oom_killed_exec_leaves_no_process_of_its_cgroup(
-    stack: Stack, busybox_image: str
-) -> None:
-    bunker = create_bunker(stack, busybox_image, memory_mb=128, cpu_millicores=500)
+#: A fork bomb whose leader exits at once, leaving the bomb running in its exec's cgroup.
+_BOMB = "bomb() { bomb | bomb & }; bomb >/dev/null 2>&1; echo leader-exits"
+
+
+@contextlib.contextmanager
+def _own_bunker(stack: Stack, image: str, **fields: Any) -> Iterator[str]:
+    """A bunker of its own for a test that may wreck it; terminated afterwards."""
+    bunker = create_bunker(stack, image, **fields)
     try:
-        with stack.client() as client:
-            # The leader shell itself grows (command substitution) until the OOM killer
-            # picks it; its background sleepers would otherwise live on.
-            result = _exec(
-                client,
-                bunker["id"],
-                "sleep 3600 & sleep 3600 & x=$(head -c 400000000 /dev/zero | tr '\\0' x)",
-                timeout_s=60,
-            )
-            assert result["status"] == "oom_killed", result
-            assert _wait_workload_quiet(client, bunker["id"], 5) == 1
+        yield str(bunker["id"])
     finally:
         with stack.client() as client:
             client.delete(f"{BASE}/bunkers/{bunker['id']}")
+
+
+def test_an_oom_killed_exec_leaves_no_process_of_its_cgroup(
+    stack: Stack, busybox_image: str
+) -> None:
+    with (
+        _own_bunker(stack, busybox_image, memory_mb=128, cpu_millicores=500) as bunker_id,
+        stack.client() as client,
+    ):
+        # The leader shell itself grows (command substitution) until the OOM killer picks
+        # it; its background sleepers would otherwise live on.
+        result = _exec(
+            client,
+            bunker_id,
+            "sleep 3600 & sleep 3600 & x=$(head -c 400000000 /dev/zero | tr '\\0' x)",
+            timeout_s=60,
+        )
+        assert result["status"] == "oom_killed", result
+        assert _wait_workload_quiet(client, bunker_id, 5) == 1
 
 
 def test_the_signal_api_stops_a_fork_bomb_its_exited_leader_left_behind(
     stack: Stack, busybox_image: str
 ) -> None:
-    bunker = create_bunker(stack, busybox_image, cpu_millicores=500)
-    try:
-        with stack.client() as client:
-            leader = _exec(
-                client,
-                bunker["id"],
-                "bomb() { bomb | bomb & }; bomb >/dev/null 2>&1; echo leader-exits",
-                timeout_s=30,
-            )
-            assert (leader["status"], leader["exit_code"]) == ("exited", 0), leader
-            time.sleep(1.0)
-            # A normal exit keeps what the command left running.
-            assert _workload_pids(client, bunker["id"]) > 50
-            signalled = client.post(
-                f"{BASE}/bunkers/{bunker['id']}/processes/{leader['exec_id']}/signal",
-                json={"signal": "SIGKILL", "group": True},
-            )
-            assert signalled.status_code == 200, signalled.text
-            assert _wait_workload_quiet(client, bunker["id"], 10) == 1
-            # Nothing is left to signal now.
-            again = client.post(
-                f"{BASE}/bunkers/{bunker['id']}/processes/{leader['exec_id']}/signal",
-                json={"signal": "SIGKILL", "group": True},
-            )
-            assert again.status_code == 409, again.text
-    finally:
-        with stack.client() as client:
-            client.delete(f"{BASE}/bunkers/{bunker['id']}")
+    with (
+        _own_bunker(stack, busybox_image, cpu_millicores=500) as bunker_id,
+        stack.client() as client,
+    ):
+        leader = _exec(client, bunker_id, _BOMB, timeout_s=30)
+        assert (leader["status"], leader["exit_code"]) == ("exited", 0), leader
+        time.sleep(1.0)
+        # A normal exit keeps what the command left running.
+        assert _workload_pids(client, bunker_id) > 50
+        signal_url = f"{BASE}/bunkers/{bunker_id}/processes/{leader['exec_id']}/signal"
+        signalled = client.post(signal_url, json={"signal": "SIGKILL", "group": True})
+        assert signalled.status_code == 200, signalled.text
+        assert _wait_workload_quiet(client, bunker_id, 10) == 1
+        # Nothing is left to signal now.
+        again = client.post(signal_url, json={"signal": "SIGKILL", "group": True})
+        assert again.status_code == 409, again.text
 
 
 def _host_leftovers(stack: Stack, bunker_id: str) -> list[str]:
@@ -317,12 +320,7 @@ def test_destroying_a_bunker_during_a_fork_bomb_releases_everything(
 ) -> None:
     bunker = create_bunker(stack, busybox_image, cpu_millicores=500)
     with stack.client() as client:
-        leader = _exec(
-            client,
-            bunker["id"],
-            "bomb() { bomb | bomb & }; bomb >/dev/null 2>&1; echo leader-exits",
-            timeout_s=30,
-        )
+        leader = _exec(client, bunker["id"], _BOMB, timeout_s=30)
         assert leader["status"] == "exited", leader
         time.sleep(10.0)
         assert _host_leftovers(stack, bunker["id"])
